@@ -1,0 +1,1 @@
+"""dsv3: DeepSeek-V3 in PyTorch."""
