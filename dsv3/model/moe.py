@@ -1,0 +1,157 @@
+"""DeepSeekMoE: sigmoid router with bias-corrected, group-limited top-k, and stacked experts.
+
+Symbols (V3 sizes): D hidden (7168), E routed experts (256), G groups (8), kg kept groups (4),
+k experts per token (8), I = moe_intermediate_size (2048), N tokens.
+
+Router (all fp32, the correction bias is a buffer that gradients never touch):
+    s      = sigmoid(x·Wᵀ)                                  [N, E]
+    choice = s + b                                          b = e_score_correction_bias
+    group score = sum of the top-2 `choice` in each group; keep the kg best groups
+    top-k experts on `choice` within kept groups; weights = s gathered (unbiased)
+    weights /= sum(weights) + 1e-20  (norm_topk_prob);  weights *= routed_scaling_factor
+
+Experts are SwiGLU MLPs stacked as `gate_up_proj` [E, 2I, D] (gate rows first) and `down_proj`
+[E, D, I] — the transformers-5 fused layout. Two dispatches, no Python loop over experts:
+    grouped: sort the N·k (token, expert) pairs by expert and run one grouped GEMM per projection
+             (torch grouped_mm over contiguous segments); each used expert's weights are read once.
+    gather : index the k chosen experts' weights per token and batch-multiply; for a handful of
+             tokens this avoids the sort and segment bookkeeping.
+The weighted sum over a token's experts is accumulated in fp32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv3.config import DeepseekV3Config
+
+MOE_DISPATCHES = ("auto", "grouped", "gather")
+
+
+class SwiGLU(nn.Module):
+    """Dense MLP: down(silu(gate(x)) * up(x)). Used for dense layers and shared experts."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+@dataclass
+class RouterOutput:
+    weights: torch.Tensor   # [N, k] fp32, scaled
+    indices: torch.Tensor   # [N, k] int64
+    scores: torch.Tensor    # [N, E] fp32 sigmoid affinities (for the balance loss)
+
+
+class Router(nn.Module):
+    def __init__(self, config: DeepseekV3Config) -> None:
+        super().__init__()
+        self.num_experts = config.n_routed_experts
+        self.top_k = config.num_experts_per_tok
+        self.n_group, self.topk_group = config.n_group, config.topk_group
+        self.norm_topk_prob = config.norm_topk_prob
+        self.routed_scaling_factor = config.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(self.num_experts, config.hidden_size))
+        self.register_buffer("e_score_correction_bias", torch.zeros(self.num_experts, dtype=torch.float32))
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202
+        # Numerics policy: the router weight and its correction bias stay fp32 whatever dtype the model
+        # is cast to (`model.to(torch.bfloat16)` moves them between devices but never rounds them).
+        weight, bias = self.weight.data, self.e_score_correction_bias
+        super()._apply(fn, recurse)
+        if self.weight.dtype != torch.float32:
+            self.weight.data = weight.to(device=self.weight.device, dtype=torch.float32)
+        if self.e_score_correction_bias.dtype != torch.float32:
+            self.e_score_correction_bias = bias.to(device=self.e_score_correction_bias.device,
+                                                   dtype=torch.float32)
+        return self
+
+    def forward(self, x: torch.Tensor) -> RouterOutput:
+        n = x.shape[0]                                                     # x: [N, D]
+        scores = F.linear(x.float(), self.weight.float()).sigmoid()        # [N, E]
+        choice = scores + self.e_score_correction_bias.float()
+        grouped = choice.view(n, self.n_group, -1)                        # [N, G, E/G]
+        group_scores = grouped.topk(2, dim=-1).values.sum(-1)              # [N, G]
+        group_idx = group_scores.topk(self.topk_group, dim=-1, sorted=False).indices
+        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, group_idx, True)
+        choice = grouped.masked_fill(~keep[..., None], float("-inf")).view(n, -1)
+        indices = choice.topk(self.top_k, dim=-1, sorted=False).indices   # [N, k]
+        weights = scores.gather(1, indices)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return RouterOutput(weights * self.routed_scaling_factor, indices, scores)
+
+
+class RoutedExperts(nn.Module):
+    def __init__(self, config: DeepseekV3Config) -> None:
+        super().__init__()
+        e, i, d = config.n_routed_experts, config.moe_intermediate_size, config.hidden_size
+        self.num_experts, self.intermediate = e, i
+        self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, d))
+        self.down_proj = nn.Parameter(torch.empty(e, d, i))
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
+                dispatch: str = "auto") -> torch.Tensor:
+        """x [N, D], weights/indices [N, k] -> Σ_k w_k·E_k(x) as [N, D] in fp32."""
+        if dispatch not in MOE_DISPATCHES:
+            raise ValueError(f"moe_dispatch={dispatch!r}: expected one of {MOE_DISPATCHES}")
+        if dispatch == "auto":
+            dispatch = "gather" if indices.numel() <= 2 * indices.shape[-1] else "grouped"
+        if dispatch == "gather":
+            return self._gather(x, weights, indices)
+        return self._grouped(x, weights, indices)
+
+    def _grouped(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        n, k = indices.shape
+        flat = indices.reshape(-1)                                         # [N*k]
+        order = flat.argsort(stable=True)
+        token = order // k                                                 # source token of each row
+        offs = torch.bincount(flat, minlength=self.num_experts).cumsum(0).to(torch.int32)   # [E]
+        xs = x[token]                                                      # [N*k, D] sorted by expert
+        h = F.grouped_mm(xs, self.gate_up_proj.transpose(1, 2), offs=offs)  # [N*k, 2I]
+        gate, up = h.split(self.intermediate, dim=-1)
+        y = F.grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offs=offs)   # [N*k, D]
+        y = y.float() * weights.reshape(-1)[order, None]
+        return torch.zeros(n, x.shape[1], dtype=torch.float32, device=x.device).index_add_(0, token, y)
+
+    def _gather(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        n, k = indices.shape
+        flat = indices.reshape(-1)
+        xs = x.repeat_interleave(k, dim=0)[:, :, None]                     # [N*k, D, 1]
+        h = torch.bmm(self.gate_up_proj[flat], xs).squeeze(-1)             # [N*k, 2I]
+        gate, up = h.split(self.intermediate, dim=-1)
+        y = torch.bmm(self.down_proj[flat], (F.silu(gate) * up)[:, :, None]).squeeze(-1)   # [N*k, D]
+        return (y.float().view(n, k, -1) * weights[..., None]).sum(1)
+
+
+class MoE(nn.Module):
+    def __init__(self, config: DeepseekV3Config) -> None:
+        super().__init__()
+        self.gate = Router(config)
+        self.experts = RoutedExperts(config)
+        self.shared_experts = (
+            SwiGLU(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
+            if config.n_shared_experts > 0 else None
+        )
+
+    def forward(self, x: torch.Tensor, dispatch: str = "auto",
+                router_sink: list[RouterOutput] | None = None) -> torch.Tensor:
+        """router_sink, when given, receives this layer's RouterOutput (training statistics)."""
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])                                    # [N, D]
+        route = self.gate(flat)
+        if router_sink is not None:
+            router_sink.append(route)
+        out = self.experts(flat, route.weights, route.indices, dispatch)   # fp32
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(flat).float()
+        return out.to(x.dtype).view(shape)

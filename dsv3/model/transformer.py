@@ -1,0 +1,271 @@
+"""The DeepSeek-V3 decoder: blocks, the base model and the causal-LM head.
+
+    h = embed(ids)
+    for each layer l:  h = h + MLA(norm(h));  h = h + FFN_l(norm(h))
+        FFN_l = dense SwiGLU for l < first_k_dense_replace, DeepSeekMoE otherwise
+    logits = lm_head(norm(h))
+
+Runtime choices travel as forward arguments, never globals: `mla_path` ("auto" | "naive" |
+"absorbed") and `moe_dispatch` ("auto" | "grouped" | "gather").
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from dsv3.cache import DynamicLatentCache, LatentCache
+from dsv3.config import DeepseekV3Config
+from dsv3.model.attention import MultiHeadLatentAttention, build_attention_mask
+from dsv3.model.moe import MoE, RouterOutput, SwiGLU
+from dsv3.model.norm import RMSNorm
+from dsv3.model.rope import RotaryEmbedding
+
+logger = logging.getLogger(__name__)
+
+
+class ModelOutput:
+    """Dataclass outputs readable as attributes, by key, or as a tuple of the fields that are set."""
+
+    def to_tuple(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: int | str) -> Any:
+        return getattr(self, key) if isinstance(key, str) else self.to_tuple()[key]
+
+    def __iter__(self):  # noqa: ANN204
+        return iter(self.to_tuple())
+
+
+@dataclass
+class BaseModelOutput(ModelOutput):
+    last_hidden_state: torch.Tensor
+    past_key_values: LatentCache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    router_outputs: list[RouterOutput] | None = None
+
+
+@dataclass
+class CausalLMOutput(ModelOutput):
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    past_key_values: LatentCache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    router_outputs: list[RouterOutput] | None = None
+    last_hidden_state: torch.Tensor | None = None   # final-normed, [B, S, D]; the MTP module's input
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: DeepseekV3Config, layer_idx: int) -> None:
+        super().__init__()
+        self.self_attn = MultiHeadLatentAttention(config, layer_idx)
+        self.mlp: nn.Module = MoE(config) if config.is_moe_layer(layer_idx) else SwiGLU(
+            config.hidden_size, config.intermediate_size)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, h: torch.Tensor, freqs_cis: torch.Tensor, mask: torch.Tensor | None,
+                cache: LatentCache | None = None, mla_path: str = "auto", moe_dispatch: str = "auto",
+                router_sink: list[RouterOutput] | None = None) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), freqs_cis, mask, cache, mla_path)
+        x = self.post_attention_layernorm(h)
+        if isinstance(self.mlp, MoE):
+            return h + self.mlp(x, moe_dispatch, router_sink)
+        return h + self.mlp(x)
+
+
+class PreTrainedMixin:
+    """Weight initialisation and `from_pretrained`/`save_pretrained` shared by the model classes."""
+
+    config: DeepseekV3Config
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        std = self.config.initializer_range
+        for module in self.modules():  # type: ignore[attr-defined]
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+            elif isinstance(module, MoE):
+                nn.init.normal_(module.gate.weight, std=std)
+                nn.init.zeros_(module.gate.e_score_correction_bias)
+                nn.init.normal_(module.experts.gate_up_proj, std=std)
+                nn.init.normal_(module.experts.down_proj, std=std)
+
+    @classmethod
+    def from_pretrained(cls, path: Any, **kwargs: Any) -> Any:
+        from dsv3.checkpoint.loader import load_pretrained
+
+        return load_pretrained(cls, path, **kwargs)
+
+    def save_pretrained(self, directory: Any, **kwargs: Any) -> None:
+        from dsv3.checkpoint.saver import save_pretrained
+
+        save_pretrained(self, directory, **kwargs)
+
+    def gradient_checkpointing_enable(self, enable: bool = True) -> None:
+        self.base_model().gradient_checkpointing = enable  # type: ignore[attr-defined]
+
+    def base_model(self) -> DeepseekV3Model:
+        return self if isinstance(self, DeepseekV3Model) else self.model  # type: ignore[attr-defined,return-value]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.base_model().embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.base_model().embed_tokens.weight.device
+
+
+class DeepseekV3Model(PreTrainedMixin, nn.Module):
+    def __init__(self, config: DeepseekV3Config) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        if not self.embed_tokens.weight.is_meta:
+            self.init_weights()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: LatentCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        cache_position: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool = False,
+        return_dict: bool = True,
+        mla_path: str = "auto",
+        moe_dispatch: str = "auto",
+        output_router_outputs: bool = False,
+    ) -> BaseModelOutput | tuple[Any, ...]:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is None:
+            assert input_ids is not None
+            if input_ids.dim() != 2:
+                raise ValueError(f"input_ids has shape {tuple(input_ids.shape)}: expected [batch, seq_len]")
+            if not torch.compiler.is_compiling() and input_ids.numel() > 0:
+                lo, hi = int(input_ids.min()), int(input_ids.max())
+                if lo < 0 or hi >= self.config.vocab_size:
+                    raise ValueError(f"token id {lo if lo < 0 else hi} is out of range [0, vocab_size="
+                                     f"{self.config.vocab_size}); check the tokenizer matches the model")
+            inputs_embeds = self.embed_tokens(input_ids)
+        b, s, _ = inputs_embeds.shape
+        if use_cache is None:
+            use_cache = self.config.use_cache and not self.training
+        cache = past_key_values
+        if cache is None and use_cache:
+            cache = DynamicLatentCache.for_config(self.config)
+        start = cache.get_seq_length() if cache is not None else 0
+        if start + s > self.config.max_position_embeddings:
+            raise ValueError(f"{start} cached + {s} new tokens exceed max_position_embeddings="
+                             f"{self.config.max_position_embeddings}; shorten the prompt or max_new_tokens")
+        device = inputs_embeds.device
+        if position_ids is None:
+            base = cache_position if cache_position is not None else torch.arange(start, start + s, device=device)
+            position_ids = base.view(1, s).expand(b, s)
+        elif position_ids.dim() == 1:
+            position_ids = position_ids.view(1, s).expand(b, s)
+        if attention_mask is not None:
+            if attention_mask.dim() != 2 or attention_mask.shape[0] != b or attention_mask.shape[1] < start + s:
+                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}: expected a 2-D padding "
+                                 f"mask [batch={b}, cached+new={start + s}]")
+            if not torch.compiler.is_compiling() and bool(attention_mask[:, : start + s].all()):
+                attention_mask = None   # no padding: let attention use its causal fast path
+        mask = build_attention_mask(attention_mask, start, s, device)
+        freqs_cis = self.rotary_emb(position_ids)
+        router_sink: list[RouterOutput] | None = [] if output_router_outputs else None
+        all_hidden: list[torch.Tensor] = []
+        h = inputs_embeds
+        if cache is not None:
+            cache.begin(s)
+        try:
+            for layer in self.layers:
+                if output_hidden_states:
+                    all_hidden.append(h)
+                if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                    h = checkpoint(layer, h, freqs_cis, mask, cache, mla_path, moe_dispatch, router_sink,
+                                   use_reentrant=False)
+                else:
+                    h = layer(h, freqs_cis, mask, cache, mla_path, moe_dispatch, router_sink)
+        finally:
+            if cache is not None:
+                cache.end()
+        h = self.norm(h)
+        if output_hidden_states:
+            all_hidden.append(h)
+        out = BaseModelOutput(h, cache if use_cache else None, tuple(all_hidden) if output_hidden_states else None,
+                              router_sink)
+        return out if return_dict else out.to_tuple()
+
+
+class DeepseekV3ForCausalLM(PreTrainedMixin, nn.Module):
+    def __init__(self, config: DeepseekV3Config) -> None:
+        super().__init__()
+        self.config = config
+        self.model = DeepseekV3Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        elif not self.lm_head.weight.is_meta:
+            nn.init.normal_(self.lm_head.weight, std=config.initializer_range)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: LatentCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        cache_position: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        labels: torch.LongTensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        output_hidden_states: bool = False,
+        return_dict: bool = True,
+        mla_path: str = "auto",
+        moe_dispatch: str = "auto",
+        output_router_outputs: bool = False,
+    ) -> CausalLMOutput | tuple[Any, ...]:
+        out = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, cache_position,
+                         use_cache, output_hidden_states, True, mla_path, moe_dispatch, output_router_outputs)
+        h = out.last_hidden_state
+        if isinstance(logits_to_keep, int):
+            kept = h[:, -logits_to_keep:] if logits_to_keep > 0 else h
+        else:
+            kept = h[:, logits_to_keep]
+        logits = self.lm_head(kept)
+        loss = causal_lm_loss(logits, labels) if labels is not None else None
+        result = CausalLMOutput(loss, logits, out.past_key_values, out.hidden_states, out.router_outputs, h)
+        return result if return_dict else result.to_tuple()
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Mean next-token cross entropy: logits at position t predict labels[t+1]; -100 is ignored."""
+    if labels.shape != logits.shape[:2]:
+        raise ValueError(f"labels has shape {tuple(labels.shape)} but logits cover {tuple(logits.shape[:2])}; "
+                         "labels must align with input_ids (use logits_to_keep=0 when computing a loss)")
+    shift = F.pad(labels, (0, 1), value=ignore_index)[:, 1:]
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), shift.reshape(-1).to(logits.device),
+                           ignore_index=ignore_index)
