@@ -12,6 +12,9 @@ from typing import Any
 
 import torch
 
+# Worst difference seen per comparison label prefix; printed at the end of the run (conftest).
+PARITY_REPORT: dict[str, float] = {}
+
 TINY: dict[str, Any] = dict(
     vocab_size=96, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
     num_attention_heads=4, num_key_value_heads=4, n_routed_experts=16, num_experts_per_tok=4, n_group=4,
@@ -79,8 +82,10 @@ def make_hf_model(directory: Path, seed: int = 0, **overrides: Any) -> Any:
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, what: str = "") -> float:
     """Assert max |a-e| <= atol; the message gives max and mean difference. Returns the max difference."""
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    diff = (actual.double() - expected.double()).abs()
+    diff = (actual.detach().double() - expected.detach().double()).abs()
     worst = float(diff.max()) if diff.numel() else 0.0
+    label = what.split(":")[-1].strip() if ":" in what else what
+    PARITY_REPORT[label] = max(PARITY_REPORT.get(label, 0.0), worst)
     assert worst <= atol, f"{what}: max diff {worst:.3e} (mean {float(diff.mean()):.3e}) exceeds atol {atol:.1e}"
     return worst
 

@@ -87,9 +87,14 @@ def load_pretrained(cls: type, path: str | os.PathLike, torch_dtype: Any = "auto
     fp8 = parse_quantization_config(config.quantization_config)
     with torch.device("meta"):
         model = cls(config)
-    targets = _load_targets(model)
     with CheckpointReader(path) as reader:
-        plan = plan_load(list(targets), set(reader.keys()), config.num_hidden_layers, config.n_routed_experts,
+        ckpt_keys = set(reader.keys())
+        # A bare DeepseekV3Model reads the "model." part of a causal-LM checkpoint and ignores its head.
+        prefix = "model." if not hasattr(model, "lm_head") and "embed_tokens.weight" not in ckpt_keys else ""
+        if prefix:
+            ckpt_keys.discard("lm_head.weight")
+        targets = {prefix + name: t for name, t in _load_targets(model).items()}
+        plan = plan_load(list(targets), ckpt_keys, config.num_hidden_layers, config.n_routed_experts,
                          accepts_mtp=getattr(model, "accepts_mtp_key", None))
         _check_plan(plan, path, strict)
         if plan.mtp_keys:
@@ -110,7 +115,7 @@ def load_pretrained(cls: type, path: str | os.PathLike, torch_dtype: Any = "auto
         if progress is None:
             progress = sys.stderr.isatty()
         for name in tqdm(list(plan.sources), desc="Loading weights", disable=not progress, unit="tensor"):
-            owner, attr = _param_owner(model, name)
+            owner, attr = _param_owner(model, name[len(prefix):])
             expected = targets[name]
             source = plan.sources[name]
             _check_shapes(reader, source, name, tuple(expected.shape))
