@@ -28,6 +28,18 @@ _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
 _STACKED_RE = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<proj>gate_up_proj|down_proj)$")
 
 
+_MTP_PARAM_RE = re.compile(r"^mtp\.(\d+)\.")
+
+
+def to_checkpoint_name(param_name: str, num_hidden_layers: int) -> str:
+    """dsv3 name -> checkpoint name. MTP module k lives at `mtp.k.*` in dsv3 and at
+    `model.layers.{num_hidden_layers + k}.*` in checkpoints (`model.layers.61.*` for V3)."""
+    m = _MTP_PARAM_RE.match(param_name)
+    if not m:
+        return param_name
+    return f"model.layers.{num_hidden_layers + int(m.group(1))}.{param_name[m.end():]}"
+
+
 def layer_index(key: str) -> int | None:
     m = _LAYER_RE.match(key)
     return int(m.group(1)) if m else None
@@ -67,11 +79,11 @@ class LoadPlan:
 
 
 def plan_load(param_names: list[str], checkpoint_keys: set[str], num_hidden_layers: int,
-              num_experts: int, accepts_mtp: Callable[[str], bool] | None = None) -> LoadPlan:
-    """Match dsv3 tensor names to checkpoint keys.
+              num_experts: int) -> LoadPlan:
+    """Match tensor names (already in checkpoint spelling, see `to_checkpoint_name`) to checkpoint keys.
 
-    accepts_mtp(key) says whether the model has a place for an MTP tensor; MTP tensors it does not
-    take are set aside in `mtp_keys` (a checkpoint's MTP layer is optional for the main model).
+    MTP tensors (layer index >= num_hidden_layers) that the model has no place for are set aside in
+    `mtp_keys`, not reported as unexpected: a checkpoint's MTP layer is optional for the main model.
     """
     plan = LoadPlan()
     used: set[str] = set()
@@ -97,9 +109,8 @@ def plan_load(param_names: list[str], checkpoint_keys: set[str], num_hidden_laye
         if key.endswith(SCALE_SUFFIX) and key[: -len(SCALE_SUFFIX)] in used:
             continue
         if is_mtp_key(key, num_hidden_layers):
-            if accepts_mtp is None or not accepts_mtp(key):
-                plan.mtp_keys.append(key)
-                continue
+            plan.mtp_keys.append(key)
+            continue
         plan.unexpected.append(key)
     return plan
 

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from dsv3.checkpoint.errors import CheckpointError
 from dsv3.checkpoint.fp8 import dequantize_fp8_blocks, parse_quantization_config
-from dsv3.checkpoint.keys import SCALE_SUFFIX, LoadPlan, Source, assemble, plan_load
+from dsv3.checkpoint.keys import SCALE_SUFFIX, LoadPlan, Source, assemble, plan_load, to_checkpoint_name
 from dsv3.checkpoint.safetensors_io import CheckpointReader
 from dsv3.config import DeepseekV3Config
 from dsv3.model.rope import RotaryEmbedding
@@ -93,9 +93,10 @@ def load_pretrained(cls: type, path: str | os.PathLike, torch_dtype: Any = "auto
         prefix = "model." if not hasattr(model, "lm_head") and "embed_tokens.weight" not in ckpt_keys else ""
         if prefix:
             ckpt_keys.discard("lm_head.weight")
-        targets = {prefix + name: t for name, t in _load_targets(model).items()}
-        plan = plan_load(list(targets), ckpt_keys, config.num_hidden_layers, config.n_routed_experts,
-                         accepts_mtp=getattr(model, "accepts_mtp_key", None))
+        own = _load_targets(model)
+        names = {to_checkpoint_name(prefix + name, config.num_hidden_layers): name for name in own}
+        targets = {ckpt: own[name] for ckpt, name in names.items()}
+        plan = plan_load(list(targets), ckpt_keys, config.num_hidden_layers, config.n_routed_experts)
         _check_plan(plan, path, strict)
         if plan.mtp_keys:
             logger.info("%d MTP tensors (layer %d) set aside: this model class has no MTP module",
@@ -115,7 +116,7 @@ def load_pretrained(cls: type, path: str | os.PathLike, torch_dtype: Any = "auto
         if progress is None:
             progress = sys.stderr.isatty()
         for name in tqdm(list(plan.sources), desc="Loading weights", disable=not progress, unit="tensor"):
-            owner, attr = _param_owner(model, name[len(prefix):])
+            owner, attr = _param_owner(model, names[name])
             expected = targets[name]
             source = plan.sources[name]
             _check_shapes(reader, source, name, tuple(expected.shape))

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dsv3.checkpoint.keys import split_stacked
+from dsv3.checkpoint.keys import split_stacked, to_checkpoint_name
 from dsv3.checkpoint.safetensors_io import save_safetensors_sharded
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
@@ -32,11 +32,11 @@ def parse_size(size: int | str) -> int:
 
 def export_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """The model's tensors under checkpoint names: experts split per expert, tied copies skipped."""
-    tied = getattr(model.config, "tie_word_embeddings", False)  # type: ignore[attr-defined]
+    config = model.config  # type: ignore[attr-defined]
     for name, tensor in model.state_dict().items():
-        if tied and name == "lm_head.weight":
+        if config.tie_word_embeddings and name == "lm_head.weight":
             continue   # transformers re-ties it from model.embed_tokens.weight
-        yield from split_stacked(name, tensor.detach())
+        yield from split_stacked(to_checkpoint_name(name, config.num_hidden_layers), tensor.detach())
 
 
 def save_pretrained(model: nn.Module, directory: str | os.PathLike, max_shard_size: int | str = "5GB",
