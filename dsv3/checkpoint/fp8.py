@@ -1,0 +1,190 @@
+"""DeepSeek's block-wise FP8 weight format, as pure functions.
+
+The published V3/R1 checkpoints store every large linear weight W [out, in] as
+
+    weight            float8_e4m3fn  [out, in]
+    weight_scale_inv  float32        [ceil(out / bo), ceil(in / bi)]      (bo, bi) = weight_block_size
+
+and the real weight is W[r, c] = weight[r, c] * weight_scale_inv[r // bo, c // bi]. Despite its name,
+`weight_scale_inv` is *multiplied* in: it is the inverse of the scale the quantiser divided by.
+Shapes need not be multiples of the block: kv_a_proj_with_mqa has 576 = 4·128 + 64 rows, so its
+last row block holds 64 rows and still has its own scale. (transformers 5.23 mis-handles exactly
+this ragged edge, which is why this module exists and is tested against a per-block loop.)
+
+Dequantisation pads the weight up to whole blocks, views it as [R, bo, C, bi] and multiplies by the
+scales broadcast as [R, 1, C, 1] — one vectorised op, no materialised scale map, no Python loop over
+blocks — then crops the padding. It computes in fp32 and casts once at the end.
+
+Quantisation (for test checkpoints and `dsv3 convert`) is the matching per-block absmax scheme:
+scale_inv = amax(block) / max_fp8 (448 for e4m3fn), weight = round_fp8(W / scale_inv). An all-zero
+block gets scale_inv = 1 so that nothing divides by zero.
+
+`quantization_config` is parsed into a small frozen `Fp8Spec`; anything other than weight-only
+block FP8 fails loudly rather than loading garbage. e5m2 is accepted as well: dequantising it is the
+same multiply, only the stored dtype differs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Container, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from dsv3.checkpoint.errors import CheckpointError
+
+SCALE_INV_SUFFIX = ".weight_scale_inv"
+FP8_DTYPES = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+_FMT_ALIASES = {"e4m3": "e4m3", "e4m3fn": "e4m3", "float8_e4m3fn": "e4m3",
+                "e5m2": "e5m2", "float8_e5m2": "e5m2"}
+
+
+@dataclass(frozen=True)
+class Fp8Spec:
+    """What `quantization_config` says about the stored weights."""
+
+    fmt: str = "e4m3"                              # "e4m3" (float8_e4m3fn) or "e5m2"
+    block_size: tuple[int, int] = (128, 128)       # (rows, cols) per scale
+    activation_scheme: str = "dynamic"
+    modules_to_not_convert: tuple[str, ...] = ()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return FP8_DTYPES[self.fmt]
+
+
+def parse_quantization_config(cfg: dict[str, Any] | None) -> Fp8Spec | None:
+    """`config.json`'s `quantization_config` -> `Fp8Spec`, or None for an unquantised checkpoint.
+
+    Missing `fmt`, `activation_scheme` and `weight_block_size` take DeepSeek's values (e4m3, dynamic,
+    [128, 128]), as transformers' fine-grained FP8 config does.
+    """
+    if cfg is None or (isinstance(cfg, dict) and not cfg):
+        return None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"config.json: quantization_config must be an object, got {cfg!r}")
+    method = cfg.get("quant_method")
+    if not isinstance(method, str) or method.lower() != "fp8":
+        raise CheckpointError(
+            f"config.json: quantization_config.quant_method={method!r} is not supported; dsv3 reads "
+            "DeepSeek's block-FP8 checkpoints (quant_method 'fp8') and unquantised bf16/fp16/fp32 ones. "
+            "Dequantise the checkpoint to bf16 first, or remove quantization_config if the weights are not "
+            "quantised.")
+    fmt_raw = cfg.get("fmt", "e4m3")
+    fmt = _FMT_ALIASES.get(fmt_raw.lower()) if isinstance(fmt_raw, str) else None
+    if fmt is None:
+        raise CheckpointError(f"config.json: quantization_config.fmt={fmt_raw!r} is not supported; "
+                              "expected 'e4m3' (DeepSeek's published format) or 'e5m2'")
+    scheme = cfg.get("activation_scheme", "dynamic")
+    if scheme != "dynamic":
+        raise CheckpointError(
+            f"config.json: quantization_config.activation_scheme={scheme!r} is not supported; only 'dynamic' "
+            "(no stored activation scales) is. dsv3 dequantises weights at load time and never reads "
+            "static activation scales.")
+    block = cfg.get("weight_block_size", [128, 128])
+    if (not isinstance(block, (list, tuple)) or len(block) != 2
+            or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
+        raise CheckpointError(
+            f"config.json: quantization_config.weight_block_size={block!r} is not supported; expected two "
+            "positive integers such as [128, 128] (per-tensor FP8 scales are not supported)")
+    skip = cfg.get("modules_to_not_convert") or ()
+    skip = (skip,) if isinstance(skip, str) else skip
+    return Fp8Spec(fmt=fmt, block_size=(block[0], block[1]), activation_scheme=scheme,
+                   modules_to_not_convert=tuple(skip))
+
+
+def scale_inv_key(weight_key: str) -> str:
+    """`X.weight` -> `X.weight_scale_inv`."""
+    if not weight_key.endswith(".weight"):
+        raise ValueError(f"{weight_key!r} is not a weight key (expected a name ending in '.weight')")
+    return weight_key + "_scale_inv"
+
+
+def is_scale_inv_key(key: str) -> bool:
+    return key.endswith(SCALE_INV_SUFFIX)
+
+
+def is_quantized_weight_key(key: str, keys: Container[str]) -> bool:
+    """True when `key` is an `X.weight` whose `X.weight_scale_inv` is among `keys` (pass a set)."""
+    return key.endswith(".weight") and scale_inv_key(key) in keys
+
+
+def fp8_weight_pairs(keys: Iterable[str]) -> dict[str, str]:
+    """{`X.weight`: `X.weight_scale_inv`} for every quantised weight; a scale without its weight fails."""
+    key_set = set(keys)
+    pairs: dict[str, str] = {}
+    orphans = []
+    for key in sorted(key_set):
+        if is_scale_inv_key(key):
+            weight = key[: -len("_scale_inv")]
+            if weight in key_set:
+                pairs[weight] = key
+            else:
+                orphans.append(key)
+    if orphans:
+        raise CheckpointError(f"{len(orphans)} FP8 scale tensors have no matching weight: {orphans[:8]}; "
+                              "the checkpoint is incomplete (re-download the missing shard)")
+    return pairs
+
+
+def fp8_scale_shape(shape: tuple[int, int] | torch.Size, block_size: tuple[int, int]) -> tuple[int, int]:
+    """[ceil(out / bo), ceil(in / bi)]: one scale per block, partial edge blocks included."""
+    return math.ceil(shape[0] / block_size[0]), math.ceil(shape[1] / block_size[1])
+
+
+def _check_block_size(block_size: tuple[int, int]) -> tuple[int, int]:
+    if len(block_size) != 2 or not all(isinstance(b, int) and b > 0 for b in block_size):
+        raise ValueError(f"block_size={block_size!r}: expected two positive integers such as (128, 128)")
+    return int(block_size[0]), int(block_size[1])
+
+
+def dequantize_fp8_blocks(weight: torch.Tensor, scale_inv: torch.Tensor,
+                          block_size: tuple[int, int] = (128, 128), dtype: torch.dtype = torch.bfloat16,
+                          name: str = "weight") -> torch.Tensor:
+    """weight [out, in] (fp8) * scale_inv [ceil(out/bo), ceil(in/bi)] per block -> [out, in] in `dtype`."""
+    bo, bi = _check_block_size(block_size)
+    if weight.dim() != 2:
+        raise CheckpointError(f"{name}: FP8 block dequantisation needs a 2-D weight, "
+                              f"got shape {tuple(weight.shape)}")
+    out_f, in_f = weight.shape
+    R, C = fp8_scale_shape(weight.shape, (bo, bi))
+    if tuple(scale_inv.shape) != (R, C):
+        raise CheckpointError(
+            f"{name}: weight_scale_inv has shape {tuple(scale_inv.shape)} but weight {tuple(weight.shape)} "
+            f"with weight_block_size [{bo}, {bi}] needs [ceil({out_f}/{bo}), ceil({in_f}/{bi})] = [{R}, {C}]."
+            " "
+            "Check quantization_config.weight_block_size in config.json, or re-download the shard holding "
+            "this tensor.")
+    scale = scale_inv.to(device=weight.device, dtype=torch.float32)
+    # Pad to whole blocks (a no-op view when already aligned); fresh fp32 buffer, so in-place is safe.
+    if out_f == R * bo and in_f == C * bi:
+        w = weight.to(torch.float32, copy=True)
+    else:
+        w = torch.zeros(R * bo, C * bi, dtype=torch.float32, device=weight.device)
+        w[:out_f, :in_f] = weight
+    w.view(R, bo, C, bi).mul_(scale[:, None, :, None])       # [R, bo, C, bi] * [R, 1, C, 1]
+    return w[:out_f, :in_f].to(dtype).contiguous()
+
+
+def quantize_fp8_blocks(weight: torch.Tensor, block_size: tuple[int, int] = (128, 128),
+                        dtype: torch.dtype = torch.float8_e4m3fn) -> tuple[torch.Tensor, torch.Tensor]:
+    """[out, in] -> (weight [out, in] in `dtype`, scale_inv fp32 [ceil(out/bo), ceil(in/bi)]), by absmax."""
+    bo, bi = _check_block_size(block_size)
+    if dtype not in FP8_DTYPES.values():
+        raise ValueError(f"dtype={dtype}: expected torch.float8_e4m3fn or torch.float8_e5m2")
+    if weight.dim() != 2:
+        raise ValueError(f"quantize_fp8_blocks needs a 2-D weight, got shape {tuple(weight.shape)}")
+    out_f, in_f = weight.shape
+    R, C = fp8_scale_shape(weight.shape, (bo, bi))
+    fp8_max = torch.finfo(dtype).max
+    w = torch.zeros(R * bo, C * bi, dtype=torch.float32, device=weight.device)
+    w[:out_f, :in_f] = weight                                 # zero padding never raises a block's amax
+    blocks = w.view(R, bo, C, bi)                             # [R, bo, C, bi]
+    amax = blocks.abs().amax(dim=(1, 3))                      # [R, C]
+    if not torch.isfinite(amax).all():
+        raise ValueError("quantize_fp8_blocks: the weight contains inf or NaN; it cannot be scaled into FP8")
+    scale_inv = torch.where(amax > 0, amax / fp8_max, torch.ones_like(amax))
+    blocks.div_(scale_inv[:, None, :, None]).clamp_(-fp8_max, fp8_max)
+    return w[:out_f, :in_f].to(dtype).contiguous(), scale_inv
