@@ -106,8 +106,12 @@ class PreTrainedMixin:
     @classmethod
     def from_pretrained(cls, path: Any, **kwargs: Any) -> Any:
         from dsv3.checkpoint.loader import load_pretrained
+        from dsv3.generation.generate import GenerationConfig
 
-        return load_pretrained(cls, path, **kwargs)
+        model = load_pretrained(cls, path, **kwargs)
+        if hasattr(model, "generation_config"):
+            model.generation_config = GenerationConfig.from_pretrained(path)
+        return model
 
     def save_pretrained(self, directory: Any, **kwargs: Any) -> None:
         from dsv3.checkpoint.saver import save_pretrained
@@ -155,14 +159,17 @@ class DeepseekV3Model(PreTrainedMixin, nn.Module):
         mla_path: str = "auto",
         moe_dispatch: str = "auto",
         output_router_outputs: bool = False,
+        check_inputs: bool = True,
     ) -> BaseModelOutput | tuple[Any, ...]:
+        """check_inputs=False skips the host reads that validate ids and detect all-ones masks
+        (generate() validates once per prompt and then calls the model with it off)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
             assert input_ids is not None
             if input_ids.dim() != 2:
                 raise ValueError(f"input_ids has shape {tuple(input_ids.shape)}: expected [batch, seq_len]")
-            if not torch.compiler.is_compiling() and input_ids.numel() > 0:
+            if check_inputs and not torch.compiler.is_compiling() and input_ids.numel() > 0:
                 lo, hi = int(input_ids.min()), int(input_ids.max())
                 if lo < 0 or hi >= self.config.vocab_size:
                     raise ValueError(f"token id {lo if lo < 0 else hi} is out of range [0, vocab_size="
@@ -188,7 +195,7 @@ class DeepseekV3Model(PreTrainedMixin, nn.Module):
             if attention_mask.dim() != 2 or attention_mask.shape[0] != b or attention_mask.shape[1] < start + s:
                 raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}: expected a 2-D padding "
                                  f"mask [batch={b}, cached+new={start + s}]")
-            if not torch.compiler.is_compiling() and bool(attention_mask[:, : start + s].all()):
+            if check_inputs and not torch.compiler.is_compiling() and bool(attention_mask[:, : start + s].all()):
                 attention_mask = None   # no padding: let attention use its causal fast path
         mask = build_attention_mask(attention_mask, start, s, device)
         freqs_cis = self.rotary_emb(position_ids)
@@ -223,6 +230,7 @@ class DeepseekV3ForCausalLM(PreTrainedMixin, nn.Module):
         self.config = config
         self.model = DeepseekV3Model(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.generation_config: Any = None   # GenerationConfig from generation_config.json, if any
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         elif not self.lm_head.weight.is_meta:
@@ -230,6 +238,13 @@ class DeepseekV3ForCausalLM(PreTrainedMixin, nn.Module):
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
+
+    def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                 **kwargs: Any) -> Any:
+        """transformers-style generation; see dsv3.generation.generate.generate for the arguments."""
+        from dsv3.generation.generate import generate
+
+        return generate(self, input_ids, attention_mask, **kwargs)
 
     def forward(
         self,
@@ -247,9 +262,11 @@ class DeepseekV3ForCausalLM(PreTrainedMixin, nn.Module):
         mla_path: str = "auto",
         moe_dispatch: str = "auto",
         output_router_outputs: bool = False,
+        check_inputs: bool = True,
     ) -> CausalLMOutput | tuple[Any, ...]:
         out = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, cache_position,
-                         use_cache, output_hidden_states, True, mla_path, moe_dispatch, output_router_outputs)
+                         use_cache, output_hidden_states, True, mla_path, moe_dispatch, output_router_outputs,
+                         check_inputs)
         h = out.last_hidden_state
         if isinstance(logits_to_keep, int):
             kept = h[:, -logits_to_keep:] if logits_to_keep > 0 else h

@@ -1,0 +1,185 @@
+"""generate(): greedy equals transformers token for token; compiled equals eager; sampling is seeded
+and follows the model's distribution; bad arguments fail clearly; the documentation's script runs."""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from dsv3 import DeepseekV3ForCausalLM
+from dsv3.generation.generate import GenerationConfig, generate
+from dsv3.generation.streamer import TextStreamer
+from tests.oracle import left_padded_batch, make_hf_model, yarn
+
+PAD = 0
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory):
+    path = tmp_path_factory.mktemp("gen")
+    hf = make_hf_model(path, seed=11, rope_scaling=yarn(), vocab_size=64)
+    hf.generation_config.pad_token_id = PAD
+    ours = DeepseekV3ForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
+    return hf, ours
+
+
+def hf_greedy(hf, ids, mask, n, eos, cache="dynamic"):
+    kwargs = dict(attention_mask=mask, max_new_tokens=n, do_sample=False, eos_token_id=eos, pad_token_id=PAD)
+    if cache == "static":
+        kwargs["cache_implementation"] = "static"
+    with torch.no_grad():
+        return hf.generate(ids, **kwargs)
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_greedy_matches_transformers_with_left_padding_and_stop_tokens(pair, cache: str) -> None:
+    hf, ours = pair
+    ids, mask = left_padded_batch(64, [9, 5, 7], seed=12)
+    free = hf_greedy(hf, ids, mask, 12, eos=[], cache=cache)
+    assert torch.equal(generate(ours, ids, mask, max_new_tokens=12, eos_token_id=[], pad_token_id=PAD,
+                                cache_implementation=cache), free)
+    # Stop tokens that really occur: one row's 3rd new token and another row's 6th.
+    new = free[:, ids.shape[1]:]
+    eos = sorted({int(new[0, 2]), int(new[1, 5])})
+    ref = hf_greedy(hf, ids, mask, 12, eos=eos, cache=cache)
+    got = generate(ours, ids, mask, max_new_tokens=12, eos_token_id=eos, pad_token_id=PAD,
+                   cache_implementation=cache)
+    assert torch.equal(got, ref), f"\n{got}\n{ref}"
+
+
+def test_generation_stops_when_all_rows_finish(pair) -> None:
+    _, ours = pair
+    ids, mask = left_padded_batch(64, [6, 6], seed=13)
+    free = generate(ours, ids, mask, max_new_tokens=10, eos_token_id=[])
+    first = int(free[0, 6])
+    second = int(free[1, 6])
+    out = generate(ours, ids, mask, max_new_tokens=10, eos_token_id=[first, second])
+    assert out.shape[1] == 7   # both rows emitted a stop token at the first step
+
+
+@pytest.mark.slow
+def test_compiled_decode_equals_eager(pair) -> None:
+    _, ours = pair
+    ids, mask = left_padded_batch(64, [8, 4], seed=14)
+    eager = generate(ours, ids, mask, max_new_tokens=8, cache_implementation="static", eos_token_id=[])
+    compiled = generate(ours, ids, mask, max_new_tokens=8, cache_implementation="static", eos_token_id=[],
+                        compile=True)
+    assert torch.equal(compiled, eager)
+
+
+def test_seeded_sampling_is_reproducible(pair) -> None:
+    _, ours = pair
+    ids, mask = left_padded_batch(64, [5, 5], seed=15)
+    runs = [generate(ours, ids, mask, max_new_tokens=10, do_sample=True, temperature=1.3, top_k=20,
+                     generator=torch.Generator().manual_seed(seed)) for seed in (1, 1, 2)]
+    assert torch.equal(runs[0], runs[1])
+    assert not torch.equal(runs[0], runs[2])
+
+
+# top_k=0 switches off transformers' default top_k=50 (which generate() reproduces).
+@pytest.mark.parametrize("kwargs", [dict(temperature=1.0, top_k=0), dict(temperature=0.7, top_k=5),
+                                    dict(temperature=1.0, top_p=0.6, top_k=0)])
+def test_first_sampled_token_follows_processed_distribution(pair, kwargs: dict) -> None:
+    _, ours = pair
+    n = 6000
+    prompt = torch.tensor([[3, 17, 42, 9]])
+    with torch.no_grad():
+        logits = ours(prompt).logits[0, -1].double() / kwargs["temperature"]
+    probs = torch.softmax(logits, -1)
+    if kwargs["top_k"]:
+        cut = probs.topk(kwargs["top_k"]).values[-1]
+        probs = torch.where(probs >= cut, probs, 0)
+    if "top_p" in kwargs:
+        sorted_p, order = probs.sort(descending=True)
+        keep = (sorted_p.cumsum(0) - sorted_p) < kwargs["top_p"]
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+    probs = probs / probs.sum()
+    out = generate(ours, prompt.expand(n, -1), max_new_tokens=1, do_sample=True, eos_token_id=[],
+                   generator=torch.Generator().manual_seed(7), **kwargs)
+    counts = torch.bincount(out[:, -1], minlength=probs.numel()).double()
+    assert counts[probs == 0].sum() == 0, "sampled a token the filters removed"
+    sigma = (probs * (1 - probs) / n).sqrt()
+    err = (counts / n - probs).abs()
+    assert bool((err <= 5 * sigma + 1e-9).all()), f"max z-score {float((err / sigma.clamp_min(1e-12)).max()):.1f}"
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(do_sample=True, temperature=-1.0), "temperature"),
+    (dict(do_sample=True, top_p=0.0), "top_p"),
+    (dict(do_sample=True, top_p=1.5), "top_p"),
+    (dict(top_k=-3), "top_k"),
+    (dict(max_new_tokens=10**6), "max_position_embeddings"),
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(cache_implementation="paged"), "cache_implementation"),
+])
+def test_invalid_arguments_raise(pair, kwargs: dict, message: str) -> None:
+    _, ours = pair
+    with pytest.raises(ValueError, match=message):
+        generate(ours, torch.tensor([[1, 2, 3]]), **{"max_new_tokens": 2, **kwargs})
+
+
+def test_bad_prompts_raise(pair) -> None:
+    _, ours = pair
+    with pytest.raises(ValueError, match="out of range"):
+        generate(ours, torch.tensor([[1, 64]]), max_new_tokens=2)
+    ids, mask = left_padded_batch(64, [4, 2], seed=16)
+    with pytest.raises(ValueError, match="left padding"):
+        generate(ours, ids.flip(1), mask.flip(1), max_new_tokens=2)
+    with pytest.raises(TypeError, match="unsupported"):
+        generate(ours, ids, mask, num_beams=4)
+
+
+def test_generation_config_is_read_and_overridden(pair, tmp_path: Path) -> None:
+    _, ours = pair
+    gc = GenerationConfig.from_dict({"max_new_tokens": 3, "do_sample": False, "eos_token_id": []})
+    out = generate(ours, torch.tensor([[5, 6, 7]]), generation_config=gc)
+    assert out.shape[1] == 6
+    out = generate(ours, torch.tensor([[5, 6, 7]]), generation_config=gc, max_new_tokens=5)
+    assert out.shape[1] == 8
+
+
+def test_streamer_prints_the_generated_text(tmp_path_factory: pytest.TempPathFactory) -> None:
+    from dsv3.tokenizer import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained()
+    path = tmp_path_factory.mktemp("stream")
+    make_hf_model(path, seed=17, vocab_size=129280, num_hidden_layers=2)
+    model = DeepseekV3ForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
+    ids = tok("def fibonacci(n):", return_tensors="pt").input_ids
+    sink = io.StringIO()
+    out = model.generate(ids, max_new_tokens=12, streamer=TextStreamer(tok, skip_prompt=True, file=sink),
+                         eos_token_id=[])
+    assert sink.getvalue().rstrip("\n") == tok.decode(out[0, ids.shape[1]:].tolist())
+
+
+def test_documentation_usage_script_runs(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The transformers documentation's script with only the import changed, on a tiny checkpoint."""
+    path = tmp_path_factory.mktemp("doc")
+    make_hf_model(path, seed=18, vocab_size=129280, num_hidden_layers=2)
+    from dsv3.tokenizer import default_tokenizer_dir   # the checkpoint directory ships tokenizer files
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (path / name).write_bytes((default_tokenizer_dir() / name).read_bytes())
+
+    from dsv3 import AutoModelForCausalLM
+    from dsv3.tokenizer import AutoTokenizer
+
+    torch.manual_seed(30)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    chat = [
+        {"role": "user", "content": "Hello, how are you?"},
+        {"role": "assistant", "content": "I'm doing great. How can I help you today?"},
+        {"role": "user", "content": "I'd like to show off how chat templating works!"},
+    ]
+    model = AutoModelForCausalLM.from_pretrained(path, device_map="auto", torch_dtype=torch.bfloat16)
+    inputs = tokenizer.apply_chat_template(chat, tokenize=True, add_generation_prompt=True,
+                                           return_tensors="pt").to(model.device)
+    outputs = model.generate(inputs, max_new_tokens=50)
+    decoded = tokenizer.batch_decode(outputs)
+    prompt_text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    assert len(decoded) == 1 and decoded[0].startswith(prompt_text)
+    assert outputs.shape[1] > inputs["input_ids"].shape[1]
+    assert not math.isnan(float(model(outputs).logits.float().mean()))
