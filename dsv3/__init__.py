@@ -4,6 +4,7 @@ from dsv3.auto import AutoConfig, AutoModel, AutoModelForCausalLM
 from dsv3.cache import DynamicLatentCache, LatentCache, StaticLatentCache
 from dsv3.config import ConfigError, DeepseekV3Config
 from dsv3.model.transformer import DeepseekV3ForCausalLM, DeepseekV3Model
+from dsv3 import kernels  # noqa: E402,F401  (optional CPU kernels; import is cheap, building is lazy)
 
 __all__ = [
     "AutoConfig", "AutoModel", "AutoModelForCausalLM", "ConfigError", "DeepseekV3Config",

@@ -1,0 +1,165 @@
+"""Shared pieces of the benchmarks: random-weight models, the machine's memory bandwidth and matmul
+peak, the bytes and FLOPs a step must move, peak RSS."""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dsv3 import DeepseekV3Config, DeepseekV3ForCausalLM
+
+BENCH_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "bench.json"
+
+
+def bench_config(**overrides) -> DeepseekV3Config:
+    return DeepseekV3Config.from_dict({**json.loads(BENCH_CONFIG.read_text()), **overrides})
+
+
+@torch.no_grad()
+def random_model(config: DeepseekV3Config, dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> DeepseekV3ForCausalLM:
+    """Random weights allocated directly in `dtype` (never a full fp32 copy)."""
+    with torch.device("meta"):
+        model = DeepseekV3ForCausalLM(config)
+    model.to_empty(device="cpu")
+    model.to(dtype)
+    gen = torch.Generator().manual_seed(seed)
+    std = config.initializer_range
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.fill_(1.0)
+        elif p.dim() >= 2:
+            p.normal_(0, std, generator=gen)
+        else:
+            p.zero_()
+    for name, b in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):
+            b.uniform_(-0.01, 0.01, generator=gen)
+    from dsv3.model.rope import RotaryEmbedding
+    model.model.rotary_emb = RotaryEmbedding(config)
+    return model.eval()
+
+
+def active_weight_bytes(config: DeepseekV3Config, dtype_bytes: int = 2) -> int:
+    """Bytes of weights one decode token reads: attention, dense/shared MLPs, k routed experts, head."""
+    d, h = config.hidden_size, config.num_attention_heads
+    attn = (d * config.q_lora_rank + config.q_lora_rank * h * config.qk_head_dim if config.q_lora_rank
+            else d * h * config.qk_head_dim)
+    attn += d * config.kv_cache_dim + config.kv_lora_rank * h * (config.qk_nope_head_dim + config.v_head_dim)
+    attn += h * config.v_head_dim * d
+    dense = 3 * d * config.intermediate_size
+    expert = 3 * d * config.moe_intermediate_size
+    moe = (config.num_experts_per_tok + config.n_shared_experts) * expert + config.n_routed_experts * d * 2
+    layers = sum(attn + (moe if config.is_moe_layer(i) else dense) for i in range(config.num_hidden_layers))
+    return (layers + d * config.vocab_size) * dtype_bytes + 2 * d * dtype_bytes
+
+
+BANDWIDTH_METHOD = "best of {repeats} fp32 x.sum() over a {size_mb} MiB buffer ({threads} threads)"
+
+
+def memory_bandwidth_gbs(size_mb: int = 1024, repeats: int = 10) -> float:
+    """Read bandwidth in GB/s: the best of `repeats` fp32 sums over a buffer far larger than the caches.
+
+    fp32 because torch's vectorised fp32 reduction keeps up with memory, while a bf16 sum is
+    compute-bound on CPUs without native bf16 arithmetic and under-reports by an order of magnitude.
+    `BANDWIDTH_METHOD.format(...)` describes the measurement for reports.
+    """
+    x = torch.ones(size_mb * 2**20 // 4, dtype=torch.float32)
+    x.sum()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t)
+    return x.numel() * 4 / best / 1e9
+
+
+def matmul_peak_gflops(n: int = 2048, dtype: torch.dtype = torch.bfloat16, repeats: int = 5) -> float:
+    """Best-of-`repeats` GFLOP/s of one [n, n] @ [n, n] matmul: the compute roofline for prefill."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e9
+
+
+@dataclass
+class StepBytes:
+    """Bytes one decode step must read: weights (only the routed experts it touches) and the latent cache."""
+
+    weights: int
+    cache: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.cache
+
+
+def _nbytes(module: torch.nn.Module, skip: tuple[str, ...] = ()) -> int:
+    tensors = [*module.named_parameters(), *module.named_buffers()]
+    return sum(t.numel() * t.element_size() for name, t in tensors if not name.startswith(skip))
+
+
+def decode_step_bytes(model: DeepseekV3ForCausalLM, batch: int, context: int,
+                      experts_touched: list[float] | None = None) -> StepBytes:
+    """Bytes read by one decode step of `batch` tokens over `context` cached tokens, from the model's tensors.
+
+    Every weight of attention, norms, dense and shared MLPs, routers and the head is read once; of
+    the routed experts only the distinct ones the batch selects (`experts_touched`, one count per
+    MoE layer; default: the expected distinct count for uniform routing). Embedding rows: one per
+    token. The cache: the whole [context, r_kv + dr] latent of every layer.
+    """
+    from dsv3.model.moe import MoE
+
+    config = model.config
+    base = model.model
+    moe_layers = [layer for layer in base.layers if isinstance(layer.mlp, MoE)]
+    if experts_touched is None:
+        experts_touched = [expected_distinct_experts(config, batch)] * len(moe_layers)
+    if len(experts_touched) != len(moe_layers):
+        raise ValueError(f"experts_touched has {len(experts_touched)} counts for {len(moe_layers)} MoE layers")
+    weights = sum(_nbytes(layer, skip=("mlp.experts.",)) for layer in base.layers)
+    for layer, touched in zip(moe_layers, experts_touched):
+        experts = layer.mlp.experts
+        per_expert = (experts.gate_up_proj[0].numel() * experts.gate_up_proj.element_size()
+                      + experts.down_proj[0].numel() * experts.down_proj.element_size())
+        weights += round(touched * per_expert)
+    emb = base.embed_tokens.weight
+    weights += batch * emb.shape[1] * emb.element_size() + _nbytes(base.norm) + _nbytes(model.lm_head)
+    cache_dtype_bytes = torch.empty(0, dtype=model.dtype).element_size()
+    cache = batch * context * config.kv_cache_dim * cache_dtype_bytes * len(base.layers)
+    return StepBytes(int(weights), int(cache))
+
+
+def expected_distinct_experts(config: DeepseekV3Config, batch: int) -> float:
+    """E·(1 - (1 - k/E)^batch): distinct experts selected by `batch` tokens routed uniformly at random."""
+    e, k = config.n_routed_experts, config.num_experts_per_tok
+    return e * (1 - (1 - k / e) ** batch)
+
+
+def prefill_flops(config: DeepseekV3Config, batch: int, length: int, logits_rows: int = 1) -> int:
+    """Matmul FLOPs of a causal prefill with the expanded MLA path (k routed experts per token), with
+    the LM head applied to `logits_rows` positions per sequence (generate keeps only the last)."""
+    d, h = config.hidden_size, config.num_attention_heads
+    attn = (d * config.q_lora_rank + config.q_lora_rank * h * config.qk_head_dim if config.q_lora_rank
+            else d * h * config.qk_head_dim)
+    attn += d * config.kv_cache_dim + config.kv_lora_rank * h * (config.qk_nope_head_dim + config.v_head_dim)
+    attn += h * config.v_head_dim * d
+    expert = 3 * d * config.moe_intermediate_size
+    moe = (config.num_experts_per_tok + config.n_shared_experts) * expert + config.n_routed_experts * d
+    params = sum(attn + (moe if config.is_moe_layer(i) else 3 * d * config.intermediate_size)
+                 for i in range(config.num_hidden_layers))
+    scores = h * length * (length + 1) // 2 * (config.qk_head_dim + config.v_head_dim)   # QKᵀ and PV, causal
+    per_seq = 2 * length * params + 2 * scores * config.num_hidden_layers + 2 * logits_rows * d * config.vocab_size
+    return batch * per_seq
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

@@ -1,0 +1,143 @@
+// Memory-bound bf16 matrix-vector products for CPU decode.
+//
+// At decode time every weight is read once per step and used for only a few rows of activations,
+// so the speed limit is memory bandwidth. The stock bf16 CPU GEMM path on processors without
+// native bf16 arithmetic reaches about half of it; these kernels widen each bf16 weight to fp32
+// with a shift (bf16 is the top half of an fp32) and accumulate in fp32 with FMAs, reading each
+// weight row exactly once for all M activation rows.
+//
+//   linear(x [M,K], w [N,K])                       -> y [M,N]        (M small, e.g. <= 16)
+//   expert_linear(x [P,K], w [E,N,K], ids [P])     -> y [P,N]        y[p] = x[p] @ w[ids[p]].T, with
+//       ids sorted so that rows of one expert are adjacent: each expert's weights are read once.
+//
+// x is converted to fp32 once; y is fp32 (the caller casts). Work is split over output rows with
+// at::parallel_for, so torch's thread settings apply.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kMaxRows = 16;
+
+#if defined(__AVX512F__)
+inline __m512 load_bf16(const at::BFloat16* p) {
+  __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+inline __m512 load_bf16_masked(const at::BFloat16* p, __mmask16 m) {
+  __m256i raw = _mm256_maskz_loadu_epi16(m, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+#endif
+
+// y[r*ldy + n] = dot(x[r], w[n]) for r < rows, n in [n0, n1)
+template <int64_t R>
+void rows_kernel(const float* x, int64_t K, const at::BFloat16* w, int64_t n0, int64_t n1, float* y,
+                 int64_t ldy) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const at::BFloat16* wr = w + n * K;
+#if defined(__AVX512F__)
+    __m512 acc[R];
+    for (int64_t r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+      __m512 w0 = load_bf16(wr + k), w1 = load_bf16(wr + k + 16);
+      for (int64_t r = 0; r < R; ++r) {
+        acc[r] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + r * K + k), acc[r]);
+        acc[r] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + r * K + k + 16), acc[r]);
+      }
+    }
+    for (; k < K; k += 16) {
+      __mmask16 m = (K - k) >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
+      __m512 w0 = load_bf16_masked(wr + k, m);
+      for (int64_t r = 0; r < R; ++r)
+        acc[r] = _mm512_fmadd_ps(w0, _mm512_maskz_loadu_ps(m, x + r * K + k), acc[r]);
+    }
+    for (int64_t r = 0; r < R; ++r) y[r * ldy + n] = _mm512_reduce_add_ps(acc[r]);
+#else
+    for (int64_t r = 0; r < R; ++r) {
+      float s = 0.f;
+      for (int64_t k = 0; k < K; ++k) s += static_cast<float>(wr[k]) * x[r * K + k];
+      y[r * ldy + n] = s;
+    }
+#endif
+  }
+}
+
+void dispatch_rows(int64_t rows, const float* x, int64_t K, const at::BFloat16* w, int64_t n0, int64_t n1,
+                   float* y, int64_t ldy) {
+  // Blocks of at most 8 rows keep the accumulators in registers.
+  while (rows > 0) {
+    int64_t r = rows >= 8 ? 8 : rows;
+    switch (r) {
+      case 8: rows_kernel<8>(x, K, w, n0, n1, y, ldy); break;
+      case 7: rows_kernel<7>(x, K, w, n0, n1, y, ldy); break;
+      case 6: rows_kernel<6>(x, K, w, n0, n1, y, ldy); break;
+      case 5: rows_kernel<5>(x, K, w, n0, n1, y, ldy); break;
+      case 4: rows_kernel<4>(x, K, w, n0, n1, y, ldy); break;
+      case 3: rows_kernel<3>(x, K, w, n0, n1, y, ldy); break;
+      case 2: rows_kernel<2>(x, K, w, n0, n1, y, ldy); break;
+      default: rows_kernel<1>(x, K, w, n0, n1, y, ldy); break;
+    }
+    x += r * K;
+    y += r * ldy;
+    rows -= r;
+  }
+}
+
+}  // namespace
+
+torch::Tensor linear(torch::Tensor x, torch::Tensor w) {
+  TORCH_CHECK(w.scalar_type() == at::kBFloat16 && w.dim() == 2 && w.is_contiguous(), "w must be contiguous bf16 [N,K]");
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == w.size(1), "x must be [M,K] with K = w.size(1)");
+  auto xf = x.to(at::kFloat).contiguous();
+  const int64_t M = xf.size(0), K = xf.size(1), N = w.size(0);
+  auto y = torch::empty({M, N}, xf.options());
+  const float* xp = xf.data_ptr<float>();
+  const at::BFloat16* wp = w.data_ptr<at::BFloat16>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) { dispatch_rows(M, xp, K, wp, n0, n1, yp, N); });
+  return y;
+}
+
+torch::Tensor expert_linear(torch::Tensor x, torch::Tensor w, torch::Tensor ids) {
+  TORCH_CHECK(w.scalar_type() == at::kBFloat16 && w.dim() == 3 && w.is_contiguous(), "w must be contiguous bf16 [E,N,K]");
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == w.size(2), "x must be [P,K] with K = w.size(2)");
+  TORCH_CHECK(ids.dim() == 1 && ids.size(0) == x.size(0) && ids.scalar_type() == at::kLong, "ids must be int64 [P]");
+  auto xf = x.to(at::kFloat).contiguous();
+  auto ic = ids.contiguous();
+  const int64_t P = xf.size(0), K = xf.size(1), N = w.size(1), E = w.size(0);
+  const int64_t* ip = ic.data_ptr<int64_t>();
+  std::vector<int64_t> runs;  // (expert, first row, count) for each run of equal ids
+  for (int64_t p = 0; p < P;) {
+    int64_t q = p;
+    while (q < P && ip[q] == ip[p]) ++q;
+    TORCH_CHECK(ip[p] >= 0 && ip[p] < E, "expert id ", ip[p], " out of range [0, ", E, ")");
+    runs.insert(runs.end(), {ip[p], p, q - p});
+    p = q;
+  }
+  const int64_t R = static_cast<int64_t>(runs.size()) / 3;
+  auto y = torch::empty({P, N}, xf.options());
+  const float* xp = xf.data_ptr<float>();
+  const at::BFloat16* wp = w.data_ptr<at::BFloat16>();
+  float* yp = y.data_ptr<float>();
+  const int64_t* rp = runs.data();
+  // One flat range over (run, output row): threads stay busy however the rows split into experts.
+  at::parallel_for(0, R * N, 16, [&](int64_t begin, int64_t end) {
+    while (begin < end) {
+      const int64_t run = begin / N, n0 = begin % N;
+      const int64_t n1 = std::min(N, n0 + (end - begin));
+      const int64_t e = rp[3 * run], first = rp[3 * run + 1], count = rp[3 * run + 2];
+      dispatch_rows(count, xp + first * K, K, wp + e * N * K, n0, n1, yp + first * N, N);
+      begin += n1 - n0;
+    }
+  });
+  return y;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("linear", &linear, "y = x @ w.T for a bf16 weight and a few rows of x (fp32 out)");
+  m.def("expert_linear", &expert_linear, "y[p] = x[p] @ w[ids[p]].T with ids sorted (fp32 out)");
+}
