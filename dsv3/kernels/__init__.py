@@ -124,9 +124,8 @@ def use_cpu_kernels(model: nn.Module) -> bool:
     if not available():
         return False
     for module in model.modules():
-        for name, child in list(module.named_children()):
-            if type(child) is nn.Linear:
-                child.__class__ = KernelLinear
-            elif type(child) is RoutedExperts:
-                child.__class__ = KernelRoutedExperts
+        if type(module) is nn.Linear:
+            module.__class__ = KernelLinear
+        elif type(module) is RoutedExperts:
+            module.__class__ = KernelRoutedExperts
     return True
