@@ -42,6 +42,8 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache", choices=["dynamic", "static"], default="static")
     p.add_argument("--compile", action="store_true", help="compile the decode step with torch.compile")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    p.add_argument("--kernels", choices=["auto", "on", "off"], default="auto",
+                   help="C++ CPU decode kernels for bf16 weights (auto: when on CPU in bf16 and they build)")
 
 
 def load_model_and_tokenizer(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -62,9 +64,19 @@ def load_model_and_tokenizer(args: argparse.Namespace) -> tuple[Any, Any]:
         hint = "pass --model DIR" if args.model else "the shipped model is missing; pass --model DIR or --preset tiny"
         raise SystemExit(f"error: {path} is not a checkpoint directory (no config.json); {hint}")
     model = DeepseekV3ForCausalLM.from_pretrained(path, torch_dtype=args.dtype, device_map=args.device)
+    _maybe_use_kernels(model, args.kernels)
     has_tokenizer = (path / "tokenizer.json").is_file()
     tokenizer = AutoTokenizer.from_pretrained(path if has_tokenizer else None)
     return model, tokenizer
+
+
+def _maybe_use_kernels(model: Any, choice: str) -> None:
+    from dsv3.kernels import use_cpu_kernels
+
+    if choice == "off" or (choice == "auto" and (model.device.type != "cpu" or model.dtype != torch.bfloat16)):
+        return
+    if not use_cpu_kernels(model) and choice == "on":
+        raise SystemExit("error: --kernels on, but the CPU kernels cannot be built here (need AVX-512 and g++)")
 
 
 def _generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:

@@ -85,7 +85,7 @@ def make_cache(model: torch.nn.Module, kind: str, batch_size: int, max_len: int)
     if kind not in CACHE_IMPLEMENTATIONS:
         raise ValueError(f"cache_implementation={kind!r}: expected one of {CACHE_IMPLEMENTATIONS}")
     config = model.config
-    num_layers = config.num_hidden_layers + len(getattr(model, "mtp", None) or [])
+    num_layers = getattr(model, "num_cache_layers", config.num_hidden_layers)
     if kind == "dynamic":
         return DynamicLatentCache(num_layers)
     return StaticLatentCache(config, batch_size, max_len, dtype=model.dtype, device=model.device,
@@ -179,6 +179,7 @@ def generate(
     generator: torch.Generator | None = None,
     compile: bool = False,
     return_dict_in_generate: bool = False,
+    use_mtp: bool = False,
     **unsupported: Any,
 ) -> torch.Tensor | GenerateOutput:
     """Continue each prompt of `input_ids` [B, T] (left-padded when B > 1); returns [B, T + new]."""
@@ -219,6 +220,17 @@ def generate(
     if padded and not bool(attention_mask[:, -1].all()):
         raise ValueError("input is right-padded; generation needs left padding (tokenizer.padding_side = 'left')")
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+    if use_mtp:
+        from dsv3.generation.speculative import speculative_generate
+
+        # Two cache slots per iteration (the fed token and the draft), whatever is accepted.
+        cache = make_cache(model, cache_implementation, b, t + 2 * max_new + 2)
+        sequences, stats = speculative_generate(model, input_ids, attention_mask, max_new, sampling, eos, pad,
+                                                cache, generator, streamer)
+        if return_dict_in_generate:
+            return GenerateOutput(sequences, cache, sequences.shape[1] - t, stats)
+        return sequences
 
     cache = make_cache(model, cache_implementation, b, t + max_new)
     step = DecodeStep(model, compile=compile)
@@ -265,3 +277,4 @@ class GenerateOutput:
     sequences: torch.Tensor
     past_key_values: LatentCache
     new_tokens: int
+    speculative: Any = None   # SpeculativeStats when use_mtp=True (acceptance rate, main forwards)
