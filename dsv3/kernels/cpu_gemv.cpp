@@ -69,8 +69,68 @@ void rows_kernel(const float* x, int64_t K, const at::BFloat16* w, int64_t n0, i
   }
 }
 
+#if defined(__AVX512F__)
+// Several activation rows: two weight rows per pass share each load of x, halving the x traffic
+// (with 8 rows of x the cache, not DRAM, would otherwise be the bottleneck).
+template <int64_t R>
+void rows_kernel_pairs(const float* x, int64_t K, const at::BFloat16* w, int64_t n0, int64_t n1, float* y,
+                       int64_t ldy) {
+  int64_t n = n0;
+  for (; n + 2 <= n1; n += 2) {
+    const at::BFloat16* wa = w + n * K;
+    const at::BFloat16* wb = wa + K;
+    __m512 acc_a[R], acc_b[R];
+    for (int64_t r = 0; r < R; ++r) acc_a[r] = acc_b[r] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+      __m512 va = load_bf16(wa + k), vb = load_bf16(wb + k);
+      for (int64_t r = 0; r < R; ++r) {
+        __m512 xv = _mm512_loadu_ps(x + r * K + k);
+        acc_a[r] = _mm512_fmadd_ps(va, xv, acc_a[r]);
+        acc_b[r] = _mm512_fmadd_ps(vb, xv, acc_b[r]);
+      }
+    }
+    if (k < K) {
+      __mmask16 m = (__mmask16)((1u << (K - k)) - 1);
+      __m512 va = load_bf16_masked(wa + k, m), vb = load_bf16_masked(wb + k, m);
+      for (int64_t r = 0; r < R; ++r) {
+        __m512 xv = _mm512_maskz_loadu_ps(m, x + r * K + k);
+        acc_a[r] = _mm512_fmadd_ps(va, xv, acc_a[r]);
+        acc_b[r] = _mm512_fmadd_ps(vb, xv, acc_b[r]);
+      }
+    }
+    for (int64_t r = 0; r < R; ++r) {
+      y[r * ldy + n] = _mm512_reduce_add_ps(acc_a[r]);
+      y[r * ldy + n + 1] = _mm512_reduce_add_ps(acc_b[r]);
+    }
+  }
+  if (n < n1) rows_kernel<R>(x, K, w, n, n1, y, ldy);
+}
+#endif
+
 void dispatch_rows(int64_t rows, const float* x, int64_t K, const at::BFloat16* w, int64_t n0, int64_t n1,
                    float* y, int64_t ldy) {
+#if defined(__AVX512F__)
+  if (rows >= 3) {
+    while (rows > 0) {
+      int64_t r = rows >= 8 ? 8 : rows;
+      switch (r) {
+        case 8: rows_kernel_pairs<8>(x, K, w, n0, n1, y, ldy); break;
+        case 7: rows_kernel_pairs<7>(x, K, w, n0, n1, y, ldy); break;
+        case 6: rows_kernel_pairs<6>(x, K, w, n0, n1, y, ldy); break;
+        case 5: rows_kernel_pairs<5>(x, K, w, n0, n1, y, ldy); break;
+        case 4: rows_kernel_pairs<4>(x, K, w, n0, n1, y, ldy); break;
+        case 3: rows_kernel_pairs<3>(x, K, w, n0, n1, y, ldy); break;
+        case 2: rows_kernel_pairs<2>(x, K, w, n0, n1, y, ldy); break;
+        default: rows_kernel<1>(x, K, w, n0, n1, y, ldy); break;
+      }
+      x += r * K;
+      y += r * ldy;
+      rows -= r;
+    }
+    return;
+  }
+#endif
   // Blocks of at most 8 rows keep the accumulators in registers.
   while (rows > 0) {
     int64_t r = rows >= 8 ? 8 : rows;
