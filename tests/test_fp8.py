@@ -10,10 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from dsv3.checkpoint import fp8 as fp8_module
 from dsv3.checkpoint.errors import CheckpointError
 from dsv3.checkpoint.fp8 import (
     Fp8Spec,
     dequantize_fp8_blocks,
+    dequantize_fp8_stacked,
     fp8_scale_shape,
     fp8_weight_pairs,
     is_quantized_weight_key,
@@ -115,6 +117,36 @@ def test_scale_shape_mismatch_names_tensor_and_expected_shape(scale_shape: tuple
 def test_dequant_rejects_non_matrix() -> None:
     with pytest.raises(CheckpointError, match="2-D"):
         dequantize_fp8_blocks(torch.zeros(4, 4, 4, dtype=torch.float8_e4m3fn), torch.ones(1, 1), name="w")
+
+
+@pytest.mark.parametrize("parts", [1, 2])
+@pytest.mark.parametrize("inter,cols,block", [(13, 11, (4, 3)), (48, 160, (128, 128)), (64, 64, (32, 32))])
+def test_stacked_dequant_matches_per_expert_block_loop(parts: int, inter: int, cols: int, block: tuple[int, int],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # Stacked gate_up [E, 2I, D]: with parts=2 gate and up rows have their own grids (per-expert checkpoint
+    # tensors), with parts=1 one grid spans all 2I rows (a fused checkpoint tensor).
+    experts, rows = 5, 2 * inter
+    pieces = [random_fp8(rows // parts, cols, block, seed=e * 10 + j) for e in range(experts) for j in range(parts)]
+    weight = torch.stack([torch.cat([w for w, _ in pieces[e * parts:(e + 1) * parts]]) for e in range(experts)])
+    scale = torch.stack([torch.cat([s for _, s in pieces[e * parts:(e + 1) * parts]]) for e in range(experts)])
+    ref = torch.stack([torch.cat([ref_dequant(w, s, block) for w, s in pieces[e * parts:(e + 1) * parts]])
+                       for e in range(experts)])
+    got = dequantize_fp8_stacked(weight, scale, block, torch.float32, parts=parts)
+    assert torch.equal(got, ref)
+    assert torch.equal(dequantize_fp8_stacked(weight, scale, block, torch.bfloat16, parts), ref.to(torch.bfloat16))
+    monkeypatch.setattr(fp8_module, "_CHUNK_ELEMENTS", 1)                  # one expert-part per chunk: same bits
+    assert torch.equal(dequantize_fp8_stacked(weight, scale, block, torch.float32, parts=parts), ref)
+    assert torch.equal(dequantize_fp8_stacked(weight[[3, 1, 3]], scale[[3, 1, 3]], block, torch.float32, parts),
+                       ref[[3, 1, 3]])                                     # the gather path's selected experts
+
+
+def test_stacked_dequant_rejects_bad_scales() -> None:
+    weight = torch.zeros(4, 2 * 40, 72, dtype=torch.float8_e4m3fn)
+    with pytest.raises(CheckpointError) as e:
+        dequantize_fp8_stacked(weight, torch.ones(4, 3, 3), (32, 32), parts=2, name="experts.gate_up_proj")
+    assert "experts.gate_up_proj" in str(e.value) and "[4, 4, 3]" in str(e.value)
+    with pytest.raises(CheckpointError, match="3-D"):
+        dequantize_fp8_stacked(weight[0], torch.ones(3, 3), (32, 32))
 
 
 # -- quantisation -------------------------------------------------------------------------------------------------

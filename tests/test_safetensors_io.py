@@ -18,8 +18,10 @@ from dsv3.checkpoint.errors import CheckpointError
 from dsv3.checkpoint.safetensors_io import (
     INDEX_NAME,
     CheckpointReader,
+    LazyTensor,
     read_safetensors_header,
     save_safetensors_sharded,
+    write_safetensors_file,
 )
 
 
@@ -205,6 +207,44 @@ def test_get_is_mmap_backed_and_slices_are_lazy(sharded: tuple[Path, dict[str, t
         s = reader.get_slice(key)
         assert_same(s[2:5], tensors[key][2:5], key)
         assert "tensors" in repr(reader) and key in reader and "nope" not in reader and len(reader) == len(tensors)
+
+
+def test_read_copies_without_mmap_into_a_destination(sharded: tuple[Path, dict[str, torch.Tensor]]) -> None:
+    directory, tensors = sharded
+    with CheckpointReader(directory) as reader:
+        for key, t in tensors.items():
+            copy = reader.read(key)
+            assert_same(copy, t, key)
+            if t.numel():
+                assert copy.data_ptr() != reader.get(key).data_ptr()
+        # Into a slice of a larger tensor (a stacked parameter's rows), nothing else touched.
+        key = "model.embed_tokens.weight"
+        big = torch.zeros(3, 64, 32, dtype=torch.bfloat16)
+        reader.read(key, out=big[1])
+        assert_same(big[1], tensors[key], key) and not big[0].any() and not big[2].any()
+        with pytest.raises(ValueError, match="contiguous CPU torch.bfloat16"):
+            reader.read(key, out=torch.zeros(64, 32))
+        with pytest.raises(ValueError, match="2048 elements"):
+            reader.read(key, out=big[:, 0])
+
+
+def test_lazy_writer_produces_one_tensor_at_a_time(tmp_path: Path) -> None:
+    events: list[str] = []
+
+    def lazy(i: int) -> LazyTensor:
+        def produce() -> torch.Tensor:
+            events.append("produce")
+            return torch.full((i + 1, 3), float(i))
+        return LazyTensor(torch.float32, (i + 1, 3), produce)
+
+    write_safetensors_file(tmp_path / "a.safetensors", [(f"t{i}", lazy(i)) for i in range(5)], {"format": "pt"},
+                           on_bytes=lambda n: events.append("write"))
+    assert events == ["produce", "write"] * 5                   # each tensor is made just before it is written
+    got = load_file(tmp_path / "a.safetensors")
+    assert all(torch.equal(got[f"t{i}"], torch.full((i + 1, 3), float(i))) for i in range(5))
+    wrong = LazyTensor(torch.float32, (2, 3), lambda: torch.zeros(2, 3, dtype=torch.bfloat16))
+    with pytest.raises(CheckpointError, match="declared torch.float32 \\[2, 3\\] but produced as torch.bfloat16"):
+        write_safetensors_file(tmp_path / "b.safetensors", [("x", wrong)])
 
 
 def test_progress_bar(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -15,6 +15,12 @@ Dequantisation pads the weight up to whole blocks, views it as [R, bo, C, bi] an
 scales broadcast as [R, 1, C, 1] — one vectorised op, no materialised scale map, no Python loop over
 blocks — then crops the padding. It computes in fp32 and casts once at the end.
 
+Stacked experts [E, rows, cols] (`dequantize_fp8_stacked`) carry one block grid per expert — or per
+*part* of an expert: dsv3 stacks gate_proj and up_proj (each [I, D], each with its own scales) into
+gate_up_proj [E, 2I, D], and when I is not a multiple of the block the two grids do not line up into
+one, so the stacked scales are [E, 2·ceil(I/bo), C] and dequantisation views the rows as 2 parts.
+Large stacks are processed in chunks of experts so the fp32 intermediate stays bounded.
+
 Quantisation (for test checkpoints and `dsv3 convert`) is the matching per-block absmax scheme:
 scale_inv = amax(block) / max_fp8 (448 for e4m3fn), weight = round_fp8(W / scale_inv). An all-zero
 block gets scale_inv = 1 so that nothing divides by zero.
@@ -166,6 +172,48 @@ def dequantize_fp8_blocks(weight: torch.Tensor, scale_inv: torch.Tensor,
         w[:out_f, :in_f] = weight
     w.view(R, bo, C, bi).mul_(scale[:, None, :, None])       # [R, bo, C, bi] * [R, 1, C, 1]
     return w[:out_f, :in_f].to(dtype).contiguous()
+
+
+_CHUNK_ELEMENTS = 1 << 26          # fp32 scratch per chunk of stacked experts: 256 MiB
+
+
+def dequantize_fp8_stacked(weight: torch.Tensor, scale_inv: torch.Tensor,
+                           block_size: tuple[int, int] = (128, 128), dtype: torch.dtype = torch.bfloat16,
+                           parts: int = 1, name: str = "weight") -> torch.Tensor:
+    """weight [E, rows, cols] (fp8), scale_inv [E, parts·ceil(rows/parts/bo), ceil(cols/bi)] -> [E, rows, cols].
+
+    Each expert's rows are `parts` equal groups with their own block grids (2 for a stacked gate_up_proj
+    read from per-expert gate_proj/up_proj, 1 for down_proj or a fused checkpoint tensor). Same numerics
+    as `dequantize_fp8_blocks` (fp32 product, one rounding to `dtype`), so both give identical bits.
+    """
+    bo, bi = _check_block_size(block_size)
+    if weight.dim() != 3 or parts < 1 or weight.shape[1] % parts:
+        raise CheckpointError(f"{name}: stacked FP8 dequantisation needs a 3-D weight [E, rows, cols] whose rows "
+                              f"split into {parts} equal parts, got shape {tuple(weight.shape)}")
+    e, rows, cols = weight.shape
+    o = rows // parts
+    R, C = fp8_scale_shape((o, cols), (bo, bi))
+    if tuple(scale_inv.shape) != (e, parts * R, C):
+        raise CheckpointError(
+            f"{name}: weight_scale_inv has shape {tuple(scale_inv.shape)} but the stacked weight "
+            f"{tuple(weight.shape)} ({parts} part(s) of {o} rows each) with weight_block_size [{bo}, {bi}] needs "
+            f"[{e}, {parts}*ceil({o}/{bo}), ceil({cols}/{bi})] = [{e}, {parts * R}, {C}]. Check "
+            "quantization_config.weight_block_size in config.json.")
+    w = weight.reshape(e * parts, o, cols)                                     # [E*parts, o, cols]
+    s = scale_inv.reshape(e * parts, R, C).to(device=weight.device, dtype=torch.float32)
+    out = torch.empty(e * parts, o, cols, dtype=dtype, device=weight.device)
+    step = max(1, _CHUNK_ELEMENTS // max(1, R * bo * C * bi))
+    aligned = o == R * bo and cols == C * bi
+    for b in range(0, e * parts, step):
+        wb, sb = w[b: b + step], s[b: b + step]
+        if aligned:
+            x = wb.to(torch.float32, copy=True)
+        else:
+            x = torch.zeros(wb.shape[0], R * bo, C * bi, dtype=torch.float32, device=weight.device)
+            x[:, :o, :cols] = wb
+        x.view(-1, R, bo, C, bi).mul_(sb[:, :, None, :, None])                # [B, R, bo, C, bi] * [B, R, 1, C, 1]
+        out[b: b + step] = x[:, :o, :cols]
+    return out.view(e, rows, cols)
 
 
 def quantize_fp8_blocks(weight: torch.Tensor, block_size: tuple[int, int] = (128, 128),

@@ -8,8 +8,14 @@ dsv3 parameters carry the Hugging Face names, with one difference: routed expert
     model.layers.N.mlp.experts.E.down_proj.weight  [D, I]   ->   model.layers.N.mlp.experts.down_proj    [E, D, I]
 
 The fused transformers-5 layout (`experts.gate_up_proj`, `experts.down_proj`) maps one to one.
-FP8 checkpoints pair every quantised `X.weight` with `X.weight_scale_inv`. Tensors of layer index
-`num_hidden_layers` and above (`model.layers.61.*` in V3) belong to the MTP module.
+FP8 checkpoints pair every quantised `X.weight` with `X.weight_scale_inv` (a fused `experts.gate_up_proj`
+with `experts.gate_up_proj_scale_inv`). A model that holds FP8 weights (model/fp8_linear.py) has those
+scales as tensors of its own, stacked like the weights:
+
+    model.layers.N.mlp.experts.E.{gate,up}_proj.weight_scale_inv [R, C]  ->  experts.gate_up_proj_scale_inv [E, 2R, C]
+    model.layers.N.mlp.experts.E.down_proj.weight_scale_inv      [R, C]  ->  experts.down_proj_scale_inv    [E, R, C]
+
+Tensors of layer index `num_hidden_layers` and above (`model.layers.61.*` in V3) belong to the MTP module.
 
 Every transform is a named pure function of (checkpoint keys -> tensor); `plan_load` matches the
 model's parameters against the checkpoint's keys and reports the missing and unexpected names.
@@ -25,7 +31,7 @@ import torch
 
 SCALE_SUFFIX = "_scale_inv"
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
-_STACKED_RE = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<proj>gate_up_proj|down_proj)$")
+_STACKED_RE = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<proj>gate_up_proj|down_proj)(?P<scale>_scale_inv)?$")
 
 
 _MTP_PARAM_RE = re.compile(r"^mtp\.(\d+)\.")
@@ -50,10 +56,11 @@ def is_mtp_key(key: str, num_hidden_layers: int) -> bool:
     return idx is not None and idx >= num_hidden_layers
 
 
-def per_expert_keys(prefix: str, proj: str, num_experts: int) -> list[list[str]]:
-    """Checkpoint keys that make up one stacked expert tensor, per expert, in row order."""
+def per_expert_keys(prefix: str, proj: str, num_experts: int, scale: bool = False) -> list[list[str]]:
+    """Checkpoint keys that make up one stacked expert tensor (or its FP8 scales), per expert, in row order."""
     parts = ("gate_proj", "up_proj") if proj == "gate_up_proj" else ("down_proj",)
-    return [[f"{prefix}.{e}.{p}.weight" for p in parts] for e in range(num_experts)]
+    suffix = "weight" + SCALE_SUFFIX if scale else "weight"
+    return [[f"{prefix}.{e}.{p}.{suffix}" for p in parts] for e in range(num_experts)]
 
 
 @dataclass
@@ -94,7 +101,7 @@ def plan_load(param_names: list[str], checkpoint_keys: set[str], num_hidden_laye
             if m:
                 plan.layouts[name] = "fused"
         elif m:
-            pieces = per_expert_keys(m["prefix"], m["proj"], num_experts)
+            pieces = per_expert_keys(m["prefix"], m["proj"], num_experts, scale=bool(m["scale"]))
             absent = [k for group in pieces for k in group if k not in checkpoint_keys]
             if absent:
                 plan.missing.extend(absent if len(absent) < len(pieces) * len(pieces[0]) else [name])
@@ -115,17 +122,23 @@ def plan_load(param_names: list[str], checkpoint_keys: set[str], num_hidden_laye
     return plan
 
 
+def piece_views(source: Source, out: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+    """(checkpoint key, the view of `out` it fills): `out` itself, or expert e's rows of a stacked tensor
+    (each of an expert's pieces — gate, up — covers an equal share of its rows). Views of a contiguous
+    `out` are contiguous, so a reader can copy file bytes straight into them."""
+    if not source.stacked:
+        yield source.pieces[0][0], out
+        return
+    for e, group in enumerate(source.pieces):
+        rows = out.shape[1] // len(group)
+        for j, key in enumerate(group):
+            yield key, out[e, j * rows: (j + 1) * rows]
+
+
 def assemble(source: Source, fetch: Callable[[str], torch.Tensor], out: torch.Tensor) -> torch.Tensor:
     """Fill `out` from the checkpoint pieces of `source` (fetch returns one dequantised tensor)."""
-    if not source.stacked:
-        out.copy_(fetch(source.pieces[0][0]))
-        return out
-    for e, group in enumerate(source.pieces):
-        row = 0
-        for key in group:
-            t = fetch(key)
-            out[e, row: row + t.shape[0]].copy_(t)
-            row += t.shape[0]
+    for key, view in piece_views(source, out):
+        view.copy_(fetch(key))
     return out
 
 
@@ -135,6 +148,6 @@ def split_stacked(name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.
     if not m:
         yield name, tensor
         return
-    for e, group in enumerate(per_expert_keys(m["prefix"], m["proj"], tensor.shape[0])):
+    for e, group in enumerate(per_expert_keys(m["prefix"], m["proj"], tensor.shape[0], scale=bool(m["scale"]))):
         chunks = tensor[e].chunk(len(group), dim=0)
         yield from zip(group, chunks)

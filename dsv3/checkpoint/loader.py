@@ -1,8 +1,23 @@
-"""`from_pretrained`: build on the meta device, then materialise each tensor straight from the
-mmap'd safetensors files into its final dtype and device — one copy of the weights, never two.
+"""`from_pretrained`: build on the meta device, check the whole checkpoint, then materialise each tensor
+straight from the safetensors files into its final dtype and device — one copy of the weights, never two.
 
-Order of work per parameter: look up its checkpoint source (keys.plan_load), check shapes against
-the config, read (dequantising FP8 blocks on the fly), stack experts, assign into the module.
+Two phases, so a bad checkpoint never yields a half-loaded model:
+
+1. `prepare_load` (headers only, no tensor data read): config -> meta model; which checkpoint keys feed
+   which tensor (keys.plan_load: per-expert or fused experts, MTP layer routing); missing and unexpected
+   names; every shape against the config; every FP8 pair (dtype per quantization_config, scale grid
+   [ceil(out/bo), ceil(in/bi)], no FP8 tensor without its scale, no scale without its weight).
+2. `load_pretrained` allocates each tensor once in its final dtype and device and fills it: bytes are
+   `pread` into it when the stored dtype already matches (no mmap, whose resident pages would count as a
+   second copy), else read into a per-tensor scratch, dequantised (FP8 · scale_inv, fp32 math, one
+   rounding) or cast, and copied in. Peak memory is the model plus the largest single tensor.
+
+FP8 checkpoints load in one of two ways (`fp8=`): "dequantize" (default) gives a plain model in
+`torch_dtype`; "keep" swaps the quantised linears and expert stacks for the FP8-holding modules of
+model/fp8_linear.py (weights 1 byte per value, dequantised per layer at run time — half the memory).
+
+MTP: the checkpoint's layer `num_hidden_layers` feeds a model's `mtp.*` tensors. A checkpoint without it
+loads too (the model is built with mtp=False); `load_mtp=False` skips it on purpose (2 % of V3's weights).
 """
 
 from __future__ import annotations
@@ -10,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +34,19 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dsv3.checkpoint.errors import CheckpointError
-from dsv3.checkpoint.fp8 import dequantize_fp8_blocks, parse_quantization_config
-from dsv3.checkpoint.keys import SCALE_SUFFIX, LoadPlan, Source, assemble, plan_load, to_checkpoint_name
+from dsv3.checkpoint.fp8 import (
+    FP8_DTYPES,
+    Fp8Spec,
+    dequantize_fp8_blocks,
+    dequantize_fp8_stacked,
+    fp8_scale_shape,
+    parse_quantization_config,
+)
+from dsv3.checkpoint.keys import SCALE_SUFFIX, LoadPlan, Source, is_mtp_key, piece_views, plan_load, to_checkpoint_name
 from dsv3.checkpoint.safetensors_io import CheckpointReader
 from dsv3.config import DeepseekV3Config
+from dsv3.model.fp8_linear import Fp8Linear, Fp8RoutedExperts
+from dsv3.model.moe import RoutedExperts
 from dsv3.model.rope import RotaryEmbedding
 
 logger = logging.getLogger(__name__)
@@ -30,13 +55,17 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
 FP32_TENSORS = ("mlp.gate.weight", "mlp.gate.e_score_correction_bias")   # numerics policy: router in fp32
+FP8_MODES = ("dequantize", "keep")
+_FP8 = tuple(FP8_DTYPES.values())
+_SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def resolve_dtype(torch_dtype: Any, config: DeepseekV3Config) -> torch.dtype:
     """dtype or name ("bfloat16", "float32", ...); "auto"/None take config.torch_dtype (fp8 -> bf16)."""
     if isinstance(torch_dtype, torch.dtype):
         if torch_dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise ValueError(f"torch_dtype={torch_dtype}: use torch.float32, torch.bfloat16 or torch.float16")
+            raise ValueError(f"torch_dtype={torch_dtype}: use torch.float32, torch.bfloat16 or torch.float16 "
+                             "(for FP8 weights pass fp8='keep')")
         return torch_dtype
     if torch_dtype is None or torch_dtype == "auto":
         name = config.torch_dtype or "float32"
@@ -52,7 +81,7 @@ def resolve_device(device_map: Any) -> torch.device:
     if device_map is None or device_map == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if isinstance(device_map, int):
-        return torch.device("cuda", device_map)
+        device_map = torch.device("cuda", device_map)
     if isinstance(device_map, dict):
         devices = set(device_map.values())
         if len(devices) != 1:
@@ -73,66 +102,112 @@ def _param_owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return model.get_submodule(module_name) if module_name else model, attr
 
 
+@dataclass
+class PreparedLoad:
+    """Everything phase 1 established: the meta model and, per tensor, where its bytes come from."""
+
+    model: nn.Module
+    config: DeepseekV3Config
+    plan: LoadPlan
+    names: dict[str, str]               # checkpoint-spelled target name -> model tensor name
+    targets: dict[str, torch.Tensor]    # checkpoint-spelled target name -> meta tensor
+    scales: dict[str, str]              # FP8 weight key -> its scale_inv key
+    spec: Fp8Spec | None
+
+
+def prepare_load(cls: type, reader: CheckpointReader, config: DeepseekV3Config, fp8: str = "dequantize",
+                 load_mtp: bool | None = None, strict: bool = True) -> PreparedLoad:
+    """Phase 1: build `cls(config)` on the meta device and check the checkpoint against it, reading headers
+    only. Raises CheckpointError naming file, tensor and expectation for anything that would not load."""
+    if fp8 not in FP8_MODES:
+        raise ValueError(f"fp8={fp8!r}: expected 'dequantize' (FP8 checkpoints load as torch_dtype) or 'keep' "
+                         "(hold FP8 weights, dequantise per layer at run time)")
+    spec = parse_quantization_config(config.quantization_config)
+    keys = set(reader.keys())
+    scales = _fp8_pairs(reader, keys, spec)
+    with torch.device("meta"):
+        model = cls(config)
+    # A bare DeepseekV3Model reads the "model." part of a causal-LM checkpoint and ignores its head.
+    prefix = "model." if not hasattr(model, "lm_head") and "embed_tokens.weight" not in keys else ""
+    if prefix:
+        keys.discard("lm_head.weight")
+    n_layers = config.num_hidden_layers
+    has_mtp_weights = any(is_mtp_key(k, n_layers) for k in keys)
+    wants_mtp = any(to_checkpoint_name(n, n_layers) != n for n in _load_targets(model))
+    if load_mtp and not has_mtp_weights:
+        raise CheckpointError(f"{reader.directory}: load_mtp=True but the checkpoint has no MTP weights "
+                              f"(model.layers.{n_layers}.*); pass load_mtp=None to load without them")
+    if wants_mtp and (load_mtp is False or not has_mtp_weights):
+        logger.info("building without the MTP module: %s", "load_mtp=False" if load_mtp is False else
+                    f"the checkpoint has no model.layers.{n_layers}.* tensors")
+        with torch.device("meta"):
+            model = cls(config, mtp=False)      # a class with MTP modules takes the flag (DeepseekV3ForCausalLM)
+    if fp8 == "keep" and scales:
+        _hold_fp8(model, prefix, scales, spec, config)   # type: ignore[arg-type]
+    own = _load_targets(model)
+    names = {to_checkpoint_name(prefix + name, n_layers): name for name in own}
+    targets = {ckpt: own[name] for ckpt, name in names.items()}
+    plan = plan_load(list(targets), keys, n_layers, config.n_routed_experts)
+    _check_plan(plan, reader, strict)
+    if plan.mtp_keys:
+        logger.info("%d MTP tensors (layer %d) set aside: the model has no place for them",
+                    len(plan.mtp_keys), n_layers)
+    for name, source in plan.sources.items():
+        _check_shapes(reader, source, name, tuple(targets[name].shape))
+    return PreparedLoad(model, config, plan, names, targets, scales, spec)
+
+
 def load_pretrained(cls: type, path: str | os.PathLike, torch_dtype: Any = "auto", device_map: Any = None,
-                    config: DeepseekV3Config | None = None, progress: bool | None = None,
-                    strict: bool = True, **config_overrides: Any) -> nn.Module:
+                    config: DeepseekV3Config | None = None, progress: bool | None = None, strict: bool = True,
+                    fp8: str = "dequantize", load_mtp: bool | None = None, dtype: Any = None,
+                    **config_overrides: Any) -> nn.Module:
+    """Load a HF checkpoint directory (single file or index + shards, bf16/fp16/fp32 or block FP8).
+
+    torch_dtype: a dtype, "bfloat16"/"float16"/"float32", or "auto" (config.json's torch_dtype); `dtype` is the
+    transformers-5 spelling. device_map: "auto" (GPU when present), "cpu", "cuda", "cuda:N", a device.
+    fp8: "dequantize" or "keep" (see module docstring). progress: a bar on stderr (default: when a tty).
+    """
+    if dtype is not None:
+        if torch_dtype not in (None, "auto") and torch_dtype != dtype:
+            raise ValueError(f"torch_dtype={torch_dtype!r} and dtype={dtype!r}: pass one of them")
+        torch_dtype = dtype
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a checkpoint directory (expected config.json and *.safetensors); "
                               "downloading from a hub is not supported, pass a local directory")
     if config is None:
         config = DeepseekV3Config.from_pretrained(path, **config_overrides)
-    dtype = resolve_dtype(torch_dtype, config)
+    elif config_overrides:
+        config = config.replace(**config_overrides)
+    target_dtype = resolve_dtype(torch_dtype, config)
     device = resolve_device(device_map)
-    fp8 = parse_quantization_config(config.quantization_config)
-    with torch.device("meta"):
-        model = cls(config)
     with CheckpointReader(path) as reader:
-        ckpt_keys = set(reader.keys())
-        # A bare DeepseekV3Model reads the "model." part of a causal-LM checkpoint and ignores its head.
-        prefix = "model." if not hasattr(model, "lm_head") and "embed_tokens.weight" not in ckpt_keys else ""
-        if prefix:
-            ckpt_keys.discard("lm_head.weight")
-        own = _load_targets(model)
-        names = {to_checkpoint_name(prefix + name, config.num_hidden_layers): name for name in own}
-        targets = {ckpt: own[name] for ckpt, name in names.items()}
-        plan = plan_load(list(targets), ckpt_keys, config.num_hidden_layers, config.n_routed_experts)
-        _check_plan(plan, path, strict)
-        if plan.mtp_keys:
-            logger.info("%d MTP tensors (layer %d) set aside: this model class has no MTP module",
-                        len(plan.mtp_keys), config.num_hidden_layers)
-
-        def fetch(key: str) -> torch.Tensor:
-            t = reader.get(key)
-            scale_key = key[: -len(".weight")] + ".weight" + SCALE_SUFFIX if key.endswith(".weight") else None
-            if scale_key is not None and scale_key in reader:
-                block = fp8.block_size if fp8 is not None else (128, 128)
-                return dequantize_fp8_blocks(t, reader.get(scale_key), block, dtype=torch.float32, name=key)
-            if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-                raise CheckpointError(f"{reader.file_of(key)}: tensor {key} is {t.dtype} but has no "
-                                      f"{SCALE_SUFFIX} companion; the checkpoint is incomplete")
-            return t
-
+        prep = prepare_load(cls, reader, config, fp8, load_mtp, strict)
+        model, plan = prep.model, prep.plan
+        dtypes = {name: _target_dtype(name, prep.targets[name], target_dtype) for name in plan.sources}
+        total = sum(_bytes_read(reader, k, dtypes[name], prep) for name, s in plan.sources.items() for k in s.keys())
         if progress is None:
             progress = sys.stderr.isatty()
-        for name in tqdm(list(plan.sources), desc="Loading weights", disable=not progress, unit="tensor"):
-            owner, attr = _param_owner(model, names[name])
-            expected = targets[name]
-            source = plan.sources[name]
-            _check_shapes(reader, source, name, tuple(expected.shape))
-            want = torch.float32 if name.endswith(FP32_TENSORS) else dtype
-            out = torch.empty(expected.shape, dtype=want, device=device)
-            with torch.no_grad():
-                assemble(source, fetch, out)
-            if isinstance(expected, nn.Parameter):
-                owner._parameters[attr] = nn.Parameter(out, requires_grad=expected.requires_grad)
-            else:
-                owner._buffers[attr] = out
-    _finish(model, config, device)
+        with tqdm(total=total, desc="Loading weights", unit="B", unit_scale=True, disable=not progress) as bar:
+            for name, source in plan.sources.items():
+                expected = prep.targets[name]
+                out = torch.empty(expected.shape, dtype=dtypes[name], device=device)
+                with torch.no_grad():
+                    for key, view in piece_views(source, out):
+                        _read_piece(reader, key, view, prep)
+                        bar.update(_bytes_read(reader, key, out.dtype, prep))
+                owner, attr = _param_owner(model, prep.names[name])
+                if isinstance(expected, nn.Parameter):
+                    owner._parameters[attr] = nn.Parameter(out, requires_grad=expected.requires_grad)
+                else:
+                    owner._buffers[attr] = out
+                del out
+    _finish(model, prep.config, device)
     model.eval()
     return model
 
 
+# -- phase 1 helpers ----------------------------------------------------------------------------------------
 def _load_targets(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every tensor that must come from the checkpoint: parameters and persistent buffers (no ties)."""
     targets: dict[str, torch.Tensor] = dict(model.named_parameters(remove_duplicate=True))
@@ -143,17 +218,95 @@ def _load_targets(model: nn.Module) -> dict[str, torch.Tensor]:
     return targets
 
 
-def _check_plan(plan: LoadPlan, path: Path, strict: bool) -> None:
+def _fp8_pairs(reader: CheckpointReader, keys: set[str], spec: Fp8Spec | None) -> dict[str, str]:
+    """{FP8 weight key: scale key}, after checking every pair against quantization_config (headers only)."""
+    pairs = {k[: -len(SCALE_SUFFIX)]: k for k in sorted(keys) if k.endswith(SCALE_SUFFIX)}
+    for weight, scale in pairs.items():
+        if weight not in keys:
+            raise CheckpointError(f"{reader.file_of(scale)}: FP8 scale tensor {scale} has no weight {weight} in the "
+                                  "checkpoint; a shard is incomplete — re-download the checkpoint")
+    if pairs and spec is None:
+        weight, scale = next(iter(pairs.items()))
+        raise CheckpointError(
+            f"{reader.file_of(weight)}: tensor {weight} comes with {scale} (block-FP8 storage) but config.json has "
+            'no quantization_config; expected {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": '
+            "[128, 128]} as in the published DeepSeek-V3 config.json. Restore it, or convert the checkpoint.")
+    for weight, scale in pairs.items():
+        assert spec is not None
+        got, shape = reader.dtype(weight), tuple(reader.shape(weight))
+        if got != spec.dtype:
+            raise CheckpointError(
+                f"{reader.file_of(weight)}: tensor {weight} is {got} but has an FP8 scale ({scale}) and "
+                f"quantization_config.fmt={spec.fmt!r} says the weights are {spec.dtype}. Fix quantization_config "
+                "in config.json or re-download the shard.")
+        if len(shape) not in (2, 3):
+            raise CheckpointError(f"{reader.file_of(weight)}: FP8 tensor {weight} has shape {shape}; block FP8 "
+                                  "weights are [out, in] (or stacked experts [E, out, in])")
+        want = (*shape[:-2], *fp8_scale_shape(shape[-2:], spec.block_size))
+        if tuple(reader.shape(scale)) != want:
+            raise CheckpointError(
+                f"{reader.file_of(scale)}: tensor {scale} has shape {tuple(reader.shape(scale))} but weight {weight} "
+                f"{shape} with weight_block_size {list(spec.block_size)} needs {want} (one scale per block, partial "
+                "edge blocks included). Check quantization_config.weight_block_size in config.json.")
+        if reader.dtype(scale) not in _SCALE_DTYPES:
+            raise CheckpointError(
+                f"{reader.file_of(scale)}: tensor {scale} is {reader.dtype(scale)}; dsv3 reads DeepSeek's fp32 "
+                "block scales (float32/bfloat16/float16), not packed exponent (UE8M0) scales. Convert the "
+                "checkpoint to bf16 with the tool that produced it.")
+    for key in keys:
+        if key not in pairs and reader.dtype(key) in _FP8:
+            raise CheckpointError(f"{reader.file_of(key)}: tensor {key} is {reader.dtype(key)} but has no "
+                                  f"{key}{SCALE_SUFFIX} companion; the checkpoint is incomplete — re-download it")
+    return pairs
+
+
+def _hold_fp8(model: nn.Module, prefix: str, scales: dict[str, str], spec: Fp8Spec,
+              config: DeepseekV3Config) -> None:
+    """fp8="keep": swap (on the meta device) every linear and expert stack stored as FP8 for its FP8 module."""
+    n_layers = config.num_hidden_layers
+    swapped = 0
+    for mod_name, module in list(model.named_modules()):
+        def ckpt(attr: str, mod_name: str = mod_name) -> str:
+            return to_checkpoint_name(prefix + (f"{mod_name}.{attr}" if mod_name else attr), n_layers)
+
+        new: nn.Module | None = None
+        if isinstance(module, nn.Linear) and ckpt("weight") in scales:
+            new = Fp8Linear.from_linear(module, spec.block_size, spec.dtype)
+        elif type(module) is RoutedExperts:
+            fused = ckpt("gate_up_proj") in scales and ckpt("down_proj") in scales
+            per_expert = all(ckpt(f"0.{p}.weight") in scales for p in ("gate_proj", "up_proj", "down_proj"))
+            if fused or per_expert:
+                with torch.device("meta"):
+                    new = Fp8RoutedExperts(config, spec.block_size, spec.dtype, gate_up_parts=1 if fused else 2)
+        if new is not None:
+            owner, attr = _param_owner(model, mod_name)
+            setattr(owner, attr, new)
+            swapped += 1
+    logger.info("fp8='keep': %d modules hold FP8 weights", swapped)
+
+
+def _target_dtype(name: str, expected: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
+    if expected.dtype in _FP8:                      # an FP8-held weight: stored bytes, as is
+        return expected.dtype
+    if name.endswith(SCALE_SUFFIX) or name.endswith(FP32_TENSORS):
+        return torch.float32
+    return dtype
+
+
+def _check_plan(plan: LoadPlan, reader: CheckpointReader, strict: bool) -> None:
+    where = reader.index_path or reader.directory
     problems = []
     if plan.missing:
-        problems.append(f"missing tensors ({len(plan.missing)}): {', '.join(plan.missing[:8])}"
+        problems.append(f"missing tensors ({len(plan.missing)}, expected in {where}): {', '.join(plan.missing[:8])}"
                         + (" ..." if len(plan.missing) > 8 else ""))
     if plan.unexpected and strict:
-        problems.append(f"unexpected tensors ({len(plan.unexpected)}): {', '.join(plan.unexpected[:8])}"
-                        + (" ..." if len(plan.unexpected) > 8 else ""))
+        named = [f"{k} (in {Path(reader.file_of(k)).name})" for k in plan.unexpected[:8]]
+        problems.append(f"unexpected tensors ({len(plan.unexpected)}) that the config has no place for: "
+                        + ", ".join(named) + (" ..." if len(plan.unexpected) > 8 else ""))
     if problems:
-        raise CheckpointError(f"{path}: the checkpoint does not match its config.json — " + "; ".join(problems)
-                              + ". Check that config.json belongs to these weights.")
+        raise CheckpointError(f"{reader.directory}: the checkpoint does not match its config.json — "
+                              + "; ".join(problems) + ". Check that config.json belongs to these weights "
+                              "(num_hidden_layers, n_routed_experts, q_lora_rank, tie_word_embeddings).")
 
 
 def _check_shapes(reader: CheckpointReader, source: Source, name: str, shape: tuple[int, ...]) -> None:
@@ -170,6 +323,31 @@ def _check_shapes(reader: CheckpointReader, source: Source, name: str, shape: tu
     if got != shape:
         raise CheckpointError(f"{reader.file_of(key)}: tensor {key} has shape {got} but the config implies "
                               f"{shape}. Check that config.json belongs to these weights.")
+
+
+# -- phase 2 helpers ----------------------------------------------------------------------------------------
+def _bytes_read(reader: CheckpointReader, key: str, dtype: torch.dtype, prep: PreparedLoad) -> int:
+    """File bytes behind one piece: the tensor, plus its scale when it is dequantised on load."""
+    scale = prep.scales.get(key)
+    return reader.nbytes(key) + (reader.nbytes(scale) if scale is not None and dtype not in _FP8 else 0)
+
+
+def _read_piece(reader: CheckpointReader, key: str, dst: torch.Tensor, prep: PreparedLoad) -> None:
+    """Fill `dst` (a contiguous view of a final tensor) from checkpoint tensor `key`."""
+    scale_key = prep.scales.get(key)
+    if scale_key is None or dst.dtype in _FP8:      # plain tensor, or FP8 bytes kept as FP8
+        if dst.device.type == "cpu" and reader.dtype(key) == dst.dtype and dst.is_contiguous():
+            reader.read(key, out=dst)               # file bytes straight into the parameter
+        else:
+            dst.copy_(reader.read(key).view(dst.shape))
+        return
+    assert prep.spec is not None
+    weight = reader.read(key).to(dst.device)
+    scale = reader.read(scale_key).to(dst.device)
+    if weight.dim() == 2:
+        dst.copy_(dequantize_fp8_blocks(weight, scale, prep.spec.block_size, dst.dtype, name=key))
+    else:                                          # fused [E, 2I, D] checkpoint tensor: one grid per expert
+        dst.copy_(dequantize_fp8_stacked(weight, scale, prep.spec.block_size, dst.dtype, 1, name=key))
 
 
 def _finish(model: nn.Module, config: DeepseekV3Config, device: torch.device) -> None:

@@ -12,11 +12,17 @@ and its tensor data exactly fills the file. We parse the headers ourselves (a fe
 the usual failure is a truncated or half-downloaded shard, and the cheap header-vs-size comparison names
 the file, the tensor that is cut off, and how many bytes are missing — instead of a bare error from
 deep inside a load an hour later. Data then comes from `safetensors.safe_open(framework="pt")`, which
-mmaps the file: `get` returns a tensor backed by the page cache, no copy in Python.
+mmaps the file: `get` returns a tensor backed by the page cache, no copy in Python. `read` instead copies
+a tensor with plain `pread`s straight into a destination tensor (the loader's final parameter): pages of
+an mmap stay resident and count towards the process's memory until it is unmapped, so a loader that
+went through the mmap would briefly hold the file *and* the model — two copies of the weights.
 
 Writing. `save_safetensors_sharded` streams: tensors are grouped into shards in the order given, and a
 shard is written as soon as it is full, so at most one shard's tensors are held (for a generator
-input), plus one contiguous copy of a tensor that was not contiguous. We write the bytes ourselves
+input), plus one contiguous copy of a tensor that was not contiguous. `write_safetensors_file` takes
+*lazy* entries (name, dtype, shape, producer): the header needs only names, dtypes and shapes, so each
+tensor can be produced (read, dequantised, cast) just before its bytes are written and dropped after —
+`dsv3 convert` holds one tensor at a time. We write the bytes ourselves
 (header, then each tensor's memory), which also makes tensors that share storage a non-issue. Every
 file goes to a hidden temporary name first; only when all shards and the index are complete do they
 `os.replace` into their final names, so a failed save leaves the previous checkpoint as it was and
@@ -80,7 +86,12 @@ class TensorInfo:
 
 def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Parse and validate one file's header against its size -> ({name: TensorInfo}, __metadata__)."""
-    path = Path(path)
+    infos, metadata, _ = _read_header(Path(path))
+    return infos, metadata
+
+
+def _read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str], int]:
+    """read_safetensors_header plus the file offset where the data section starts (8 + header length)."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -126,7 +137,7 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, TensorIn
         raise CheckpointError(
             f"{path}: the header accounts for {8 + n + expected} bytes but the file is {size} bytes "
             f"({data_size - expected} unexpected trailing bytes); the file is corrupt — {_FIX}.")
-    return infos, metadata
+    return infos, metadata, 8 + n
 
 
 def _parse_entry(path: Path, key: str, entry: Any) -> TensorInfo:
@@ -164,9 +175,11 @@ class CheckpointReader:
         self._infos: dict[str, TensorInfo] = {}
         self._metadata: dict[str, str] = {}
         self._handles: dict[Path, Any] = {}
+        self._data_start: dict[Path, int] = {}
+        self._fds: dict[Path, int] = {}
         by_file = self._locate()
         for path, keys in by_file.items():
-            infos, metadata = read_safetensors_header(path)
+            infos, metadata, self._data_start[path] = _read_header(path)
             if keys is None:                         # single file: everything in it
                 keys = list(infos)
             absent = [k for k in keys if k not in infos]
@@ -312,8 +325,43 @@ class CheckpointReader:
         except SafetensorError as e:
             raise CheckpointError(f"{path}: cannot read tensor {key} ({e}); {_FIX}.") from e
 
+    def read(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """A private copy of the tensor, read with `pread` (no mmap): into `out` when given (a contiguous CPU
+        tensor of the same dtype and element count, e.g. a slice of a stacked parameter), else a new one."""
+        info = self._info(key)
+        if out is None:
+            out = torch.empty(info.shape, dtype=info.dtype)
+        elif (out.dtype != info.dtype or out.numel() != math.prod(info.shape) or out.device.type != "cpu"
+              or not out.is_contiguous()):
+            raise ValueError(f"read({key!r}): out must be a contiguous CPU {info.dtype} tensor of "
+                             f"{math.prod(info.shape)} elements, got {out.dtype} {tuple(out.shape)} on {out.device}")
+        if out.numel() == 0:
+            return out
+        path = self._key_file[key]
+        fd = self._fds.get(path)
+        if fd is None:
+            try:
+                fd = self._fds[path] = os.open(path, os.O_RDONLY)
+            except OSError as e:
+                raise CheckpointError(f"{path}: cannot open the file ({e}); {_FIX}.") from e
+        view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+        offset, done = self._data_start[path] + info.begin, 0
+        while done < info.nbytes:                           # one pread returns at most ~2 GiB on Linux
+            try:
+                n = os.preadv(fd, [view[done:]], offset + done)
+            except OSError as e:
+                raise CheckpointError(f"{path}: cannot read tensor {key} ({e}); {_FIX}.") from e
+            if n == 0:
+                raise CheckpointError(f"{path}: tensor {key} ends at byte {offset + info.nbytes} but the file "
+                                      f"ended at byte {offset + done} (it shrank after it was opened); {_FIX}.")
+            done += n
+        return out
+
     def close(self) -> None:
         self._handles.clear()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
     def __enter__(self) -> Self:
         return self
@@ -327,32 +375,59 @@ class CheckpointReader:
 
 
 # -- writing -------------------------------------------------------------------------------------------------
-def _write_safetensors_file(path: Path, items: list[tuple[str, torch.Tensor]], metadata: Mapping[str, str],
-                            on_bytes: Callable[[int], object] = lambda n: None) -> None:
-    """Write one safetensors file at `path`, one tensor at a time, and fsync it."""
+@dataclass(frozen=True)
+class LazyTensor:
+    """A tensor to be written, known by dtype and shape before it exists; `produce()` makes it."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    produce: Callable[[], torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def write_safetensors_file(path: str | os.PathLike, entries: Iterable[tuple[str, LazyTensor]],
+                           metadata: Mapping[str, str] | None = None,
+                           on_bytes: Callable[[int], object] = lambda n: None) -> None:
+    """Write one safetensors file at `path` (not atomically: write to a temporary name and rename), producing
+    and writing one tensor at a time, and fsync it. A produced tensor must match its declared dtype and shape."""
     # Largest itemsize first (then by name, as safetensors does): with the 8-byte-aligned header every
     # tensor then starts at a multiple of its own itemsize, so mmap'd views are aligned.
-    ordered = sorted(items, key=lambda kv: (-kv[1].element_size(), kv[0]))
+    ordered = sorted(entries, key=lambda kv: (-kv[1].dtype.itemsize, kv[0]))
     header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
     offset = 0
-    for key, t in ordered:
-        nbytes = t.numel() * t.element_size()
-        header[key] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape),
-                       "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
+    for key, lazy in ordered:
+        header[key] = {"dtype": DTYPE_NAMES[lazy.dtype], "shape": list(lazy.shape),
+                       "data_offsets": [offset, offset + lazy.nbytes]}
+        offset += lazy.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
     with open(path, "wb") as f:
         f.write(len(raw).to_bytes(8, "little"))
         f.write(raw)
-        for _, t in ordered:
+        for key, lazy in ordered:
+            t = lazy.produce()
+            if t.dtype != lazy.dtype or tuple(t.shape) != tuple(lazy.shape):
+                raise CheckpointError(f"{path}: tensor {key} was declared {lazy.dtype} {list(lazy.shape)} but "
+                                      f"produced as {t.dtype} {list(t.shape)}")
             # Copies only a non-contiguous or non-CPU tensor; a view into shared storage writes just its own
             # bytes, so tensors sharing storage need no special case.
             data = t.detach().to("cpu").resolve_conj().contiguous()
-            f.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
-            on_bytes(data.numel() * data.element_size())
+            del t
+            if data.numel():
+                f.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
+            on_bytes(lazy.nbytes)
+            del data
         f.flush()
         os.fsync(f.fileno())
+
+
+def _write_safetensors_file(path: Path, items: list[tuple[str, torch.Tensor]], metadata: Mapping[str, str],
+                            on_bytes: Callable[[int], object] = lambda n: None) -> None:
+    entries = [(k, LazyTensor(t.dtype, tuple(t.shape), lambda t=t: t)) for k, t in items]
+    write_safetensors_file(path, entries, metadata, on_bytes)
 
 
 def _temp_path(directory: Path, stem: str) -> Path:

@@ -1,8 +1,15 @@
 """`save_pretrained`: config.json plus safetensors in the layout transformers reads (per-expert keys),
-sharded above `max_shard_size`, every file written under a temporary name and renamed when complete."""
+sharded above `max_shard_size`, every file written under a temporary name and renamed when complete.
+
+The weights are written first (save_safetensors_sharded commits them all at once), then
+generation_config.json when the model carries one, then config.json — last, so a directory with a
+config.json is a complete save. A model holding FP8 weights (from_pretrained(..., fp8="keep")) is saved
+as it is held: FP8 tensors with their `weight_scale_inv`, and its quantization_config kept.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Iterator
@@ -11,8 +18,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dsv3.checkpoint.atomic import atomic_write_text
+from dsv3.checkpoint.fp8 import FP8_DTYPES
 from dsv3.checkpoint.keys import split_stacked, to_checkpoint_name
 from dsv3.checkpoint.safetensors_io import save_safetensors_sharded
+from dsv3.model.fp8_linear import Fp8RoutedExperts
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -33,20 +43,44 @@ def parse_size(size: int | str) -> int:
 def export_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """The model's tensors under checkpoint names: experts split per expert, tied copies skipped."""
     config = model.config  # type: ignore[attr-defined]
+    # FP8 expert stacks whose scale grid spans gate and up rows together (read from a fused checkpoint)
+    # cannot be split per expert; they are written fused, which dsv3 reads back.
+    fused = {f"{n}." for n, m in model.named_modules() if isinstance(m, Fp8RoutedExperts) and m.gate_up_parts == 1}
     for name, tensor in model.state_dict().items():
         if config.tie_word_embeddings and name == "lm_head.weight":
             continue   # transformers re-ties it from model.embed_tokens.weight
-        yield from split_stacked(to_checkpoint_name(name, config.num_hidden_layers), tensor.detach())
+        ckpt_name = to_checkpoint_name(name, config.num_hidden_layers)
+        if any(name.startswith(prefix) for prefix in fused):
+            yield ckpt_name, tensor.detach()
+        else:
+            yield from split_stacked(ckpt_name, tensor.detach())
+
+
+def _generation_config_dict(model: nn.Module) -> dict | None:
+    gen = getattr(model, "generation_config", None)
+    if gen is None:
+        return None
+    data = gen.to_dict() if hasattr(gen, "to_dict") else gen
+    if not isinstance(data, dict):
+        raise TypeError(f"model.generation_config is a {type(gen).__name__}; expected a dict or an object with "
+                        "to_dict()")
+    return data
 
 
 def save_pretrained(model: nn.Module, directory: str | os.PathLike, max_shard_size: int | str = "5GB",
                     progress: bool = False) -> list[str]:
+    """Write `model` as a HF checkpoint directory; returns the safetensors files written."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     files = save_safetensors_sharded(export_tensors(model), directory, max_shard_bytes=parse_size(max_shard_size),
                                      progress=progress)
+    generation = _generation_config_dict(model)
+    if generation is not None:
+        atomic_write_text(directory / "generation_config.json", json.dumps(generation, indent=2, sort_keys=True) + "\n")
     config = model.config  # type: ignore[attr-defined]
-    dtype = next(p.dtype for n, p in model.named_parameters() if not n.endswith("gate.weight"))
-    config.replace(torch_dtype=_DTYPE_NAMES.get(dtype, str(dtype)), quantization_config=None).save_pretrained(
-        directory)
+    dtypes = [p.dtype for n, p in model.named_parameters() if not n.endswith("gate.weight")]
+    holds_fp8 = any(d in FP8_DTYPES.values() for d in dtypes)
+    dtype = next(d for d in dtypes if d not in FP8_DTYPES.values())
+    config.replace(torch_dtype=_DTYPE_NAMES.get(dtype, str(dtype)),
+                   quantization_config=config.quantization_config if holds_fp8 else None).save_pretrained(directory)
     return files

@@ -1,0 +1,344 @@
+"""`dsv3 convert`: rewrite a checkpoint directory — FP8 -> bf16 (or fp16/fp32), and/or into shards of
+another size — streaming one tensor at a time, resumable, with a progress bar.
+
+    dsv3 convert /models/DeepSeek-V3 /models/DeepSeek-V3-bf16             # dequantise to bf16, 5 GB shards
+    dsv3 convert SRC DST --dtype auto --max-shard-size 2GB                # re-shard, dtypes as stored
+    dsv3 convert SRC DST --keep-fp8 --max-shard-size 10GB                 # re-shard an FP8 checkpoint as FP8
+
+What is written: every tensor of SRC under its own name (the MTP layer included); FP8 weights replaced
+by their dequantised values and their `weight_scale_inv` dropped (unless keep_fp8); floating tensors cast
+to `dtype` except the router's fp32 `e_score_correction_bias`; config.json as published minus
+quantization_config, with the new torch_dtype; every other top-level file (tokenizer.json,
+tokenizer_config.json, generation_config.json, README, *.py) copied. transformers and dsv3 both read it.
+
+How: the whole output — names, dtypes, shapes and the shard of every tensor — is planned from the
+source headers before anything is written, and the source is checked as from_pretrained checks it
+(shapes against config.json, FP8 pairs, missing or unexpected tensors). Each shard is then written
+tensor by tensor (read -> dequantise/cast -> write -> drop: memory is one tensor, never a shard) under a
+temporary name, fsync'd and renamed. A marker `.dsv3-convert.json` records the plan, so re-running the
+same command after an interruption keeps the complete shards and writes the rest. The index, the copied
+files and, last, config.json follow: a directory with a config.json is a finished conversion.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from dsv3.checkpoint.atomic import atomic_write_text
+from dsv3.checkpoint.errors import CheckpointError
+from dsv3.checkpoint.fp8 import FP8_DTYPES, dequantize_fp8_blocks, dequantize_fp8_stacked, parse_quantization_config
+from dsv3.checkpoint.keys import SCALE_SUFFIX
+from dsv3.checkpoint.loader import _DTYPES, _fp8_pairs, prepare_load
+from dsv3.checkpoint.safetensors_io import (
+    _SHARD_RE,
+    DTYPE_NAMES,
+    INDEX_NAME,
+    SINGLE_NAME,
+    CheckpointReader,
+    LazyTensor,
+    _fsync_dir,
+    _temp_path,
+    read_safetensors_header,
+    write_safetensors_file,
+)
+from dsv3.checkpoint.saver import parse_size
+from dsv3.config import ConfigError, DeepseekV3Config
+
+logger = logging.getLogger(__name__)
+
+MARKER_NAME = ".dsv3-convert.json"
+KEEP_AS_STORED = ("e_score_correction_bias",)     # numerics policy: the router bias stays fp32
+_DTYPE_CHOICES = ("bfloat16", "float16", "float32", "auto")
+_NOT_COPIED = {"config.json", INDEX_NAME, MARKER_NAME}
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    directory: str
+    files: list[str]                 # safetensors files, in order
+    tensors: int
+    total_bytes: int
+    reused_shards: int               # shards kept from an interrupted run of the same conversion
+    copied: list[str]                # non-weight files copied from the source
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One output tensor: checkpoint `key`, written as `dtype` `shape`, dequantised with `scale` when set."""
+
+    key: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    scale: str | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return LazyTensor(self.dtype, self.shape, torch.empty).nbytes
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """"bfloat16"/"float16"/"float32" or a dtype -> dtype; "auto"/None -> None (keep stored dtypes)."""
+    if dtype is None or dtype == "auto":
+        return None
+    if isinstance(dtype, torch.dtype):
+        if dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            raise ValueError(f"dtype={dtype}: expected torch.bfloat16, torch.float16 or torch.float32")
+        return dtype
+    name = str(dtype).removeprefix("torch.")
+    if name not in _DTYPES:
+        raise ValueError(f"dtype={dtype!r}: expected one of {list(_DTYPE_CHOICES)}")
+    return _DTYPES[name]
+
+
+def _natural(key: str) -> list[Any]:
+    """model.layers.2.x < model.layers.10.x: numbers compare as numbers."""
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", key)]
+
+
+def plan_conversion(reader: CheckpointReader, dtype: torch.dtype | None, keep_fp8: bool,
+                    scales: dict[str, str]) -> list[_Entry]:
+    """Every output tensor, in output order, with its dtype and shape and how to produce it."""
+    scale_keys = set(scales.values())
+    entries = []
+    for key in sorted(reader.keys(), key=_natural):
+        stored, shape = reader.dtype(key), tuple(reader.shape(key))
+        if key in scale_keys and not keep_fp8:
+            continue                                       # consumed by its weight
+        if key in scales and not keep_fp8:
+            entries.append(_Entry(key, dtype or torch.bfloat16, shape, scales[key]))
+        elif key in scales or key in scale_keys or not stored.is_floating_point or key.endswith(KEEP_AS_STORED):
+            entries.append(_Entry(key, stored, shape))
+        else:
+            entries.append(_Entry(key, dtype or stored, shape))
+    return entries
+
+
+def _producer(reader: CheckpointReader, entry: _Entry, block_size: tuple[int, int] | None) -> LazyTensor:
+    def produce() -> torch.Tensor:
+        t = reader.read(entry.key)
+        if entry.scale is not None:
+            assert block_size is not None
+            scale = reader.read(entry.scale)
+            if t.dim() == 2:
+                return dequantize_fp8_blocks(t, scale, block_size, entry.dtype, name=entry.key)
+            return dequantize_fp8_stacked(t, scale, block_size, entry.dtype, 1, name=entry.key)
+        return t if t.dtype == entry.dtype else t.to(entry.dtype)
+
+    return LazyTensor(entry.dtype, entry.shape, produce)
+
+
+def _shard(entries: list[_Entry], max_shard_bytes: int) -> list[list[_Entry]]:
+    """Greedy in order, as save_safetensors_sharded does: a tensor that does not fit starts a new shard."""
+    shards: list[list[_Entry]] = [[]]
+    size = 0
+    for entry in entries:
+        if shards[-1] and size + entry.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += entry.nbytes
+    return shards
+
+
+def _shard_names(n: int) -> list[str]:
+    return [SINGLE_NAME] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+
+
+def _is_complete(path: Path, shard: list[_Entry]) -> bool:
+    """A shard file from an earlier run that holds exactly the planned tensors (and is not truncated)."""
+    if not path.is_file():
+        return False
+    try:
+        infos, _ = read_safetensors_header(path)
+    except CheckpointError:
+        return False
+    want = {e.key: (e.dtype, e.shape) for e in shard}
+    return {k: (i.dtype, i.shape) for k, i in infos.items()} == want
+
+
+def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: str | torch.dtype | None = "bfloat16",
+                       keep_fp8: bool = False, max_shard_size: int | str = "5GB", overwrite: bool = False,
+                       validate: bool = True, progress: bool | None = None) -> ConvertResult:
+    """Convert the checkpoint directory `src` into `dst` (see the module docstring).
+
+    dtype: output dtype of floating tensors ("bfloat16", "float16", "float32", or "auto" = as stored, FP8
+    dequantised to bfloat16). keep_fp8: copy FP8 weights and scales as they are (re-sharding only).
+    overwrite: allow a non-empty `dst` that is not an interrupted run of this same conversion.
+    validate: check the source against config.json as from_pretrained would (needs the model definition).
+    """
+    src, dst = Path(src), Path(dst)
+    out_dtype = parse_dtype(dtype)
+    max_bytes = parse_size(max_shard_size)
+    if max_bytes <= 0:
+        raise ValueError(f"max_shard_size={max_shard_size!r}: must be positive")
+    config_path = src / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"{src}: no config.json; expected a Hugging Face checkpoint directory")
+    if dst.exists() and dst.resolve() == src.resolve():
+        raise ValueError(f"{dst}: the output directory is the source; write the conversion to a new directory")
+    try:
+        raw_config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{config_path}: not valid JSON ({e}); re-download or fix the file") from None
+    config = DeepseekV3Config.from_dict(raw_config)
+    spec = parse_quantization_config(config.quantization_config)
+
+    with CheckpointReader(src) as reader:
+        scales = _fp8_pairs(reader, set(reader.keys()), spec)
+        if validate:
+            from dsv3.model.transformer import DeepseekV3ForCausalLM
+
+            prepare_load(DeepseekV3ForCausalLM, reader, config)
+        block = spec.block_size if spec is not None else None
+        shards = _shard(plan_conversion(reader, out_dtype, keep_fp8, scales), max_bytes)
+        names = _shard_names(len(shards))
+        fingerprint = hashlib.sha256(json.dumps(
+            [str(src.resolve()), keep_fp8,
+             [[name, [(e.key, DTYPE_NAMES[e.dtype], e.shape) for e in shard]]
+              for name, shard in zip(names, shards, strict=True)]]).encode()).hexdigest()
+        resume = _prepare_destination(dst, fingerprint, overwrite)
+
+        total = sum(e.nbytes for shard in shards for e in shard)
+        if progress is None:
+            progress = sys.stderr.isatty()
+        reused = 0
+        with tqdm(total=total, unit="B", unit_scale=True, desc=f"Converting to {dst.name}",
+                  disable=not progress) as bar:
+            for name, shard in zip(names, shards, strict=True):
+                final = dst / name
+                if resume and _is_complete(final, shard):
+                    logger.info("%s: already written by the interrupted run, kept", final)
+                    reused += 1
+                    bar.update(sum(e.nbytes for e in shard))
+                    continue
+                tmp = _temp_path(dst, Path(name).stem)
+                try:
+                    write_safetensors_file(tmp, [(e.key, _producer(reader, e, block)) for e in shard],
+                                           {"format": "pt"}, bar.update)
+                    os.replace(tmp, final)
+                except BaseException:
+                    tmp.unlink(missing_ok=True)
+                    raise
+
+    finals = [dst / n for n in names]
+    if len(finals) > 1:
+        index = {"metadata": {"total_size": total},
+                 "weight_map": {e.key: n for n, shard in zip(names, shards, strict=True) for e in shard}}
+        atomic_write_text(dst / INDEX_NAME, json.dumps(index, indent=2, sort_keys=True) + "\n")
+    else:
+        (dst / INDEX_NAME).unlink(missing_ok=True)
+    for p in dst.iterdir():                                   # shards of an earlier, different save
+        if (_SHARD_RE.match(p.name) or p.name == SINGLE_NAME) and p not in finals:
+            p.unlink()
+    copied = _copy_other_files(src, dst)
+
+    if not keep_fp8 or not scales:
+        raw_config.pop("quantization_config", None)
+    dtypes = {e.dtype for shard in shards for e in shard if e.dtype.is_floating_point
+              and e.dtype not in FP8_DTYPES.values() and not e.key.endswith((*KEEP_AS_STORED, SCALE_SUFFIX))}
+    main = out_dtype or (dtypes.pop() if len(dtypes) == 1 else None)
+    if main is not None:
+        raw_config["torch_dtype"] = str(main).removeprefix("torch.")
+        raw_config.pop("dtype", None)
+    atomic_write_text(dst / "config.json", json.dumps(raw_config, indent=2) + "\n")
+    (dst / MARKER_NAME).unlink(missing_ok=True)
+    _fsync_dir(dst)
+    n_tensors = sum(len(s) for s in shards)
+    logger.info("converted %s -> %s: %d tensors, %.2f GB in %d files (%d kept from an earlier run)",
+                src, dst, n_tensors, total / 1e9, len(finals), reused)
+    return ConvertResult(str(dst), [str(p) for p in finals], n_tensors, total, reused, copied)
+
+
+def _prepare_destination(dst: Path, fingerprint: str, overwrite: bool) -> bool:
+    """Create `dst`; True when it holds an interrupted run of this same conversion (resume)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    marker = dst / MARKER_NAME
+    try:
+        resume = json.loads(marker.read_text(encoding="utf-8")).get("plan") == fingerprint
+    except (OSError, ValueError, AttributeError):
+        resume = False
+    if not resume:
+        present = [p.name for p in dst.iterdir() if not p.name.startswith(".")]
+        if present and not overwrite:
+            raise CheckpointError(
+                f"{dst}: the output directory is not empty ({', '.join(sorted(present)[:5])}"
+                f"{', ...' if len(present) > 5 else ''}) and holds no interrupted run of this conversion; "
+                "choose an empty directory or pass --overwrite to replace its checkpoint")
+        atomic_write_text(marker, json.dumps({"plan": fingerprint}) + "\n")
+    for leftover in dst.glob(".dsv3-tmp-*.tmp"):               # from a run that was killed outright
+        leftover.unlink(missing_ok=True)
+    # Until this run finishes the directory must not look like a finished checkpoint.
+    (dst / "config.json").unlink(missing_ok=True)
+    return resume
+
+
+def _copy_other_files(src: Path, dst: Path) -> list[str]:
+    """Top-level non-weight files (tokenizer, generation config, README, code), each copied atomically."""
+    copied = []
+    for p in sorted(src.iterdir()):
+        if (not p.is_file() or p.name.startswith(".") or p.suffix == ".safetensors" or p.name in _NOT_COPIED):
+            continue
+        tmp = _temp_path(dst, p.name)
+        try:
+            shutil.copyfile(p, tmp)
+            os.replace(tmp, dst / p.name)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        copied.append(p.name)
+    return copied
+
+
+# -- CLI -----------------------------------------------------------------------------------------------------
+def add_convert_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("src", help="checkpoint directory to read (config.json + safetensors, e.g. the FP8 release)")
+    parser.add_argument("dst", help="directory to write; re-run the same command to resume an interrupted run")
+    parser.add_argument("--dtype", default="bfloat16", choices=_DTYPE_CHOICES,
+                        help="dtype of the floating tensors written; 'auto' keeps stored dtypes and dequantises "
+                             "FP8 to bfloat16 (default: bfloat16)")
+    parser.add_argument("--keep-fp8", action="store_true",
+                        help="copy FP8 weights and their scales unchanged (re-shard only)")
+    parser.add_argument("--max-shard-size", default="5GB", help="largest shard, e.g. 5GB, 500MB (default: 5GB)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="allow a non-empty output directory and replace the checkpoint in it")
+    parser.add_argument("--no-validate", dest="validate", action="store_false",
+                        help="skip checking the source against config.json (shapes, missing/unexpected tensors)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    return parser
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    """`dsv3 convert`: 0 on success, 1 with a one-line error on stderr for a bad checkpoint or argument."""
+    try:
+        result = convert_checkpoint(args.src, args.dst, dtype=args.dtype, keep_fp8=args.keep_fp8,
+                                    max_shard_size=args.max_shard_size, overwrite=args.overwrite,
+                                    validate=args.validate, progress=args.progress)
+    except (CheckpointError, ConfigError, ValueError, OSError) as e:
+        print(f"dsv3 convert: error: {e}", file=sys.stderr)
+        return 1
+    reused = f", {result.reused_shards} kept from the interrupted run" if result.reused_shards else ""
+    print(f"wrote {result.tensors} tensors ({result.total_bytes / 1e9:.2f} GB) in {len(result.files)} file(s) to "
+          f"{result.directory}{reused}; copied {', '.join(result.copied) or 'no other files'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = add_convert_arguments(argparse.ArgumentParser(prog="dsv3 convert", description=__doc__.split("\n")[0]))
+    return run_convert(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,170 @@
+"""`dsv3 convert`: FP8 -> bf16 and re-sharding of published-format checkpoints; the output loads in dsv3 and in
+transformers 5.23 with the same logits; interrupted runs resume; the CLI entry points."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from dsv3 import DeepseekV3ForCausalLM
+from dsv3.checkpoint import convert as convert_module
+from dsv3.checkpoint.convert import MARKER_NAME, add_convert_arguments, convert_checkpoint, run_convert
+from dsv3.checkpoint.fp8 import dequantize_fp8_blocks
+from dsv3.checkpoint.safetensors_io import INDEX_NAME, CheckpointReader
+from tests.oracle import assert_close, left_padded_batch, positions_from_mask, yarn
+from tests.published import OTHER_FILES, RAGGED_32, RAGGED_128, Published, build_published
+
+
+@pytest.fixture(scope="module")
+def fp8_128(tmp_path_factory: pytest.TempPathFactory) -> Published:
+    return build_published(tmp_path_factory.mktemp("fp8-128"), RAGGED_128, (128, 128), seed=11)
+
+
+@pytest.fixture(scope="module")
+def fp8_32(tmp_path_factory: pytest.TempPathFactory) -> Published:
+    return build_published(tmp_path_factory.mktemp("fp8-32"), {**RAGGED_32, "rope_scaling": yarn()}, (32, 32), seed=12)
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    with CheckpointReader(path) as reader:
+        return {k: reader.read(k) for k in reader.keys()}
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    return add_convert_arguments(argparse.ArgumentParser(prog="dsv3 convert")).parse_args(argv)
+
+
+def test_fp8_to_bf16_loads_in_dsv3_and_transformers(fp8_128: Published, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    from transformers import DeepseekV3ForCausalLM as HFModel
+
+    out = tmp_path / "bf16"
+    assert run_convert(_parse([str(fp8_128.path), str(out), "--max-shard-size", "60KB"])) == 0
+    captured = capsys.readouterr()
+    assert "wrote" in captured.out and "Converting" in captured.err             # summary + progress bar
+
+    # Layout: sharded with an index, no scales, every other tensor (MTP layer included) dequantised to bf16.
+    written = _tensors(out)
+    assert len(set(json.loads((out / INDEX_NAME).read_text())["weight_map"].values())) > 2
+    source = fp8_128.stored
+    assert set(written) == {k for k in source if not k.endswith("_scale_inv")}
+    for key, t in written.items():
+        if key + "_scale_inv" in source:
+            want = dequantize_fp8_blocks(source[key], source[key + "_scale_inv"], (128, 128), torch.bfloat16)
+        else:
+            want = source[key]
+        assert t.dtype == want.dtype and torch.equal(t, want), key
+    assert written["model.layers.1.mlp.gate.e_score_correction_bias"].dtype == torch.float32
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config and config["torch_dtype"] == "bfloat16"
+    assert config["auto_map"] == fp8_128.config["auto_map"]                     # everything else as published
+    for name, text in OTHER_FILES.items():
+        assert (out / name).read_text(encoding="utf-8") == text, name
+    assert not [p for p in os.listdir(out) if p.startswith(".")]
+
+    # dsv3 reads it as the FP8 original dequantised to bf16; transformers reads it with the same logits.
+    ours = DeepseekV3ForCausalLM.from_pretrained(out, torch_dtype=torch.float32)
+    from_fp8 = DeepseekV3ForCausalLM.from_pretrained(fp8_128.path, torch_dtype=torch.bfloat16)
+    for (name, a), (_, b) in zip(ours.state_dict().items(), from_fp8.state_dict().items(), strict=True):
+        assert torch.equal(a, b.float()), name
+    hf = HFModel.from_pretrained(out, dtype=torch.float32, attn_implementation="eager").eval()
+    ids, mask = left_padded_batch(fp8_128.oracle.config.vocab_size, [9, 4], seed=13)
+    pos = positions_from_mask(mask)
+    with torch.no_grad():
+        got = ours(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+        ref = hf(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+    assert_close(got[mask.bool()], ref[mask.bool()], 1e-5, "convert: dsv3 vs transformers")
+
+
+def test_reshard_and_dtypes(fp8_32: Published, tmp_path: Path) -> None:
+    bf16 = convert_checkpoint(fp8_32.path, tmp_path / "bf16", max_shard_size="30KB", progress=False)
+    assert len(bf16.files) > 2
+    one = convert_checkpoint(tmp_path / "bf16", tmp_path / "one", dtype="auto", max_shard_size="1GB")
+    assert [Path(f).name for f in one.files] == ["model.safetensors"] and not (tmp_path / "one" / INDEX_NAME).exists()
+    a, b = _tensors(tmp_path / "bf16"), _tensors(tmp_path / "one")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)    # re-sharding changes nothing
+
+    fp32 = convert_checkpoint(tmp_path / "one", tmp_path / "fp32", dtype=torch.float32)
+    c = _tensors(tmp_path / "fp32")
+    assert all(t.dtype == torch.float32 and torch.equal(t, a[k].float()) for k, t in c.items())
+    assert json.loads((tmp_path / "fp32" / "config.json").read_text())["torch_dtype"] == "float32"
+    assert fp32.tensors == len(c)
+
+    kept = convert_checkpoint(fp8_32.path, tmp_path / "fp8", keep_fp8=True, max_shard_size="50KB")
+    d = _tensors(tmp_path / "fp8")
+    assert d.keys() == fp8_32.stored.keys() and len(kept.files) > 1
+    assert all(torch.equal(d[k].view(torch.uint8), fp8_32.stored[k].contiguous().view(torch.uint8)) for k in d
+               if d[k].dtype == torch.float8_e4m3fn)
+    assert json.loads((tmp_path / "fp8" / "config.json").read_text())["quantization_config"]["weight_block_size"] == [
+        32, 32]
+    ids, _ = left_padded_batch(fp8_32.oracle.config.vocab_size, [6], seed=14)
+    with torch.no_grad():
+        want = DeepseekV3ForCausalLM.from_pretrained(fp8_32.path, torch_dtype=torch.float32)(ids).logits
+        got = DeepseekV3ForCausalLM.from_pretrained(tmp_path / "fp8", torch_dtype=torch.float32)(ids).logits
+    assert torch.equal(got, want)
+
+
+def test_interrupted_conversion_resumes(fp8_32: Published, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "out"
+    real = convert_module.write_safetensors_file
+    written: list[str] = []
+
+    def dies_on_third_shard(path, entries, metadata=None, on_bytes=lambda n: None):  # noqa: ANN001, ANN202
+        if len(written) == 2:
+            raise KeyboardInterrupt("killed")
+        real(path, entries, metadata, on_bytes)
+        written.append(str(path))
+
+    monkeypatch.setattr(convert_module, "write_safetensors_file", dies_on_third_shard)
+    with pytest.raises(KeyboardInterrupt):
+        convert_checkpoint(fp8_32.path, out, max_shard_size="30KB")
+    names = sorted(os.listdir(out))
+    assert MARKER_NAME in names and "config.json" not in names                   # visibly unfinished
+    assert len([n for n in names if n.endswith(".safetensors")]) == 2 and not [n for n in names if n.endswith(".tmp")]
+    stamps = {n: (out / n).stat().st_mtime_ns for n in names if n.endswith(".safetensors")}
+    with pytest.raises(ValueError, match="config.json"):                           # not loadable while unfinished
+        DeepseekV3ForCausalLM.from_pretrained(out)
+
+    monkeypatch.setattr(convert_module, "write_safetensors_file", real)
+    result = convert_checkpoint(fp8_32.path, out, max_shard_size="30KB")
+    assert result.reused_shards == 2
+    assert all((out / n).stat().st_mtime_ns == t for n, t in stamps.items())      # kept, not rewritten
+    assert not (out / MARKER_NAME).exists() and (out / "config.json").is_file()
+    fresh = convert_checkpoint(fp8_32.path, tmp_path / "fresh", max_shard_size="30KB")
+    a, b = _tensors(out), _tensors(tmp_path / "fresh")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a) and fresh.reused_shards == 0
+
+
+def test_refuses_to_clobber_and_reports_errors(fp8_32: Published, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert run_convert(_parse([str(fp8_32.path), str(out), "--no-progress"])) == 1
+    assert "not empty" in capsys.readouterr().err and (out / "notes.txt").read_text() == "mine"
+    assert run_convert(_parse([str(fp8_32.path), str(out), "--overwrite", "--no-progress"])) == 0
+    assert (out / "config.json").is_file()
+
+    assert run_convert(_parse([str(fp8_32.path), str(fp8_32.path)])) == 1
+    assert "is the source" in capsys.readouterr().err
+    assert run_convert(_parse([str(tmp_path / "missing"), str(tmp_path / "x")])) == 1
+    assert "no config.json" in capsys.readouterr().err
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for p in fp8_32.path.iterdir():
+        (broken / p.name).write_bytes(p.read_bytes())
+    config = json.loads((broken / "config.json").read_text())
+    config["moe_intermediate_size"] = 24                 # the source does not fit its config: caught before writing
+    (broken / "config.json").write_text(json.dumps(config))
+    assert run_convert(_parse([str(broken), str(tmp_path / "y")])) == 1
+    err = capsys.readouterr().err
+    assert "expert tensor model.layers." in err and ".safetensors" in err
+    assert not (tmp_path / "y").exists()                 # nothing written
+    with pytest.raises(ValueError, match="dtype='int8'"):
+        convert_checkpoint(fp8_32.path, tmp_path / "z", dtype="int8")
