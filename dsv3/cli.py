@@ -176,22 +176,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_arguments(c)
     c.set_defaults(func=cmd_chat)
 
-    try:
-        from dsv3.checkpoint.convert import add_convert_arguments, run_convert
-    except ImportError:
-        pass
-    else:
-        conv = sub.add_parser("convert", help="FP8 -> bf16 and (re)sharding of a checkpoint")
-        add_convert_arguments(conv)
-        conv.set_defaults(func=run_convert)
-    try:
-        from dsv3.training.trainer import add_train_arguments, run_train
-    except ImportError:
-        pass
-    else:
-        t = sub.add_parser("train", help="train with next-token + MTP losses and aux-loss-free balancing")
-        add_train_arguments(t)
-        t.set_defaults(func=run_train)
+    from dsv3.checkpoint.convert import add_convert_arguments, run_convert
+    from dsv3.training.trainer import add_train_arguments, run_train
+
+    conv = sub.add_parser("convert", help="FP8 -> bf16 and (re)sharding of a checkpoint")
+    add_convert_arguments(conv)
+    conv.set_defaults(func=run_convert)
+    t = sub.add_parser("train", help="train with next-token + MTP losses and aux-loss-free balancing")
+    add_train_arguments(t)
+    t.set_defaults(func=run_train)
     return parser
 
 

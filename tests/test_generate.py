@@ -160,7 +160,7 @@ def test_documentation_usage_script_runs(tmp_path_factory: pytest.TempPathFactor
     """The transformers documentation's script with only the import changed, on a tiny checkpoint."""
     path = tmp_path_factory.mktemp("doc")
     make_hf_model(path, seed=18, vocab_size=129280, num_hidden_layers=2)
-    from dsv3.tokenizer import default_tokenizer_dir   # the checkpoint directory ships tokenizer files
+    from dsv3.tokenizer import default_tokenizer_dir  # the checkpoint directory ships tokenizer files
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (path / name).write_bytes((default_tokenizer_dir() / name).read_bytes())
 

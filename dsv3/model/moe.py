@@ -99,6 +99,14 @@ class RoutedExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, d))
         self.down_proj = nn.Parameter(torch.empty(e, d, i))
 
+    def stacked_weights(self, index: torch.Tensor | None = None,
+                        dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate_up [E', 2I, D], down [E', D, I]) of every expert, or of the experts `index` lists (gather).
+        Storage formats that are not plain tensors (FP8, see model/fp8_linear.py) dequantise here to `dtype`."""
+        if index is None:
+            return self.gate_up_proj, self.down_proj
+        return self.gate_up_proj[index], self.down_proj[index]
+
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
                 dispatch: str = "auto") -> torch.Tensor:
         """x [N, D], weights/indices [N, k] -> Σ_k w_k·E_k(x) as [N, D] in fp32."""
@@ -117,9 +125,10 @@ class RoutedExperts(nn.Module):
         token = order // k                                                 # source token of each row
         offs = torch.bincount(flat, minlength=self.num_experts).cumsum(0).to(torch.int32)   # [E]
         xs = x[token]                                                      # [N*k, D] sorted by expert
-        h = F.grouped_mm(xs, self.gate_up_proj.transpose(1, 2), offs=offs)  # [N*k, 2I]
+        w_gate_up, w_down = self.stacked_weights(dtype=x.dtype)
+        h = F.grouped_mm(xs, w_gate_up.transpose(1, 2), offs=offs)         # [N*k, 2I]
         gate, up = h.split(self.intermediate, dim=-1)
-        y = F.grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offs=offs)   # [N*k, D]
+        y = F.grouped_mm(F.silu(gate) * up, w_down.transpose(1, 2), offs=offs)   # [N*k, D]
         y = y.float() * weights.reshape(-1)[order, None]
         return torch.zeros(n, x.shape[1], dtype=torch.float32, device=x.device).index_add_(0, token, y)
 
@@ -127,9 +136,10 @@ class RoutedExperts(nn.Module):
         n, k = indices.shape
         flat = indices.reshape(-1)
         xs = x.repeat_interleave(k, dim=0)[:, :, None]                     # [N*k, D, 1]
-        h = torch.bmm(self.gate_up_proj[flat], xs).squeeze(-1)             # [N*k, 2I]
+        w_gate_up, w_down = self.stacked_weights(flat, x.dtype)            # [N*k, 2I, D], [N*k, D, I]
+        h = torch.bmm(w_gate_up, xs).squeeze(-1)                           # [N*k, 2I]
         gate, up = h.split(self.intermediate, dim=-1)
-        y = torch.bmm(self.down_proj[flat], (F.silu(gate) * up)[:, :, None]).squeeze(-1)   # [N*k, D]
+        y = torch.bmm(w_down, (F.silu(gate) * up)[:, :, None]).squeeze(-1)   # [N*k, D]
         return (y.float().view(n, k, -1) * weights[..., None]).sum(1)
 
 

@@ -5,6 +5,8 @@
         FFN_l = dense SwiGLU for l < first_k_dense_replace, DeepSeekMoE otherwise
     logits = lm_head(norm(h))
 
+`DeepseekV3ForCausalLM.mtp` holds the optional Multi-Token Prediction modules (model/mtp.py).
+
 Runtime choices travel as forward arguments, never globals: `mla_path` ("auto" | "naive" |
 "absorbed") and `moe_dispatch` ("auto" | "grouped" | "gather").
 """
@@ -80,15 +82,30 @@ class DecoderLayer(nn.Module):
         return h + self.mlp(x)
 
 
+def run_layer(layer: nn.Module, h: torch.Tensor, freqs_cis: torch.Tensor, mask: torch.Tensor | None,
+              cache: LatentCache | None, mla_path: str, moe_dispatch: str, router_sink: list[RouterOutput] | None,
+              checkpointed: bool) -> torch.Tensor:
+    """One decoder layer, under activation checkpointing when asked (and gradients are on)."""
+    if not (checkpointed and torch.is_grad_enabled()):
+        return layer(h, freqs_cis, mask, cache, mla_path, moe_dispatch, router_sink)
+    # The backward pass re-runs the layer; a per-call list keeps that re-run's router outputs out of router_sink.
+    layer_sink: list[RouterOutput] = []
+    h = checkpoint(layer, h, freqs_cis, mask, cache, mla_path, moe_dispatch, layer_sink, use_reentrant=False)
+    if router_sink is not None:
+        router_sink.extend(layer_sink)
+    return h
+
+
 class PreTrainedMixin:
     """Weight initialisation and `from_pretrained`/`save_pretrained` shared by the model classes."""
 
     config: DeepseekV3Config
 
     @torch.no_grad()
-    def init_weights(self) -> None:
+    def init_weights(self, root: nn.Module | None = None) -> None:
+        """Initialise every submodule of `root` (default: the whole model)."""
         std = self.config.initializer_range
-        for module in self.modules():  # type: ignore[attr-defined]
+        for module in (self if root is None else root).modules():  # type: ignore[attr-defined]
             if isinstance(module, nn.Linear):
                 nn.init.normal_(module.weight, std=std)
                 if module.bias is not None:
@@ -208,11 +225,8 @@ class DeepseekV3Model(PreTrainedMixin, nn.Module):
             for layer in self.layers:
                 if output_hidden_states:
                     all_hidden.append(h)
-                if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                    h = checkpoint(layer, h, freqs_cis, mask, cache, mla_path, moe_dispatch, router_sink,
-                                   use_reentrant=False)
-                else:
-                    h = layer(h, freqs_cis, mask, cache, mla_path, moe_dispatch, router_sink)
+                h = run_layer(layer, h, freqs_cis, mask, cache, mla_path, moe_dispatch, router_sink,
+                              checkpointed=self.gradient_checkpointing and self.training)
         finally:
             if cache is not None:
                 cache.end()
@@ -225,7 +239,11 @@ class DeepseekV3Model(PreTrainedMixin, nn.Module):
 
 
 class DeepseekV3ForCausalLM(PreTrainedMixin, nn.Module):
-    def __init__(self, config: DeepseekV3Config) -> None:
+    def __init__(self, config: DeepseekV3Config, mtp: bool | None = None) -> None:
+        """mtp: build the MTP modules — None (default) when config.num_nextn_predict_layers > 0.
+        from_pretrained(..., load_mtp=False) skips them (about 2% of V3's weights)."""
+        from dsv3.model.mtp import build_mtp_layers
+
         super().__init__()
         self.config = config
         self.model = DeepseekV3Model(config)
@@ -235,6 +253,22 @@ class DeepseekV3ForCausalLM(PreTrainedMixin, nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         elif not self.lm_head.weight.is_meta:
             nn.init.normal_(self.lm_head.weight, std=config.initializer_range)
+        self.mtp = build_mtp_layers(config, mtp)
+        if self.mtp is not None and not self.lm_head.weight.is_meta:
+            self.init_weights(self.mtp)
+
+    @property
+    def num_cache_layers(self) -> int:
+        """Latent-cache slots the model writes: the decoder layers, then one per MTP module."""
+        return self.config.num_hidden_layers + (len(self.mtp) if self.mtp is not None else 0)
+
+    def mtp_forward(self, hidden: torch.Tensor, next_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                    cache: LatentCache | None = None, attention_mask: torch.Tensor | None = None, k: int = 0,
+                    **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """MTP module k: (logits predicting t_{i+k+2}, its hidden state); see dsv3.model.mtp.mtp_forward."""
+        from dsv3.model.mtp import mtp_forward
+
+        return mtp_forward(self, hidden, next_ids, position_ids, cache, attention_mask, k, **kwargs)
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
@@ -264,6 +298,9 @@ class DeepseekV3ForCausalLM(PreTrainedMixin, nn.Module):
         output_router_outputs: bool = False,
         check_inputs: bool = True,
     ) -> CausalLMOutput | tuple[Any, ...]:
+        if past_key_values is None and self.mtp is not None and (
+                use_cache if use_cache is not None else self.config.use_cache and not self.training):
+            past_key_values = DynamicLatentCache(self.num_cache_layers)   # with room for the MTP slots
         out = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, cache_position,
                          use_cache, output_hidden_states, True, mla_path, moe_dispatch, output_router_outputs,
                          check_inputs)

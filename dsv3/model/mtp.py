@@ -1,0 +1,133 @@
+"""Multi-Token Prediction (MTP): extra decoder layers that predict one more token ahead.
+
+Symbols (V3 sizes): D hidden (7168), V vocab (129280), L = num_hidden_layers (61), K MTP modules
+(num_nextn_predict_layers, 1), B batch, S positions, t_i the token at position i.
+
+MTP module k (0-based) lives at `model.mtp[k]` and in checkpoints at layer L+k (`model.layers.61.*`):
+
+    h^{-1}_i = the main model's final-normed hidden state at position i       [B, S, D]
+    x_i      = eh_proj(cat[enorm(embed(t_{i+k+1})), hnorm(h^{k-1}_i)])        [B, S, 2D] -> [B, S, D]
+    h^k_i    = Block_k(x_i)          a full MoE decoder layer; attention uses cache slot L+k
+    logits_i = shared_head.head(shared_head.norm(h^k_i))  predicts t_{i+k+2}  [B, S, V]
+
+The embedding comes first in the concatenation. Each module owns `embed_tokens` and `shared_head.head`
+(the published V3 checkpoint stores them as separate tensors, though training shared them with the main
+model). Deeper modules chain on h^k, the block output before `shared_head.norm`.
+
+Training runs a module over whole sequences (losses.mtp_loss). Drafting for speculative decoding runs it
+on the positions the main model has just committed, with the main model's cache: right after a main
+forward over s tokens (cache length n), `mtp_forward(h[:, -s:], next_ids, cache=cache)` writes slot L+k
+for the same positions n-s .. n-1, where next_ids are the tokens one step further (the last one is the
+token just sampled). The MTP slot thereby stays exactly as long as the main layers, and `cache.crop`
+rolls back both together. Call it after every main forward, prefill included, so no position is skipped.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dsv3.cache import LatentCache
+from dsv3.config import DeepseekV3Config
+from dsv3.model.attention import build_attention_mask
+from dsv3.model.moe import RouterOutput
+from dsv3.model.norm import RMSNorm
+from dsv3.model.transformer import DecoderLayer, run_layer
+
+
+class SharedHead(nn.Module):
+    def __init__(self, config: DeepseekV3Config) -> None:
+        super().__init__()
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(h))
+
+
+class MTPLayer(DecoderLayer):
+    """A decoder layer at index L+k (its `forward` is the block) plus the MTP input and output parts.
+    The child names are the checkpoint's, so `mtp.k.X` <-> `model.layers.{L+k}.X` is the whole key map."""
+
+    def __init__(self, config: DeepseekV3Config, k: int) -> None:
+        super().__init__(config, config.num_hidden_layers + k)
+        d = config.hidden_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, d, config.pad_token_id)
+        self.enorm = RMSNorm(d, config.rms_norm_eps)
+        self.hnorm = RMSNorm(d, config.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * d, d, bias=False)
+        self.shared_head = SharedHead(config)
+
+    def combine(self, hidden: torch.Tensor, next_ids: torch.Tensor) -> torch.Tensor:
+        """eh_proj(cat[enorm(embed(next_ids)), hnorm(hidden)]): [B, S, D] and [B, S] -> [B, S, D]."""
+        e = self.enorm(self.embed_tokens(next_ids))
+        return self.eh_proj(torch.cat([e, self.hnorm(hidden).to(e.dtype)], dim=-1))
+
+
+def build_mtp_layers(config: DeepseekV3Config, enabled: bool | None = None) -> nn.ModuleList | None:
+    """The MTP modules, or None: `enabled=None` builds them when the config has any
+    (num_nextn_predict_layers > 0), False never, True requires the config to have some."""
+    if enabled is True and config.num_mtp_layers == 0:
+        raise ValueError("mtp=True but config.num_nextn_predict_layers=0: set num_nextn_predict_layers "
+                         "(1 for DeepSeek-V3) to build MTP modules")
+    if enabled is False or config.num_mtp_layers == 0:
+        return None
+    return nn.ModuleList(MTPLayer(config, k) for k in range(config.num_mtp_layers))
+
+
+def mtp_forward(model: nn.Module, hidden: torch.Tensor, next_ids: torch.Tensor,
+                position_ids: torch.Tensor | None = None, cache: LatentCache | None = None,
+                attention_mask: torch.Tensor | None = None, k: int = 0, mla_path: str = "auto",
+                moe_dispatch: str = "auto", router_sink: list[RouterOutput] | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run MTP module k of a DeepseekV3ForCausalLM: (logits [B, S, V], hidden h^k [B, S, D]).
+
+    hidden: h^{k-1} — the main model's final-normed hidden states for k=0; next_ids: t_{i+k+1} per position.
+    position_ids: [B, S] or [S]; default: the positions these S tokens occupy (0.. without a cache).
+    cache: a latent cache with slot L+k (see the module docstring for which positions are written).
+    attention_mask: 2-D padding mask over all cached + new positions, as for the main model.
+    router_sink: receives the MoE layer's RouterOutput (training statistics).
+    """
+    layers = getattr(model, "mtp", None)
+    if layers is None or not 0 <= k < len(layers):
+        have = 0 if layers is None else len(layers)
+        raise ValueError(f"MTP module k={k} requested but the model has {have}; build it with "
+                         "num_nextn_predict_layers > 0 (from_pretrained loads it when the checkpoint has "
+                         "model.layers.{num_hidden_layers}.*)")
+    layer: MTPLayer = layers[k]
+    if next_ids.dim() != 2 or hidden.shape[:2] != next_ids.shape:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and next_ids {tuple(next_ids.shape)}: expected "
+                         "[B, S, D] and [B, S] over the same positions")
+    b, s = next_ids.shape
+    slot = layer.self_attn.layer_idx
+    start = 0
+    if cache is not None:
+        if cache.num_layers <= slot:
+            raise ValueError(f"the cache has {cache.num_layers} layer slots but MTP module {k} uses slot {slot}; "
+                             f"create it with num_layers >= {slot + 1} (the model's own caches, and "
+                             "generate.make_cache, include the MTP layers)")
+        start = cache.get_seq_length() - s
+        if start < 0:
+            raise ValueError(f"mtp_forward over {s} positions but the cache holds {start + s}: run the main "
+                             "model over these positions first (MTP covers the positions it just committed)")
+    device = hidden.device
+    if position_ids is None:
+        position_ids = torch.arange(start, start + s, device=device).view(1, s).expand(b, s)
+    elif position_ids.dim() == 1:
+        position_ids = position_ids.view(1, s).expand(b, s)
+    if attention_mask is not None and attention_mask.shape[-1] < start + s:
+        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}: expected [batch={b}, "
+                         f"cached+new >= {start + s}]")
+    mask = build_attention_mask(attention_mask, start, s, device)
+    freqs_cis = model.model.rotary_emb(position_ids)  # type: ignore[attr-defined]
+    x = layer.combine(hidden, next_ids)
+    if cache is not None:
+        cache.crop(start)   # rewind the write position to these positions; other slots keep their data
+        cache.begin(s)
+    try:
+        h = run_layer(layer, x, freqs_cis, mask, cache, mla_path, moe_dispatch, router_sink,
+                      checkpointed=model.model.gradient_checkpointing and model.training)  # type: ignore[attr-defined]
+    finally:
+        if cache is not None:
+            cache.end()
+    return layer.shared_head(h), h
