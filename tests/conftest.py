@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tests.oracle import PARITY_REPORT
 
 torch.set_num_threads(max(1, torch.get_num_threads()))
+
+
+@pytest.fixture
+def single_thread():
+    """Tiny models gain nothing from threads, and on a shared 2-core machine lose a lot to contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:  # noqa: ANN001

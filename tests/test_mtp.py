@@ -15,14 +15,7 @@ from dsv3 import DeepseekV3Config, DeepseekV3ForCausalLM, DynamicLatentCache, St
 from dsv3.checkpoint.errors import CheckpointError
 from tests.oracle import assert_close, hf_config, left_padded_batch, make_hf_model, positions_from_mask, randomise, yarn
 
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny models gain nothing from threads, and on a shared 2-core machine lose a lot to contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def tiny_mtp_model(seed: int = 0, **overrides) -> tuple[DeepseekV3ForCausalLM, object]:

@@ -35,13 +35,7 @@ from tests.oracle import assert_close
 VOCAB = 257   # ByteTokenizer
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny models gain nothing from threads, and on a shared 2-core machine lose a lot to contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def tiny(seed: int = 0, skew: float = 0.0, **overrides) -> DeepseekV3ForCausalLM:
