@@ -69,6 +69,7 @@ SPECIAL_TOKENS = [
 BOS, EOS = SPECIAL_TOKENS[0], SPECIAL_TOKENS[1]
 BOS_ID, EOS_ID = 0, 1           # the trainer adds the special tokens first, in this order
 HELD_OUT_EVERY = 20
+STDLIB_NAME = "lib/python{}.{}".format(*sys.version_info[:2])   # how the report names the default corpus
 DEFAULT_OUTPUT = Path(__file__).resolve().parents[1] / "assets" / "dsv3-pystd"
 # What `dsv3 generate` (and transformers' generate) use unless told otherwise.
 GENERATION_DEFAULTS: dict[str, Any] = {"do_sample": True, "temperature": 0.7, "top_p": 0.95, "top_k": 0,
@@ -426,9 +427,10 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str
     evals = [(int(h["step"]), h["eval_lm_loss"]) for h in history if "eval_lm_loss" in h]
     window = history[-50:]
     summary: dict[str, Any] = {
-        "command": "python -m dsv3.training.pystd " + shlex.join(list(argv) if argv is not None else sys.argv[1:]),
+        "command": "python -m dsv3.training.pystd "
+                   + shlex.join(_public_argv(argv if argv is not None else sys.argv[1:])),
         "python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "corpus": {"root": str(args.stdlib or sysconfig.get_paths()["stdlib"]), "train_files": len(train_files),
+        "corpus": {"root": str(args.stdlib) if args.stdlib else STDLIB_NAME, "train_files": len(train_files),
                    "held_files": len(held_files), "train_bytes": corpus.train_bytes, "held_bytes": corpus.held_bytes,
                    "train_tokens": corpus.train_stream.numel(), "held_tokens": corpus.held_stream.numel(),
                    "held_predicted_tokens": held_blocks[:, 1:].numel()},
@@ -454,6 +456,19 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str
     shutil.copytree(final, args.output_dir)
     logger.info("wrote %s (%.1f MB)", args.output_dir, _dir_bytes(args.output_dir) / 1e6)
     return summary
+
+
+def _public_argv(argv: Sequence[str]) -> list[str]:
+    """The command line without --work-dir (a scratch location on the training machine)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--work-dir":
+            skip = True
+        elif not a.startswith("--work-dir="):
+            out.append(a)
+    return out
 
 
 def _dir_bytes(directory: Path) -> int:
@@ -553,8 +568,6 @@ def training_report(s: dict[str, Any], directory: Path) -> str:
                      f"{r['forward_speedup']:.2f}x | {'yes' if r['identical'] else 'NO'} |")
     gc = s["generation_config"]
     lines += [
-        "",
-        "(`benchmarks/bench_speculative.py` repeats this measurement with wall-clock times.)",
         "",
         "## Sample completions",
         "",
