@@ -74,6 +74,20 @@ def build_attention_mask(attention_mask: torch.Tensor | None, start: int, s: int
     return mask[None, None]
 
 
+def latent_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                     scale: float) -> torch.Tensor:
+    """softmax(q·kᵀ·scale + mask)·v as two matmuls with the softmax in fp32.
+
+    For the absorbed path's shape (one shared key/value "head" of width r+dr, S·H query rows) this is
+    several times faster on the CPU than scaled_dot_product_attention, whose kernels tile for many
+    heads of width ≤ 256 (8192 cached tokens: 3.8 ms against 22 ms per layer, benchmarks/).
+    """
+    scores = torch.matmul(query, key.transpose(-1, -2)).float().mul_(scale)      # [B, 1, S*H, T]
+    if mask is not None:
+        scores = scores.masked_fill_(~mask, float("-inf"))
+    return torch.matmul(scores.softmax(-1).to(value.dtype), value)
+
+
 class MultiHeadLatentAttention(nn.Module):
     def __init__(self, config: DeepseekV3Config, layer_idx: int) -> None:
         super().__init__()
@@ -148,6 +162,9 @@ class MultiHeadLatentAttention(nn.Module):
                                         latent.device)
         if mask is not None:
             mask = mask[:, :, :, None, :].expand(-1, -1, -1, h, -1).reshape(mask.shape[0], 1, s * h, -1)
-        o = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout,
-                                           scale=self.scale)               # [B, 1, S*H, r]
+        if dropout > 0.0:
+            o = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout,
+                                               scale=self.scale)           # [B, 1, S*H, r]
+        else:
+            o = latent_attention(query, key, value, mask, self.scale)
         return torch.einsum("bshc,hdc->bshd", o.view(b, s, h, self.r), w_uv)   # [B, S, H, dv]

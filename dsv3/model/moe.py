@@ -15,7 +15,7 @@ Experts are SwiGLU MLPs stacked as `gate_up_proj` [E, 2I, D] (gate rows first) a
     grouped: sort the N·k (token, expert) pairs by expert and run one grouped GEMM per projection
              (torch grouped_mm over contiguous segments); each used expert's weights are read once.
     gather : index the k chosen experts' weights per token and batch-multiply; for a handful of
-             tokens this avoids the sort and segment bookkeeping.
+             tokens on an accelerator this avoids the sort and segment bookkeeping (`choose_dispatch`).
 The weighted sum over a token's experts is accumulated in fp32.
 """
 
@@ -30,6 +30,14 @@ from torch import nn
 from dsv3.config import DeepseekV3Config
 
 MOE_DISPATCHES = ("auto", "grouped", "gather")
+
+
+def choose_dispatch(indices: torch.Tensor, device: torch.device) -> str:
+    """Gather for at most two tokens on an accelerator; grouped otherwise. On the CPU grouped_mm wins at every
+    size (bench shape, one token: 9.6 ms against 49-62 ms per MoE layer, as gathering copies the chosen
+    experts' weights), so the CPU always groups."""
+    few = indices.numel() <= 2 * indices.shape[-1]
+    return "gather" if few and device.type != "cpu" else "grouped"
 
 
 class SwiGLU(nn.Module):
@@ -113,7 +121,7 @@ class RoutedExperts(nn.Module):
         if dispatch not in MOE_DISPATCHES:
             raise ValueError(f"moe_dispatch={dispatch!r}: expected one of {MOE_DISPATCHES}")
         if dispatch == "auto":
-            dispatch = "gather" if indices.numel() <= 2 * indices.shape[-1] else "grouped"
+            dispatch = choose_dispatch(indices, x.device)
         if dispatch == "gather":
             return self._gather(x, weights, indices)
         return self._grouped(x, weights, indices)
