@@ -316,6 +316,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                            / bandwidth, roofline_tok_s=bandwidth * 1e9 * batch / step_bytes, note=note))
         log(f"  {impl} b{batch} ctx{context}: {batch / med:.2f} tok/s ({len(times)} steps)")
 
+    def add_prefill_and_generate(impl: str, impl_model: Any) -> None:
+        for length in args.prefill_lengths:
+            log(f"prefill {impl} {length} tokens")
+            med = statistics.median(prefill(impl, impl_model, length, args.prefill_reps))
+            prefills.append(dict(impl=impl, batch=1, tokens=length, seconds=med, tok_s=length / med,
+                                 gflop_s=prefill_flops(config, 1, length) / med / 1e9))
+        add_generate(impl, impl_model, compile=False)
+
+    def add_generate(impl: str, impl_model: Any, compile: bool) -> None:
+        log(f"generate {impl}")
+        secs, out = run_generate(impl, impl_model, prompt, args.new_tokens, compile=compile)
+        generates.append(dict(impl=impl, prompt=prompt.shape[1], new_tokens=args.new_tokens, seconds=secs,
+                              tok_s=args.new_tokens / secs, tokens=out[0].tolist()))
+
     def run_dsv3(name: str, use_kernels: bool, compile: bool) -> None:
         step = DecodeStep(model, compile=compile)
         for batch in args.batch_sizes:
@@ -331,23 +345,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 add_decode(name, batch, context, times, note)
         if compile:
             return   # prefill and generate's prefill are eager whatever the decode step is
-        for length in args.prefill_lengths:
-            log(f"prefill {name} {length} tokens")
-            med = statistics.median(prefill(name, model, length, args.prefill_reps))
-            prefills.append(dict(impl=name, batch=1, tokens=length, seconds=med, tok_s=length / med,
-                                 gflop_s=prefill_flops(config, 1, length) / med / 1e9))
-        log(f"generate {name}")
-        secs, out = run_generate(name, model, prompt, args.new_tokens, compile=False)
-        generates.append(dict(impl=name, prompt=prompt.shape[1], new_tokens=args.new_tokens, seconds=secs,
-                              tok_s=args.new_tokens / secs, tokens=out[0].tolist()))
+        add_prefill_and_generate(name, model)
 
     for name, use_kernels, compile in impls:
         run_dsv3(name, use_kernels, compile)
     if not args.no_compile:
-        log("generate dsv3 (compiled)")
-        secs, out = run_generate("dsv3 (compiled)", model, prompt, args.new_tokens, compile=True)
-        generates.append(dict(impl="dsv3 (compiled)", prompt=prompt.shape[1], new_tokens=args.new_tokens,
-                              seconds=secs, tok_s=args.new_tokens / secs, tokens=out[0].tolist()))
+        add_generate("dsv3 (compiled)", model, compile=True)
 
     for name in hf_impls:
         for batch in args.batch_sizes:
@@ -356,15 +359,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 add_decode(name, batch, context, decode_hf(hf, name, batch, context, args.steps, args.budget_s))
         if name != HF:
             continue
-        for length in args.prefill_lengths:
-            log(f"prefill {name} {length} tokens")
-            med = statistics.median(prefill(HF, hf, length, args.prefill_reps))
-            prefills.append(dict(impl=HF, batch=1, tokens=length, seconds=med, tok_s=length / med,
-                                 gflop_s=prefill_flops(config, 1, length) / med / 1e9))
-        log(f"generate {name}")
-        secs, out = run_generate(HF, hf, prompt, args.new_tokens, compile=False)
-        generates.append(dict(impl=HF, prompt=prompt.shape[1], new_tokens=args.new_tokens, seconds=secs,
-                              tok_s=args.new_tokens / secs, tokens=out[0].tolist()))
+        add_prefill_and_generate(HF, hf)
 
     # Kernels last: use_cpu_kernels edits the model in place, and transformers shares its weights.
     if kernels is not None:

@@ -104,3 +104,21 @@ def left_padded_batch(vocab: int, lengths: list[int], seed: int = 0) -> tuple[to
 def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
     """Position ids that count only real tokens (what generate uses for left-padded prompts)."""
     return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def load_hf(directory: Path) -> Any:
+    """A checkpoint directory loaded by transformers in fp32/eager (eval mode)."""
+    from transformers import DeepseekV3ForCausalLM as HFModel
+
+    return HFModel.from_pretrained(directory, dtype=torch.float32, attn_implementation="eager").eval()
+
+
+def compare_padded_logits(model: torch.nn.Module, reference: torch.nn.Module, lengths: list[int], seed: int,
+                          atol: float, what: str) -> float:
+    """Logits of `model` and `reference` on a random left-padded batch, compared on the real tokens."""
+    ids, mask = left_padded_batch(reference.config.vocab_size, lengths, seed=seed)
+    pos = positions_from_mask(mask)
+    with torch.no_grad():
+        got = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+        ref = reference(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+    return assert_close(got[mask.bool()], ref[mask.bool()], atol, what)

@@ -28,7 +28,7 @@ from dsv3.checkpoint.safetensors_io import (
     save_safetensors_sharded,
 )
 from dsv3.model.fp8_linear import Fp8Linear, Fp8RoutedExperts
-from tests.oracle import assert_close, left_padded_batch, positions_from_mask, yarn
+from tests.oracle import assert_close, compare_padded_logits, left_padded_batch, load_hf, positions_from_mask, yarn
 from tests.published import RAGGED_32, RAGGED_128, Published, build_published, write_sparse_v3
 
 ATOL = 2e-4
@@ -308,7 +308,6 @@ def test_progress_bar_and_one_copy(small: Published, monkeypatch: pytest.MonkeyP
 
 # -- save_pretrained ---------------------------------------------------------------------------------------------------
 def test_save_pretrained_loads_in_transformers(published: Published, tmp_path: Path) -> None:
-    from transformers import DeepseekV3ForCausalLM as HFModel
 
     model = DeepseekV3ForCausalLM.from_pretrained(published.path, torch_dtype=torch.float32)
     assert model.generation_config is not None                      # read from the checkpoint's generation_config.json
@@ -320,13 +319,7 @@ def test_save_pretrained_loads_in_transformers(published: Published, tmp_path: P
     assert "quantization_config" not in saved and saved["torch_dtype"] == "float32"
     assert json.loads((out / "generation_config.json").read_text())["temperature"] == 0.6
 
-    hf = HFModel.from_pretrained(out, dtype=torch.float32, attn_implementation="eager").eval()
-    ids, mask = left_padded_batch(published.oracle.config.vocab_size, [8, 5], seed=9)
-    pos = positions_from_mask(mask)
-    with torch.no_grad():
-        got = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
-        theirs = hf(input_ids=ids, attention_mask=mask, position_ids=pos).logits
-    assert_close(theirs[mask.bool()], got[mask.bool()], 1e-5, "transformers reads save_pretrained")
+    compare_padded_logits(model, load_hf(out), [8, 5], 9, 1e-5, "transformers reads save_pretrained")
     again = DeepseekV3ForCausalLM.from_pretrained(out, torch_dtype="auto")
     assert again.dtype == torch.float32
     for (n1, a), (n2, b) in zip(model.state_dict().items(), again.state_dict().items(), strict=True):
@@ -416,21 +409,21 @@ def test_corrupt_shard_header(small: Published, tmp_path: Path) -> None:
     assert shard.name in msg and "not valid JSON" in msg
 
 
-def test_shape_that_does_not_fit_the_config(small: Published, tmp_path: Path) -> None:
-    path = _copy(small, tmp_path)
+def _copy_with_config(pub: Published, tmp_path: Path, **changes: object) -> Path:
+    """A copy of `pub` whose config.json has `changes` applied (the weights untouched)."""
+    path = _copy(pub, tmp_path)
     config = json.loads((path / "config.json").read_text())
-    config["kv_lora_rank"] = 24
-    (path / "config.json").write_text(json.dumps(config))
-    msg = _load_error(path)
+    (path / "config.json").write_text(json.dumps({**config, **changes}))
+    return path
+
+
+def test_shape_that_does_not_fit_the_config(small: Published, tmp_path: Path) -> None:
+    msg = _load_error(_copy_with_config(small, tmp_path, kv_lora_rank=24))
     assert ".safetensors" in msg and "has shape" in msg and "config implies" in msg and "model.layers." in msg
 
 
 def test_expert_shape_that_does_not_fit_the_config(small: Published, tmp_path: Path) -> None:
-    path = _copy(small, tmp_path)
-    config = json.loads((path / "config.json").read_text())
-    config["moe_intermediate_size"] = 24
-    (path / "config.json").write_text(json.dumps(config))
-    msg = _load_error(path)
+    msg = _load_error(_copy_with_config(small, tmp_path, moe_intermediate_size=24))
     assert "expert tensor model.layers." in msg and "moe_intermediate_size" in msg and ".safetensors" in msg
 
 

@@ -16,7 +16,7 @@ from dsv3.checkpoint import convert as convert_module
 from dsv3.checkpoint.convert import MARKER_NAME, add_convert_arguments, convert_checkpoint, run_convert
 from dsv3.checkpoint.fp8 import dequantize_fp8_blocks
 from dsv3.checkpoint.safetensors_io import INDEX_NAME, CheckpointReader
-from tests.oracle import assert_close, left_padded_batch, positions_from_mask, yarn
+from tests.oracle import compare_padded_logits, left_padded_batch, load_hf, yarn
 from tests.published import OTHER_FILES, RAGGED_32, RAGGED_128, Published, build_published
 
 
@@ -41,7 +41,6 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 def test_fp8_to_bf16_loads_in_dsv3_and_transformers(fp8_128: Published, tmp_path: Path,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
-    from transformers import DeepseekV3ForCausalLM as HFModel
 
     out = tmp_path / "bf16"
     assert run_convert(_parse([str(fp8_128.path), str(out), "--max-shard-size", "60KB"])) == 0
@@ -72,13 +71,7 @@ def test_fp8_to_bf16_loads_in_dsv3_and_transformers(fp8_128: Published, tmp_path
     from_fp8 = DeepseekV3ForCausalLM.from_pretrained(fp8_128.path, torch_dtype=torch.bfloat16)
     for (name, a), (_, b) in zip(ours.state_dict().items(), from_fp8.state_dict().items(), strict=True):
         assert torch.equal(a, b.float()), name
-    hf = HFModel.from_pretrained(out, dtype=torch.float32, attn_implementation="eager").eval()
-    ids, mask = left_padded_batch(fp8_128.oracle.config.vocab_size, [9, 4], seed=13)
-    pos = positions_from_mask(mask)
-    with torch.no_grad():
-        got = ours(input_ids=ids, attention_mask=mask, position_ids=pos).logits
-        ref = hf(input_ids=ids, attention_mask=mask, position_ids=pos).logits
-    assert_close(got[mask.bool()], ref[mask.bool()], 1e-5, "convert: dsv3 vs transformers")
+    compare_padded_logits(ours, load_hf(out), [9, 4], 13, 1e-5, "convert: dsv3 vs transformers")
 
 
 def test_reshard_and_dtypes(fp8_32: Published, tmp_path: Path) -> None:
