@@ -19,7 +19,7 @@ RoPE scaling (`rope_scaling.type`), and the longest sequence each allows (`max_c
     dynamic   NTK: past max_position_embeddings the base becomes θ·(f·L/L_max - (f-1))^(dr/(dr-2)),
               L = the longest position in the forward call + 1; factor × max_position_embeddings
     yarn      max_position_embeddings, which DeepSeek-V3 sets to factor × original_max_position_embeddings
-              (163840 = 40 × 4096); a config that left it at the original length gets factor × original
+              (163840 = 40 × 4096); a config that left it equal to the original length gets factor × original
 
 Linear and dynamic leave max_position_embeddings at the trained length, as the transformers
 documentation says. Derived values (qk_head_dim, the softmax scale with YaRN's mscale, the latent cache
@@ -164,7 +164,10 @@ class DeepseekV3Config:
             return self.max_position_embeddings
         factor = float(rs["factor"])
         if rs["rope_type"] == "yarn":
-            return max(self.max_position_embeddings, int(factor * int(rs["original_max_position_embeddings"])))
+            # transformers' convention: factor = max_position_embeddings / original (it warns otherwise), except
+            # that max_position_embeddings left at the original length means "not stated": then factor × original.
+            original = int(rs["original_max_position_embeddings"])
+            return int(factor * original) if self.max_position_embeddings == original else self.max_position_embeddings
         return int(factor * self.max_position_embeddings)
 
     @property

@@ -125,6 +125,7 @@ def test_router_keys_are_fields_written_on_save(tmp_path: Path) -> None:
     ({"rope_type": "dynamic", "factor": 1.5}, 6144),
     # YaRN: max_position_embeddings already states the stretched length (V3: 40 × 4096 = 163840) ...
     ({"type": "yarn", "factor": 2.0, "original_max_position_embeddings": 2048}, 4096),
+    ({"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 2048}, 4096),   # as stated
     # ... unless the config left it at the original length, as transformers allows.
     ({"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096}, 16384),
 ])

@@ -1,4 +1,5 @@
-"""from_pretrained keyword arguments: unknown ones are errors (as in transformers), config fields override."""
+"""from_pretrained keyword arguments: unknown ones are errors (as in transformers), config fields override;
+what save_pretrained writes for the router."""
 
 from __future__ import annotations
 
@@ -63,3 +64,10 @@ def test_transformers_no_op_arguments_are_accepted_and_logged(checkpoint: Path,
                                                      torch_dtype=torch.float32)
     assert "trust_remote_code" not in model.config.extra and "low_cpu_mem_usage" not in model.config.extra
     assert "trust_remote_code=True) has no effect" in caplog.text
+
+
+def test_model_save_states_the_router(checkpoint: Path) -> None:
+    """save_pretrained writes scoring_func / topk_method as the published config.json does (converters such as
+    llama.cpp's route with softmax when they are missing)."""
+    written = json.loads((checkpoint / "config.json").read_text())
+    assert (written["scoring_func"], written["topk_method"]) == ("sigmoid", "noaux_tc")
