@@ -199,9 +199,10 @@ class DeepseekV3Model(PreTrainedMixin, nn.Module):
         if cache is None and use_cache:
             cache = DynamicLatentCache.for_config(self.config)
         start = cache.get_seq_length() if cache is not None else 0
-        if start + s > self.config.max_position_embeddings:
-            raise ValueError(f"{start} cached + {s} new tokens exceed max_position_embeddings="
-                             f"{self.config.max_position_embeddings}; shorten the prompt or max_new_tokens")
+        if start + s > self.config.max_context_length:
+            raise ValueError(f"{start} cached + {s} new tokens exceed the context of {self.config.max_context_length} "
+                             f"positions (max_position_embeddings={self.config.max_position_embeddings}, rope_type="
+                             f"{self.config.rope_type!r}); shorten the prompt or max_new_tokens")
         device = inputs_embeds.device
         if position_ids is None:
             base = cache_position if cache_position is not None else torch.arange(start, start + s, device=device)
