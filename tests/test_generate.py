@@ -130,6 +130,8 @@ def test_bad_prompts_raise(pair) -> None:
     with pytest.raises(ValueError, match="left padding"):
         generate(ours, ids.flip(1), mask.flip(1), max_new_tokens=2)
     with pytest.raises(TypeError, match="unsupported"):
+        generate(ours, ids, mask, num_beam_groups=2)
+    with pytest.raises(ValueError, match="num_beams=4"):
         generate(ours, ids, mask, num_beams=4)
 
 
