@@ -8,7 +8,18 @@ in the cache; padding positions stay masked for the whole generation.
 
 Argument names and defaults follow transformers' `generate` (max_length 20 when neither length is
 given, pad_token_id falling back to the first eos id, a generation_config.json read from the
-checkpoint directory and overridden by explicit arguments).
+checkpoint directory and overridden by explicit arguments). As in transformers 5.23:
+- max_new_tokens wins over max_length (with transformers' warning when both are set);
+- min_new_tokens / min_length ban the eos ids until enough tokens exist (min_length counts the padded
+  prompt), no_repeat_ngram_size bans tokens that would repeat an n-gram of the row (padding included);
+  both act after the repetition penalty and before the sampling warpers (`sampling.process_logits`);
+- num_return_sequences (sampling only) repeats each prompt n times, copies adjacent;
+- stop_strings (with tokenizer=) stop a row when a stop string overlaps its last token;
+- output_scores / output_logits with return_dict_in_generate: one fp32 [B, V] tensor per step,
+  processed / raw;
+- without attention_mask, a pad_token_id that is set, present and not an eos id gives the mask
+  `ids != pad`; a batch whose mask cannot be inferred gets transformers' warning.
+Sampling below `MIN_SAMPLING_TEMPERATURE` decodes greedily (logged); beam search is not implemented.
 """
 
 from __future__ import annotations
