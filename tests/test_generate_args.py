@@ -298,3 +298,12 @@ def test_generation_config_file_keys_are_read(pair, tmp_path: Path) -> None:
     assert torch.equal(generate(ours, ids, mask, generation_config=gc),
                        generate(ours, ids, mask, max_new_tokens=12, eos_token_id=[], pad_token_id=PAD,
                                 no_repeat_ngram_size=2))
+
+
+def test_generation_config_takes_the_new_fields(pair) -> None:
+    _, ours = pair
+    gc = GenerationConfig(max_new_tokens=4, min_new_tokens=2, no_repeat_ngram_size=2, output_scores=True,
+                          return_dict_in_generate=True, eos_token_id=[])
+    assert GenerationConfig.from_dict(gc.to_dict()) == gc
+    out = generate(ours, torch.tensor([[3, 4, 5]]), generation_config=gc)
+    assert out.sequences.shape == (1, 7) and len(out.scores) == 4

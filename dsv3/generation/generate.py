@@ -63,6 +63,15 @@ class GenerationConfig:
     top_p: float | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
+    min_new_tokens: int | None = None
+    min_length: int | None = None
+    no_repeat_ngram_size: int | None = None
+    num_return_sequences: int | None = None
+    num_beams: int | None = None
+    stop_strings: str | list[str] | None = None
+    output_scores: bool | None = None
+    output_logits: bool | None = None
+    return_dict_in_generate: bool | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
     bos_token_id: int | None = None
