@@ -106,3 +106,20 @@ def test_dynamic_base_is_computed_on_the_device_without_host_sync() -> None:
     compiled = torch.compile(RotaryEmbedding(cfg), fullgraph=True, backend="eager")
     pos = torch.arange(100).view(1, 100)
     assert torch.equal(compiled(pos), RotaryEmbedding(cfg)(pos))
+
+
+@pytest.mark.parametrize("kind", ["linear", "dynamic"])
+def test_generate_runs_past_max_position_embeddings_like_transformers(kind: str, tmp_path: Path,
+                                                                      single_thread: None) -> None:
+    """generate() takes its limit from config.max_context_length: greedy tokens past max_position_embeddings
+    equal transformers' (fp32), and the limit itself is a named error."""
+    hf, ours = _pair(tmp_path, kind, 2.0, 16, seed=3)
+    ids = _ids(hf.config.vocab_size, 10, seed=4)
+    with torch.no_grad():
+        ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=14, do_sample=False,
+                          min_new_tokens=14, pad_token_id=0)
+        got = ours.generate(ids, max_new_tokens=14, do_sample=False, min_new_tokens=14, pad_token_id=0)
+    assert got.shape[1] == 24 > ours.config.max_position_embeddings
+    assert torch.equal(got, ref)
+    with pytest.raises(ValueError, match="context of 32 positions"):
+        ours.generate(ids, max_new_tokens=23, do_sample=False)

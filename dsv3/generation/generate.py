@@ -246,11 +246,12 @@ def resolve_generation_options(model: torch.nn.Module, prompt_len: int,
             raise ValueError(f"the prompt has {prompt_len} tokens but max_length={max_length}; pass max_new_tokens")
     if not isinstance(max_new, int) or max_new < 1:
         raise ValueError(f"max_new_tokens={max_new!r}: must be a positive integer")
-    context = model.config.max_position_embeddings
+    context = model.config.max_context_length   # max_position_embeddings, stretched by linear/dynamic scaling
     if prompt_len + max_new > context:
         raise ValueError(f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new}) = {prompt_len + max_new} exceeds "
-                         f"the model's context of {context} (max_position_embeddings); shorten the prompt or "
-                         "lower max_new_tokens")
+                         f"the model's context of {context} positions (max_position_embeddings="
+                         f"{model.config.max_position_embeddings}, rope_type={model.config.rope_type}); shorten the "
+                         "prompt or lower max_new_tokens")
 
     min_new = merged.get("min_new_tokens")
     min_length = merged.get("min_length")
