@@ -382,7 +382,8 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str
         min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay, mtp_weight=args.mtp_weight,
         balance_alpha=args.balance_alpha, bias_update_speed=args.bias_update_speed, eval_every=args.eval_every,
         eval_batches=8, save_every=args.save_every, output_dir=str(work / "checkpoints"), log_every=50,
-        seed=args.seed, progress=False)
+        seed=args.seed, progress=False,
+        mtp_embeddings="separate")   # the recipe of the shipped model, whose MTP module has its own copies
     if args.resume:
         trainer = Trainer.from_checkpoint(args.resume, targs, train_blocks, TokenBlocks(held_blocks))
         logger.info("resumed at step %d", trainer.step)
