@@ -265,7 +265,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     system = [{"role": "system", "content": _utf8_text(args.system, "--system")}] if args.system else []
     history: list[dict[str, str]] = []
     interactive = sys.stdin.isatty()
-    context = model.config.max_position_embeddings
+    context = model.config.max_context_length
     max_prompt = max(1, context - _max_new_tokens(model, args, CHAT_NEW_TOKENS))
     failed = False
     print("dsv3 chat — /reset clears the history, /exit quits; Ctrl-C stops a reply", file=sys.stderr)

@@ -295,8 +295,13 @@ class DeepseekV3Config:
             data = json.loads(path.read_text())
         except FileNotFoundError:
             raise ConfigError(f"{path}: no such config file; a checkpoint directory needs config.json") from None
+        except IsADirectoryError:
+            raise ConfigError(f"{path} is a directory; expected the config.json file (or its directory)") from None
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}: not valid JSON ({e}); re-download or fix the file") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: holds a JSON {type(data).__name__}, expected an object of config fields "
+                              '({"model_type": "deepseek_v3", ...})')
         return cls.from_dict(data)
 
     @classmethod

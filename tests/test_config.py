@@ -174,3 +174,26 @@ def test_known_overrides_keep_transformers_semantics(tmp_path: Path) -> None:
     assert c.num_hidden_layers == 4 and c.extra["moe_layer_freq"] == 2 and c.num_nextn_predict_layers == 0
     assert c.rope_type == "linear" and c.rope_theta == 5e5 and c.max_context_length == 2 * c.max_position_embeddings
     assert DeepseekV3Config.tiny().replace(dtype="bfloat16").torch_dtype == "bfloat16"
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", '"deepseek_v3"', "3", "null"])
+def test_config_and_generation_config_must_be_json_objects(tmp_path, content: str) -> None:
+    from dsv3.generation.generate import GenerationConfig
+
+    (tmp_path / "config.json").write_text(content)
+    with pytest.raises(ConfigError, match="expected an object"):
+        DeepseekV3Config.from_pretrained(tmp_path)
+    (tmp_path / "generation_config.json").write_text(content)
+    with pytest.raises(ValueError, match="expected an object"):
+        GenerationConfig.from_pretrained(tmp_path)
+
+
+def test_config_or_generation_config_that_is_a_directory_is_named(tmp_path) -> None:
+    from dsv3.generation.generate import GenerationConfig
+
+    (tmp_path / "config.json").mkdir()
+    (tmp_path / "generation_config.json").mkdir()
+    with pytest.raises(ConfigError, match="is a directory"):
+        DeepseekV3Config.from_json_file(tmp_path / "config.json")
+    with pytest.raises(ValueError, match="is a directory"):
+        GenerationConfig.from_pretrained(tmp_path)

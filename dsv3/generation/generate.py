@@ -86,12 +86,18 @@ class GenerationConfig:
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> GenerationConfig | None:
         path = Path(directory) / "generation_config.json"
+        if path.is_dir():
+            raise ValueError(f"{path} is a directory; expected a JSON file of generation settings (or none)")
         if not path.is_file():
             return None
         try:
-            return cls.from_dict(json.loads(path.read_text()))
+            data = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not valid JSON ({e}); fix or delete the file") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: holds a JSON {type(data).__name__}, expected an object such as "
+                             '{"max_new_tokens": 64}; fix or delete the file')
+        return cls.from_dict(data)
 
     def to_dict(self) -> dict[str, Any]:
         out = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "extra"}
