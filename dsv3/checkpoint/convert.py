@@ -15,8 +15,11 @@ How: the whole output — names, dtypes, shapes and the shard of every tensor �
 source headers before anything is written, and the source is checked as from_pretrained checks it
 (shapes against config.json, FP8 pairs, missing or unexpected tensors). Each shard is then written
 tensor by tensor (read -> dequantise/cast -> write -> drop: memory is one tensor, never a shard) under a
-temporary name, fsync'd and renamed. A marker `.dsv3-convert.json` records the plan, so re-running the
-same command after an interruption keeps the complete shards and writes the rest. The index, the copied
+temporary name, fsync'd and renamed. A marker `.dsv3-convert.json` records the plan, the identity of the
+source (size and mtime of every source file, a digest of every tensor header) and, per finished shard, its
+size and mtime: re-running the same command after an interruption keeps the finished shards that are
+untouched since, rewrites any other, and refuses (unless --overwrite: start over) when the source files
+changed in between — shards of two different sources must never be mixed. The index, the copied
 files and, last, config.json follow: a directory with a config.json is a finished conversion.
 """
 

@@ -11,11 +11,20 @@ parses, every shard it names exists and holds the tensors it claims, and every f
 and its tensor data exactly fills the file. We parse the headers ourselves (a few KB per file) because
 the usual failure is a truncated or half-downloaded shard, and the cheap header-vs-size comparison names
 the file, the tensor that is cut off, and how many bytes are missing — instead of a bare error from
-deep inside a load an hour later. Data then comes from `safetensors.safe_open(framework="pt")`, which
-mmaps the file: `get` returns a tensor backed by the page cache, no copy in Python. `read` instead copies
-a tensor with plain `pread`s straight into a destination tensor (the loader's final parameter): pages of
-an mmap stay resident and count towards the process's memory until it is unmapped, so a loader that
-went through the mmap would briefly hold the file *and* the model — two copies of the weights.
+deep inside a load an hour later; our parse also gives the byte offsets `read` needs. Before the first
+data access to a file, `safetensors.safe_open(framework="pt")` opens it too: safetensors' own header
+validation (the rules every other reader applies), cross-checked against ours. Opening maps the file
+without reading it (not done at construction: a header-only check of a 700 GB checkpoint must not map it).
+
+Three ways to get data, none of which needs numpy (not a dsv3 dependency; bytes move through
+`byte_view`, a ctypes view of a tensor's own memory):
+* `read` copies a tensor with plain `pread`s straight into a destination tensor (the loader's final
+  parameter): pages of an mmap stay resident and count towards the process's memory until it is unmapped,
+  so a loader that went through the mmap would briefly hold the file *and* the model — two copies.
+* `read_slice` returns rows [a, b) and/or columns [c, d) through `get_slice`, touching only the pages of
+  those rows — what a tensor-parallel rank loading its shard needs (`fp8.read_fp8_slice` adds the scale
+  block rows of an FP8 weight). The slice is copied out of the mapping.
+* `get` / `get_slice` hand out safetensors' mmap-backed tensor / lazy slice as they are.
 
 Writing. `save_safetensors_sharded` streams: tensors are grouped into shards in the order given, and a
 shard is written as soon as it is full, so at most one shard's tensors are held (for a generator
