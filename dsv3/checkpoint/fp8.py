@@ -109,7 +109,7 @@ def scale_inv_key(weight_key: str) -> str:
 
 
 def scale_inv_name(weight_name: str) -> str:
-    """The scale's name for messages: `X.weight` -> `X.weight_scale_inv`, anything else + ' (scale_inv)'."""
+    """The scale's name for messages: `X.weight` -> `X.weight_scale_inv`, anything else + ' (weight_scale_inv)'."""
     return weight_name + "_scale_inv" if weight_name.endswith(".weight") else f"{weight_name} (weight_scale_inv)"
 
 

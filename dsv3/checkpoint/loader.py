@@ -337,7 +337,7 @@ def _check_dtypes(reader: CheckpointReader, source: Source, name: str, target: t
     """Stored dtypes that load into a `target` tensor (see "Stored dtypes" in the module docstring)."""
     for key in source.keys():
         got = reader.dtype(key)
-        if target in _FP8 or got in _FP8:           # FP8 pairs were checked against quantization_config
+        if not target.is_floating_point or target in _FP8 or got in _FP8:   # FP8 pairs: see _fp8_pairs
             continue
         if not got.is_floating_point or got.is_complex:
             raise CheckpointError(

@@ -155,6 +155,7 @@ class TextStreamer:
             self.next_tokens_are_prompt = False
             return
         self.next_tokens_are_prompt = False
+        seen = len(self.pending)               # `pending` never holds a space: search only what is new
         for token_id in ids:
             chunk = self.decoder.step(token_id)
             if chunk is not None:
@@ -165,7 +166,7 @@ class TextStreamer:
         if text.endswith("\n") or (text and _is_cjk(ord(text[-1]))):
             cut = len(text)
         else:
-            cut = text.rfind(" ") + 1          # words may still change with the next token
+            cut = text.rfind(" ", seen) + 1    # words may still change with the next token
         # Text emitted out of `tail` (a space before an incomplete character, as a full decode shows it) is
         # skipped when the completed chunk arrives.
         self.ahead += max(0, cut - len(self.pending))
