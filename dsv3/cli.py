@@ -79,7 +79,7 @@ def _check_json_object(path: Path) -> None:
 
 def load_model_and_tokenizer(args: argparse.Namespace) -> tuple[Any, Any]:
     from dsv3 import DeepseekV3Config, DeepseekV3ForCausalLM
-    from dsv3.tokenizer import AutoTokenizer
+    from dsv3.tokenizer import AutoTokenizer, tokenizer_for_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -98,8 +98,7 @@ def load_model_and_tokenizer(args: argparse.Namespace) -> tuple[Any, Any]:
         _check_json_object(path / name)
     model = DeepseekV3ForCausalLM.from_pretrained(path, torch_dtype=args.dtype, device_map=args.device)
     _maybe_use_kernels(model, args.kernels)
-    has_tokenizer = (path / "tokenizer.json").is_file()
-    tokenizer = AutoTokenizer.from_pretrained(path if has_tokenizer else None)
+    tokenizer = tokenizer_for_model(path, model.config.vocab_size)   # falls back (with a warning) when it fits
     return model, tokenizer
 
 

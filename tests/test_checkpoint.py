@@ -511,3 +511,43 @@ def test_reader_header_errors_are_about_files_not_a_partial_model(small: Publish
         DeepseekV3ForCausalLM.from_pretrained(path)
     with pytest.raises(CheckpointError, match="not a checkpoint directory"):
         DeepseekV3ForCausalLM.from_pretrained(path / "nope")
+
+
+# ---- stored dtypes and FP8 scale values -------------------------------------------------------------------
+def test_integer_tensor_in_a_float_checkpoint_is_an_error(small: Published, tmp_path: Path) -> None:
+    """int8/bool data where the model has a float weight would load as garbage after a silent cast."""
+    path = _copy(small, tmp_path)
+    norm = "model.layers.0.input_layernorm.weight"
+    shard = _rewrite_shard(path, norm, lambda t: t.update({norm: torch.ones_like(t[norm], dtype=torch.int8)}))
+    msg = _load_error(path)
+    assert shard.name in msg and f"tensor {norm} is stored as torch.int8" in msg and "floating-point" in msg
+
+
+def test_any_float_dtype_loads_cast(small: Published, tmp_path: Path) -> None:
+    """config.json's torch_dtype describes the bulk: an fp32 router stored as bf16 or a norm stored as fp64
+    is legitimate and loads, cast (router in fp32 by the numerics policy)."""
+    path = _copy(small, tmp_path)
+    gate = next(k for k in small.stored if k.endswith("mlp.gate.weight"))
+    norm = "model.norm.weight"
+    values = {gate: small.stored[gate].to(torch.bfloat16), norm: small.stored[norm].double()}
+    _rewrite_shard(path, gate, lambda t: t.update({gate: values[gate]}))
+    _rewrite_shard(path, norm, lambda t: t.update({norm: values[norm]}))
+    model = DeepseekV3ForCausalLM.from_pretrained(path, torch_dtype=torch.bfloat16)
+    state = model.state_dict()
+    assert state[gate].dtype == torch.float32 and torch.equal(state[gate], values[gate].float())
+    assert state[norm].dtype == torch.bfloat16 and torch.equal(state[norm], values[norm].to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("fp8", ["dequantize", "keep"])
+def test_non_finite_fp8_scale_names_the_tensor(small: Published, tmp_path: Path, fp8: str) -> None:
+    path = _copy(small, tmp_path)
+    scale = f"{KV_A}_scale_inv"
+
+    def poison(t: dict[str, torch.Tensor]) -> None:
+        t[scale] = t[scale].clone()
+        t[scale][1, 0] = float("inf")
+
+    _rewrite_shard(path, scale, poison)
+    with pytest.raises(CheckpointError, match=rf"{scale}: 1 of \d+ FP8 block scales are not finite \(e\.g\. inf at "
+                                              r"block \[1, 0\]\).*re-download"):
+        DeepseekV3ForCausalLM.from_pretrained(path, torch_dtype=torch.float32, fp8=fp8)

@@ -14,8 +14,9 @@ import torch
 from dsv3 import DeepseekV3ForCausalLM
 from dsv3.checkpoint import convert as convert_module
 from dsv3.checkpoint.convert import MARKER_NAME, add_convert_arguments, convert_checkpoint, run_convert
+from dsv3.checkpoint.errors import CheckpointError
 from dsv3.checkpoint.fp8 import dequantize_fp8_blocks
-from dsv3.checkpoint.safetensors_io import INDEX_NAME, CheckpointReader
+from dsv3.checkpoint.safetensors_io import INDEX_NAME, CheckpointReader, save_safetensors_sharded
 from tests.oracle import compare_padded_logits, left_padded_batch, load_hf, yarn
 from tests.published import OTHER_FILES, RAGGED_32, RAGGED_128, Published, build_published
 
@@ -161,3 +162,79 @@ def test_refuses_to_clobber_and_reports_errors(fp8_32: Published, tmp_path: Path
     assert not (tmp_path / "y").exists()                 # nothing written
     with pytest.raises(ValueError, match="dtype='int8'"):
         convert_checkpoint(fp8_32.path, tmp_path / "z", dtype="int8")
+
+
+def _interrupted(src: Path, out: Path, monkeypatch: pytest.MonkeyPatch, after: int = 2) -> None:
+    """Run a conversion of `src` into `out` (30KB shards) that is killed while writing shard `after + 1`."""
+    real = convert_module.write_safetensors_file
+    written: list[str] = []
+
+    def dies(path, entries, metadata=None, on_bytes=lambda n: None):  # noqa: ANN001, ANN202
+        if len(written) == after:
+            raise KeyboardInterrupt("killed")
+        real(path, entries, metadata, on_bytes)
+        written.append(str(path))
+
+    with monkeypatch.context() as m:
+        m.setattr(convert_module, "write_safetensors_file", dies)
+        with pytest.raises(KeyboardInterrupt):
+            convert_checkpoint(src, out, max_shard_size="30KB", progress=False)
+
+
+def _copy_dir(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for p in src.iterdir():
+        (dst / p.name).write_bytes(p.read_bytes())
+    return dst
+
+
+def test_resume_refuses_a_changed_source(fp8_32: Published, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Shards of an interrupted run must not be mixed with shards converted from different source files."""
+    src, out = _copy_dir(fp8_32.path, tmp_path / "src"), tmp_path / "out"
+    _interrupted(src, out, monkeypatch)
+    shard = sorted(src.glob("model-*.safetensors"))[1]
+    st = shard.stat()                                  # e.g. re-downloaded: same size and header, new mtime
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    with pytest.raises(CheckpointError, match=rf"source changed since \({shard.name} changed.*--overwrite"):
+        convert_checkpoint(src, out, max_shard_size="30KB", progress=False)
+    assert "config.json" not in os.listdir(out)
+    result = convert_checkpoint(src, out, max_shard_size="30KB", overwrite=True, progress=False)
+    assert result.reused_shards == 0                   # converted from scratch
+    fresh = convert_checkpoint(src, tmp_path / "fresh", max_shard_size="30KB", progress=False)
+    a, b = _tensors(out), _tensors(tmp_path / "fresh")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a) and fresh.reused_shards == 0
+
+
+def test_resume_rewrites_kept_shards_that_changed(fp8_32: Published, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A shard the interrupted run finished is kept only if it is untouched since (size and mtime recorded
+    in the marker when it was renamed into place); a damaged one is written again."""
+    out = tmp_path / "out"
+    _interrupted(fp8_32.path, out, monkeypatch)
+    kept = sorted(out.glob("model-*.safetensors"))
+    assert len(kept) == 2
+    damaged = kept[0]
+    data = bytearray(damaged.read_bytes())
+    data[-2] ^= 0xFF                                   # header intact, one value flipped
+    damaged.write_bytes(bytes(data))
+    result = convert_checkpoint(fp8_32.path, out, max_shard_size="30KB", progress=False)
+    assert result.reused_shards == 1
+    convert_checkpoint(fp8_32.path, tmp_path / "fresh", max_shard_size="30KB", progress=False)
+    a, b = _tensors(out), _tensors(tmp_path / "fresh")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_convert_refuses_non_finite_scales(fp8_32: Published, tmp_path: Path) -> None:
+    src = _copy_dir(fp8_32.path, tmp_path / "src")
+    key = "model.layers.0.self_attn.kv_a_proj_with_mqa.weight_scale_inv"
+    index = json.loads((src / INDEX_NAME).read_text())["weight_map"]
+    shard = src / index[key]
+    with CheckpointReader(shard) as r:
+        tensors = {k: r.read(k) for k in r.keys()}
+    tensors[key][1, 0] = float("nan")
+    save_safetensors_sharded(tensors, tmp_path / "one")
+    os.replace(tmp_path / "one" / "model.safetensors", shard)
+    for keep in (False, True):
+        with pytest.raises(CheckpointError, match=rf"{key}: 1 of \d+ FP8 block scales are not finite \(e\.g\. nan "
+                                                  r"at block \[1, 0\]\)"):
+            convert_checkpoint(src, tmp_path / f"out{keep}", keep_fp8=keep, progress=False)

@@ -278,3 +278,15 @@ def test_weight_scale_pairing() -> None:
         fp8_weight_pairs(keys | {"c.weight_scale_inv"})
     with pytest.raises(ValueError):
         scale_inv_key("a.bias")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_scales_are_an_error_naming_the_tensor(bad: float) -> None:
+    w, s = quantize_fp8_blocks(torch.randn(300, 200), (128, 128))
+    s[2, 1] = bad
+    with pytest.raises(CheckpointError, match=rf"x\.weight_scale_inv: 1 of 6 FP8 block scales are not finite "
+                                              rf"\(e\.g\. {bad} at block \[2, 1\]\)"):
+        dequantize_fp8_blocks(w, s, (128, 128), name="x.weight")
+    stacked = s.expand(2, 3, 2).clone()
+    with pytest.raises(CheckpointError, match=r"experts\.down_proj \(weight_scale_inv\): 2 of 12"):
+        dequantize_fp8_stacked(w.expand(2, 300, 200), stacked, (128, 128), name="experts.down_proj")

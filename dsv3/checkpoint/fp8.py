@@ -108,6 +108,11 @@ def scale_inv_key(weight_key: str) -> str:
     return weight_key + "_scale_inv"
 
 
+def scale_inv_name(weight_name: str) -> str:
+    """The scale's name for messages: `X.weight` -> `X.weight_scale_inv`, anything else + ' (weight_scale_inv)'."""
+    return weight_name + "_scale_inv" if weight_name.endswith(".weight") else f"{weight_name} (weight_scale_inv)"
+
+
 def is_scale_inv_key(key: str) -> bool:
     return key.endswith(SCALE_INV_SUFFIX)
 
@@ -140,6 +145,19 @@ def fp8_scale_shape(shape: tuple[int, int] | torch.Size, block_size: tuple[int, 
     return math.ceil(shape[0] / block_size[0]), math.ceil(shape[1] / block_size[1])
 
 
+def check_scales_finite(scale_inv: torch.Tensor, name: str) -> None:
+    """A weight_scale_inv holding inf or NaN would silently turn whole 128x128 blocks into inf/NaN weights
+    (and every activation they touch): refuse it, naming the tensor and the first bad block."""
+    bad = ~torch.isfinite(scale_inv)
+    if bad.any():
+        where = tuple(int(i) for i in bad.nonzero()[0].tolist())
+        value = scale_inv[where].item()
+        raise CheckpointError(
+            f"{name}: {int(bad.sum())} of {scale_inv.numel()} FP8 block scales are not finite (e.g. {value} at "
+            f"block {list(where)}); the checkpoint is corrupt or was quantised from a weight with inf/NaN — "
+            "re-download the shard holding this tensor.")
+
+
 def _check_block_size(block_size: tuple[int, int]) -> tuple[int, int]:
     if len(block_size) != 2 or not all(isinstance(b, int) and b > 0 for b in block_size):
         raise ValueError(f"block_size={block_size!r}: expected two positive integers such as (128, 128)")
@@ -163,6 +181,7 @@ def dequantize_fp8_blocks(weight: torch.Tensor, scale_inv: torch.Tensor,
             " "
             "Check quantization_config.weight_block_size in config.json, or re-download the shard holding "
             "this tensor.")
+    check_scales_finite(scale_inv, scale_inv_name(name))
     scale = scale_inv.to(device=weight.device, dtype=torch.float32)
     # Pad to whole blocks (a no-op view when already aligned); fresh fp32 buffer, so in-place is safe.
     if out_f == R * bo and in_f == C * bi:
@@ -199,6 +218,7 @@ def dequantize_fp8_stacked(weight: torch.Tensor, scale_inv: torch.Tensor,
             f"{tuple(weight.shape)} ({parts} part(s) of {o} rows each) with weight_block_size [{bo}, {bi}] needs "
             f"[{e}, {parts}*ceil({o}/{bo}), ceil({cols}/{bi})] = [{e}, {parts * R}, {C}]. Check "
             "quantization_config.weight_block_size in config.json.")
+    check_scales_finite(scale_inv, scale_inv_name(name))
     w = weight.reshape(e * parts, o, cols)                                     # [E*parts, o, cols]
     s = scale_inv.reshape(e * parts, R, C).to(device=weight.device, dtype=torch.float32)
     out = torch.empty(e * parts, o, cols, dtype=dtype, device=weight.device)
@@ -214,6 +234,31 @@ def dequantize_fp8_stacked(weight: torch.Tensor, scale_inv: torch.Tensor,
         x.view(-1, R, bo, C, bi).mul_(sb[:, :, None, :, None])                # [B, R, bo, C, bi] * [B, R, 1, C, 1]
         out[b: b + step] = x[:, :o, :cols]
     return out.view(e, rows, cols)
+
+
+def read_fp8_slice(reader: Any, weight_key: str, rows: tuple[int, int] | None = None,
+                   cols: tuple[int, int] | None = None, block_size: tuple[int, int] = (128, 128)
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows [r0, r1) / columns [c0, c1) of an FP8 weight [out, in] (or [E, out, in]) and the block rows /
+    columns of its `weight_scale_inv` that cover them, each read without the rest of the tensor
+    (`CheckpointReader.read_slice`): what one tensor-parallel rank loads. The range must start on a block
+    boundary and end on one (or at the edge), so the slice is itself a valid block-FP8 weight:
+    dequantize_fp8_blocks(*read_fp8_slice(...)) == dequantize_fp8_blocks(whole)[r0:r1, c0:c1]."""
+    bo, bi = _check_block_size(block_size)
+    shape = tuple(reader.shape(weight_key))
+    out_f, in_f = shape[-2:]
+    spans = []
+    for name, bounds, size, b in (("rows", rows, out_f, bo), ("cols", cols, in_f, bi)):
+        lo, hi = (0, size) if bounds is None else bounds
+        if lo % b or (hi % b and hi != size):
+            raise ValueError(f"read_fp8_slice({weight_key!r}): {name}=[{lo}, {hi}) must start and end on a multiple "
+                             f"of the block size {b} (or end at {size}); a slice through a block would need "
+                             "a scale the checkpoint does not have")
+        spans.append(((lo, hi), (lo // b, math.ceil(hi / b))))
+    weight = reader.read_slice(weight_key, spans[0][0], spans[1][0])
+    scale = reader.read_slice(scale_inv_key(weight_key), spans[0][1], spans[1][1])
+    check_scales_finite(scale, scale_inv_key(weight_key))
+    return weight, scale
 
 
 def quantize_fp8_blocks(weight: torch.Tensor, block_size: tuple[int, int] = (128, 128),

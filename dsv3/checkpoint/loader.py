@@ -16,6 +16,12 @@ FP8 checkpoints load in one of two ways (`fp8=`): "dequantize" (default) gives a
 `torch_dtype`; "keep" swaps the quantised linears and expert stacks for the FP8-holding modules of
 model/fp8_linear.py (weights 1 byte per value, dequantised per layer at run time — half the memory).
 
+Stored dtypes: config.json's torch_dtype describes the bulk of the weights, not every tensor, so any
+floating dtype (fp64/fp32/bf16/fp16) loads and is cast to the target — mixed storage is legitimate
+(DeepSeek keeps the router bias in fp32; an fp32 router stored as bf16 loads, with bf16's precision). FP8
+only loads together with its weight_scale_inv and a quantization_config. Integer, bool and complex
+tensors are a CheckpointError naming the tensor: casting them would silently load garbage.
+
 MTP: the checkpoint's layer `num_hidden_layers` feeds a model's `mtp.*` tensors. A checkpoint without it
 loads too (the model is built with mtp=False); `load_mtp=False` skips it on purpose (2 % of V3's weights).
 """
@@ -38,6 +44,7 @@ from dsv3.checkpoint.errors import CheckpointError
 from dsv3.checkpoint.fp8 import (
     FP8_DTYPES,
     Fp8Spec,
+    check_scales_finite,
     dequantize_fp8_blocks,
     dequantize_fp8_stacked,
     fp8_scale_shape,
@@ -156,6 +163,7 @@ def prepare_load(cls: type, reader: CheckpointReader, config: DeepseekV3Config, 
                     len(plan.mtp_keys), n_layers)
     for name, source in plan.sources.items():
         _check_shapes(reader, source, name, tuple(targets[name].shape))
+        _check_dtypes(reader, source, name, targets[name].dtype)
     return PreparedLoad(model, config, plan, names, targets, scales, spec)
 
 
@@ -336,6 +344,20 @@ def _check_shapes(reader: CheckpointReader, source: Source, name: str, shape: tu
                               f"{shape}. Check that config.json belongs to these weights.")
 
 
+def _check_dtypes(reader: CheckpointReader, source: Source, name: str, target: torch.dtype) -> None:
+    """Stored dtypes that load into a `target` tensor (see "Stored dtypes" in the module docstring)."""
+    for key in source.keys():
+        got = reader.dtype(key)
+        if not target.is_floating_point or target in _FP8 or got in _FP8:   # FP8 pairs: see _fp8_pairs
+            continue
+        if not got.is_floating_point or got.is_complex:
+            raise CheckpointError(
+                f"{reader.file_of(key)}: tensor {key} is stored as {got}, but it is a floating-point weight "
+                f"of the model ({name}); integer, bool and complex data cannot be loaded as weights — an integer "
+                "tensor here means a quantised format dsv3 does not read or a corrupt header. Use a bf16/fp16/"
+                "fp32 or block-FP8 checkpoint (quantization_config with weight_scale_inv tensors).")
+
+
 # -- phase 2 helpers ----------------------------------------------------------------------------------------
 def _bytes_read(reader: CheckpointReader, key: str, dtype: torch.dtype, prep: PreparedLoad) -> int:
     """File bytes behind one piece: the tensor, plus its scale when it is dequantised on load."""
@@ -351,6 +373,8 @@ def _read_piece(reader: CheckpointReader, key: str, dst: torch.Tensor, prep: Pre
             reader.read(key, out=dst)               # file bytes straight into the parameter
         else:
             dst.copy_(reader.read(key).view(dst.shape))
+        if key.endswith(SCALE_SUFFIX):              # fp8="keep": the scale is held as loaded
+            check_scales_finite(dst, key)
         return
     assert prep.spec is not None
     weight = reader.read(key).to(dst.device)

@@ -11,11 +11,20 @@ parses, every shard it names exists and holds the tensors it claims, and every f
 and its tensor data exactly fills the file. We parse the headers ourselves (a few KB per file) because
 the usual failure is a truncated or half-downloaded shard, and the cheap header-vs-size comparison names
 the file, the tensor that is cut off, and how many bytes are missing — instead of a bare error from
-deep inside a load an hour later. Data then comes from `safetensors.safe_open(framework="pt")`, which
-mmaps the file: `get` returns a tensor backed by the page cache, no copy in Python. `read` instead copies
-a tensor with plain `pread`s straight into a destination tensor (the loader's final parameter): pages of
-an mmap stay resident and count towards the process's memory until it is unmapped, so a loader that
-went through the mmap would briefly hold the file *and* the model — two copies of the weights.
+deep inside a load an hour later; our parse also gives the byte offsets `read` needs. Before the first
+data access to a file, `safetensors.safe_open(framework="pt")` opens it too: safetensors' own header
+validation (the rules every other reader applies), cross-checked against ours. Opening maps the file
+without reading it (not done at construction: a header-only check of a 700 GB checkpoint must not map it).
+
+Three ways to get data, none of which needs numpy (not a dsv3 dependency; bytes move through
+`byte_view`, a ctypes view of a tensor's own memory):
+* `read` copies a tensor with plain `pread`s straight into a destination tensor (the loader's final
+  parameter): pages of an mmap stay resident and count towards the process's memory until it is unmapped,
+  so a loader that went through the mmap would briefly hold the file *and* the model — two copies.
+* `read_slice` returns rows [a, b) and/or columns [c, d) through `get_slice`, touching only the pages of
+  those rows — what a tensor-parallel rank loading its shard needs (`fp8.read_fp8_slice` adds the scale
+  block rows of an FP8 weight). The slice is copied out of the mapping.
+* `get` / `get_slice` hand out safetensors' mmap-backed tensor / lazy slice as they are.
 
 Writing. `save_safetensors_sharded` streams: tensors are grouped into shards in the order given, and a
 shard is written as soon as it is full, so at most one shard's tensors are held (for a generator
@@ -32,13 +41,13 @@ are removed afterwards, in an order where the reader's view of the directory sta
 
 from __future__ import annotations
 
+import ctypes
 import difflib
 import json
 import logging
 import math
 import os
 import re
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +58,7 @@ from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 from typing_extensions import Self
 
+from dsv3.checkpoint.atomic import create_temp_file
 from dsv3.checkpoint.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -82,6 +92,19 @@ class TensorInfo:
     @property
     def nbytes(self) -> int:
         return self.end - self.begin
+
+
+def byte_view(t: torch.Tensor) -> memoryview:
+    """A writable memoryview of a contiguous CPU tensor's bytes — its own memory, no copy and no numpy.
+
+    torch tensors do not export the buffer protocol and `Tensor.numpy()` needs numpy, which dsv3 does not
+    depend on; ctypes wraps the data pointer instead. The view does not keep `t` alive: the caller holds it."""
+    if t.device.type != "cpu" or not t.is_contiguous():
+        raise ValueError(f"byte_view needs a contiguous CPU tensor, got {t.device} contiguous={t.is_contiguous()}")
+    nbytes = t.numel() * t.element_size()
+    if nbytes == 0:
+        return memoryview(bytearray())
+    return memoryview((ctypes.c_char * nbytes).from_address(t.data_ptr())).cast("B")
 
 
 def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[str, str]]:
@@ -162,6 +185,27 @@ def _parse_entry(path: Path, key: str, entry: Any) -> TensorInfo:
     return TensorInfo(dtype, shape, begin, end)
 
 
+def _open_validated(path: Path, infos: Mapping[str, TensorInfo]) -> Any:
+    """`safe_open` the file (safetensors' own header validation) and check it sees what our parser saw.
+
+    Our parser runs first because it names the truncated tensor and the missing byte count; safetensors'
+    checks are the reference for everything else (its rules are the ones every other reader applies)."""
+    try:
+        handle = safe_open(str(path), framework="pt", device="cpu")
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: safetensors rejects the file ({e}); {_FIX}.") from e
+    except RuntimeError as e:             # torch could not map it (e.g. larger than the memory it may map)
+        raise CheckpointError(f"{path}: cannot map the file ({e})") from e
+    if set(handle.keys()) != set(infos):
+        raise CheckpointError(f"{path}: safetensors and dsv3 disagree on the tensor names in the header; {_FIX}.")
+    for key, info in infos.items():
+        sl = handle.get_slice(key)
+        if tuple(sl.get_shape()) != info.shape or DTYPES.get(sl.get_dtype()) != info.dtype:
+            raise CheckpointError(f"{path}: tensor {key}: safetensors reads {sl.get_dtype()} {sl.get_shape()}, "
+                                  f"dsv3 {DTYPE_NAMES[info.dtype]} {list(info.shape)}; {_FIX}.")
+    return handle
+
+
 class CheckpointReader:
     """Validated, mmap-backed access to `model.safetensors` or an indexed set of shards in a directory.
 
@@ -177,9 +221,11 @@ class CheckpointReader:
         self._handles: dict[Path, Any] = {}
         self._data_start: dict[Path, int] = {}
         self._fds: dict[Path, int] = {}
+        self._file_infos: dict[Path, dict[str, TensorInfo]] = {}
         by_file = self._locate()
         for path, keys in by_file.items():
             infos, metadata, self._data_start[path] = _read_header(path)
+            self._file_infos[path] = infos
             if keys is None:                         # single file: everything in it
                 keys = list(infos)
             absent = [k for k in keys if k not in infos]
@@ -298,15 +344,12 @@ class CheckpointReader:
 
     # -- data (mmap) ---------------------------------------------------------------------------------------
     def _handle(self, key: str) -> tuple[Path, Any]:
+        """The file's `safe_open` handle, opened (and its header validated by safetensors) on first use."""
         self._info(key)
         path = self._key_file[key]
         handle = self._handles.get(path)
         if handle is None:
-            try:
-                handle = safe_open(str(path), framework="pt", device="cpu")
-            except (SafetensorError, OSError) as e:
-                raise CheckpointError(f"{path}: safetensors cannot open the file ({e}); {_FIX}.") from e
-            self._handles[path] = handle
+            handle = self._handles[path] = _open_validated(path, self._file_infos[path])
         return path, handle
 
     def get(self, key: str) -> torch.Tensor:
@@ -325,6 +368,35 @@ class CheckpointReader:
         except SafetensorError as e:
             raise CheckpointError(f"{path}: cannot read tensor {key} ({e}); {_FIX}.") from e
 
+    def read_slice(self, key: str, rows: tuple[int, int] | None = None, cols: tuple[int, int] | None = None,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows [r0, r1) and/or columns [c0, c1) of a 2-D (or stacked 3-D: the last two dims) tensor, read
+        through `get_slice` — only the bytes of those rows are touched, not the whole tensor (what a
+        tensor-parallel rank loading its shard needs). Returns a private copy, or fills `out`."""
+        info = self._info(key)
+        if len(info.shape) < 2:
+            raise ValueError(f"read_slice({key!r}): needs a tensor of 2 or more dims, it has shape {list(info.shape)}")
+        index = []
+        for name, bounds, size in (("rows", rows, info.shape[-2]), ("cols", cols, info.shape[-1])):
+            lo, hi = (0, size) if bounds is None else bounds
+            if not (isinstance(lo, int) and isinstance(hi, int) and 0 <= lo <= hi <= size):
+                raise ValueError(f"read_slice({key!r}): {name}={bounds!r} is not a range [a, b) within "
+                                 f"[0, {size}] (tensor shape {list(info.shape)})")
+            index.append(slice(lo, hi))
+        path, handle = self._handle(key)
+        try:
+            part = handle.get_slice(key)[(*([slice(None)] * (len(info.shape) - 2)), *index)]
+        except SafetensorError as e:
+            raise CheckpointError(f"{path}: cannot read tensor {key} ({e}); {_FIX}.") from e
+        # `part` is a view into the file's mapping (only its own pages are read when touched): copy those
+        # out, so the result neither pins the mapping nor shares pages with it.
+        if out is None:
+            return part.clone(memory_format=torch.contiguous_format)
+        if out.dtype != part.dtype or tuple(out.shape) != tuple(part.shape):
+            raise ValueError(f"read_slice({key!r}): out must be {part.dtype} {list(part.shape)}, got {out.dtype} "
+                             f"{list(out.shape)}")
+        return out.copy_(part)
+
     def read(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor:
         """A private copy of the tensor, read with `pread` (no mmap): into `out` when given (a contiguous CPU
         tensor of the same dtype and element count, e.g. a slice of a stacked parameter), else a new one."""
@@ -340,11 +412,12 @@ class CheckpointReader:
         path = self._key_file[key]
         fd = self._fds.get(path)
         if fd is None:
+            self._handle(key)                               # safetensors' header checks, once per file
             try:
                 fd = self._fds[path] = os.open(path, os.O_RDONLY)
             except OSError as e:
                 raise CheckpointError(f"{path}: cannot open the file ({e}); {_FIX}.") from e
-        view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+        view = byte_view(out)
         offset, done = self._data_start[path] + info.begin, 0
         while done < info.nbytes:                           # one pread returns at most ~2 GiB on Linux
             try:
@@ -417,7 +490,7 @@ def write_safetensors_file(path: str | os.PathLike, entries: Iterable[tuple[str,
             data = t.detach().to("cpu").resolve_conj().contiguous()
             del t
             if data.numel():
-                f.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
+                f.write(byte_view(data))             # the tensor's own memory: no copy
             on_bytes(lazy.nbytes)
             del data
         f.flush()
@@ -431,9 +504,10 @@ def _write_safetensors_file(path: Path, items: list[tuple[str, torch.Tensor]], m
 
 
 def _temp_path(directory: Path, stem: str) -> Path:
-    fd, name = tempfile.mkstemp(prefix=f"{_TMP_PREFIX}{stem}-", suffix=".tmp", dir=directory)
+    """A new empty hidden file in `directory` (mode 0o666 minus the umask, as the final file should have)."""
+    fd, path = create_temp_file(directory, prefix=f"{_TMP_PREFIX}{stem}-", suffix=".tmp")
     os.close(fd)
-    return Path(name)
+    return path
 
 
 def _check_tensor(key: Any, t: Any, seen: set[str]) -> None:

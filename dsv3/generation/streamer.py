@@ -1,16 +1,27 @@
 """Streaming decoded text while `generate()` runs, with transformers' `TextStreamer` protocol.
 
 `generate()` calls `put(token_ids)` once with the prompt and then once per step with the new token(s),
-and `end()` when it stops. The streamer keeps the ids of the current line, decodes them all again on
-every `put` (decoding a lone token is wrong for byte-level BPE, where one character can span several
-tokens), and emits only text that can no longer change:
+and `end()` when it stops. Text is decoded *incrementally*: each token costs a bounded amount of work,
+however long the line (transformers' TextStreamer re-decodes the whole current line on every token, which
+is quadratic in the line length — and a server streams many lines at once):
 
-    text ends with "\n"            → emit the rest and start a new line (the id cache is cleared)
+* a tokenizer with a Rust backend (`tokenizers.Tokenizer`, or `.backend_tokenizer` as dsv3's and
+  transformers' fast tokenizers have) is fed to `tokenizers.decoders.DecodeStream`;
+* any other object with `decode(ids, **kwargs)`, or decode kwargs other than `skip_special_tokens`, uses the
+  same algorithm in Python: decode a short window `ids[prefix:]` and its head `ids[prefix:read]`, emit the
+  difference once it does not end in U+FFFD (an incomplete UTF-8 sequence), then slide the window.
+
+Of the decoded text the streamer emits, exactly as transformers' TextStreamer does, only what can no
+longer change:
+
+    text ends with "\n"            → emit the rest and start a new line
     last char is a CJK ideograph   → emit the rest (such scripts have no spaces between words)
     otherwise                      → emit up to and including the last space
 
-An incomplete UTF-8 sequence at the end decodes to U+FFFD, which is neither a newline, nor CJK, nor a
-space, so it stays buffered until the next token completes it. `end()` flushes whatever is left.
+Only the not-yet-emitted tail of the line is kept (`pending`), plus the few ids an incomplete character
+holds back: their provisional text (complete characters, then U+FFFD) takes part in the rules above as
+it does in a full decode, so a space before a split character is emitted at the same step; `end()`
+flushes it all (U+FFFD included, as transformers prints it).
 
 `TextStreamer` writes to a text stream (stdout by default); `TextIteratorStreamer` puts the pieces on
 a queue and is iterated by a consumer thread (server, CLI) while `generate()` runs in another.
@@ -19,12 +30,17 @@ Batch size 1 only: a line of text has one writer.
 
 from __future__ import annotations
 
+import logging
 import queue
 import sys
 from collections.abc import Sequence
 from typing import Any, Protocol, TextIO
 
 import torch
+from tokenizers import Tokenizer
+from tokenizers.decoders import DecodeStream
+
+logger = logging.getLogger(__name__)
 
 
 class SupportsDecode(Protocol):
@@ -43,6 +59,50 @@ def _is_cjk(cp: int) -> bool:
         or 0xF900 <= cp <= 0xFAFF
         or 0x2F800 <= cp <= 0x2FA1F
     )
+
+
+class IncrementalDecoder:
+    """Token ids in, newly final text out, with bounded work per token (see the module docstring)."""
+
+    def __init__(self, tokenizer: Any, **decode_kwargs: Any) -> None:
+        backend = tokenizer if isinstance(tokenizer, Tokenizer) else getattr(tokenizer, "backend_tokenizer", None)
+        rust_kwargs = set(decode_kwargs) <= {"skip_special_tokens", "clean_up_tokenization_spaces"}
+        self.backend: Tokenizer | None = backend if isinstance(backend, Tokenizer) and rust_kwargs else None
+        self.tokenizer = tokenizer
+        self.decode_kwargs = decode_kwargs
+        self.skip_special_tokens = bool(decode_kwargs.get("skip_special_tokens", False))
+        logger.debug("streaming with %s", "tokenizers.DecodeStream" if self.backend is not None else
+                     f"windowed {type(tokenizer).__name__}.decode")
+        self.reset()
+
+    def reset(self) -> None:
+        self.stream = DecodeStream(skip_special_tokens=self.skip_special_tokens) if self.backend is not None else None
+        self.ids: list[int] = []        # window of the Python path: ids[prefix:] are still needed
+        self.prefix = self.read = 0
+        self.held: list[int] = []        # ids whose text an incomplete character holds back
+
+    def step(self, token_id: int) -> str | None:
+        if self.stream is not None:
+            chunk = self.stream.step(self.backend, token_id)
+        else:
+            self.ids.append(token_id)
+            head = self.tokenizer.decode(self.ids[self.prefix:self.read], **self.decode_kwargs)
+            text = self.tokenizer.decode(self.ids[self.prefix:], **self.decode_kwargs)
+            chunk = None
+            if len(text) > len(head) and not text.endswith("\ufffd"):
+                chunk = text[len(head):]
+                del self.ids[:self.read]                 # keep ids[read:] as the next window's head
+                self.prefix, self.read = 0, len(self.ids)
+        if chunk is None:
+            self.held.append(token_id)
+        else:
+            self.held.clear()
+        return chunk
+
+    def held_text(self) -> str:
+        """Provisional text of the held-back ids: complete characters, then U+FFFD for the incomplete one
+        (what a full decode shows at this point). Bounded: a character spans at most a few tokens."""
+        return self.tokenizer.decode(self.held, **self.decode_kwargs) if self.held else ""
 
 
 class TextStreamer:
@@ -64,8 +124,9 @@ class TextStreamer:
         self.skip_prompt = skip_prompt
         self.decode_kwargs = decode_kwargs
         self.file = file
-        self.token_cache: list[int] = []
-        self.print_len = 0
+        self.decoder = IncrementalDecoder(tokenizer, **decode_kwargs)
+        self.pending = ""                   # decoded text of the current line not yet emitted
+        self.ahead = 0                      # chars of the held-back text already emitted
         self.next_tokens_are_prompt = True
 
     @staticmethod
@@ -94,29 +155,29 @@ class TextStreamer:
             self.next_tokens_are_prompt = False
             return
         self.next_tokens_are_prompt = False
-        self.token_cache.extend(ids)
-        text = self.tokenizer.decode(self.token_cache, **self.decode_kwargs)
-        if text.endswith("\n"):
-            printable = text[self.print_len :]
-            self.token_cache = []
-            self.print_len = 0
-        elif text and _is_cjk(ord(text[-1])):
-            printable = text[self.print_len :]
-            self.print_len += len(printable)
+        seen = len(self.pending)               # `pending` never holds a space: search only what is new
+        for token_id in ids:
+            chunk = self.decoder.step(token_id)
+            if chunk is not None:
+                self.pending += chunk[self.ahead:]
+                self.ahead = 0
+        tail = self.decoder.held_text()[self.ahead:]
+        text = self.pending + tail
+        if text.endswith("\n") or (text and _is_cjk(ord(text[-1]))):
+            cut = len(text)
         else:
-            # Words may still change with the next token (and U+FFFD may still become a character).
-            printable = text[self.print_len : text.rfind(" ") + 1]
-            self.print_len += len(printable)
-        self.on_finalized_text(printable)
+            cut = text.rfind(" ", seen) + 1    # words may still change with the next token
+        # Text emitted out of `tail` (a space before an incomplete character, as a full decode shows it) is
+        # skipped when the completed chunk arrives.
+        self.ahead += max(0, cut - len(self.pending))
+        self.pending = self.pending[cut:]
+        self.on_finalized_text(text[:cut])
 
     def end(self) -> None:
         """Flush what is left, then signal the end of the stream; ready for the next prompt."""
-        printable = ""
-        if self.token_cache:
-            text = self.tokenizer.decode(self.token_cache, **self.decode_kwargs)
-            printable = text[self.print_len :]
-        self.token_cache = []
-        self.print_len = 0
+        printable = self.pending + self.decoder.held_text()[self.ahead:]
+        self.decoder.reset()
+        self.pending, self.ahead = "", 0
         self.next_tokens_are_prompt = True
         self.on_finalized_text(printable, stream_end=True)
 
@@ -163,8 +224,8 @@ class TextIteratorStreamer(TextStreamer):
 
     def abort(self, error: BaseException) -> None:
         """Make the consumer raise `error` (e.g. the exception that stopped `generate()`)."""
-        self.token_cache = []
-        self.print_len = 0
+        self.decoder.reset()
+        self.pending, self.ahead = "", 0
         self.next_tokens_are_prompt = True
         self.text_queue.put(_Failure(error), timeout=self.timeout)
 
