@@ -52,6 +52,9 @@ class LatentCache:
             raise ValueError(f"crop({length}): cache holds {self._length} tokens")
         self._length = length
 
+    def check(self, batch_size: int, dtype: torch.dtype) -> None:
+        """Raise a ValueError naming the fix when this cache cannot hold a batch of this size and dtype."""
+
     def update(self, layer_idx: int, latent: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
@@ -112,6 +115,14 @@ class StaticLatentCache(LatentCache):
             raise ValueError(f"StaticLatentCache holds {self._max} tokens; {self._length} are filled and "
                              f"{num_new} more were given. Allocate a larger max_cache_len.")
         return super().begin(num_new)
+
+    def check(self, batch_size: int, dtype: torch.dtype) -> None:
+        buf = self.layers[0]
+        assert buf is not None
+        if buf.shape[0] != batch_size or buf.dtype != dtype:
+            raise ValueError(f"StaticLatentCache holds batch {buf.shape[0]} in {buf.dtype} but the model runs batch "
+                             f"{batch_size} in {dtype}; create it with StaticLatentCache(config, batch_size="
+                             f"{batch_size}, max_cache_len, dtype={dtype})")
 
     def update(self, layer_idx: int, latent: torch.Tensor) -> torch.Tensor:
         start = self._length
