@@ -107,7 +107,6 @@ def test_speculative_requires_an_mtp_module() -> None:
         generate(model, torch.tensor([[1, 2, 3]]), max_new_tokens=3, use_mtp=True)
 
 
-@pytest.mark.xfail(strict=True, reason="cache slots still count as positions; explicit cache positions fix it")
 @pytest.mark.parametrize("max_new", [50, 54])   # 10 + 54 = exactly the context of 64 positions
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
 def test_speculation_reaches_the_context_limit(max_new: int, cache: str) -> None:

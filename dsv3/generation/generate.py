@@ -224,8 +224,7 @@ def generate(
     if use_mtp:
         from dsv3.generation.speculative import speculative_generate
 
-        # Two cache slots per iteration (the fed token and the draft), whatever is accepted.
-        cache = make_cache(model, cache_implementation, b, t + 2 * max_new + 2)
+        cache = make_cache(model, cache_implementation, b, t + max_new)   # rejected drafts' slots are reclaimed
         sequences, stats = speculative_generate(model, input_ids, attention_mask, max_new, sampling, eos, pad,
                                                 cache, generator, streamer)
         if return_dict_in_generate:

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsv3.cache import LatentCache
+from dsv3.cache import LatentCacheView
 from dsv3.config import DeepseekV3Config
 from dsv3.model.fp8_linear import linear_weight
 from dsv3.model.norm import RMSNorm
@@ -52,26 +52,28 @@ def choose_path(config: DeepseekV3Config, s: int, t: int, path: str = "auto") ->
     return "absorbed" if absorbed < naive else "naive"
 
 
-def build_attention_mask(attention_mask: torch.Tensor | None, start: int, s: int,
-                         device: torch.device) -> torch.Tensor | None:
-    """Boolean mask [B, 1, S, T] (True = may attend) or None when plain causal attention suffices.
+def build_attention_mask(attention_mask: torch.Tensor | None, start: int, s: int, device: torch.device,
+                         positions: torch.Tensor | None = None, span: int | None = None) -> torch.Tensor | None:
+    """Boolean mask [B|1, 1, S, T] (True = may attend) or None when plain causal attention suffices.
 
-    attention_mask is the 2-D padding mask over all T = start + S positions (1 = real token).
-    None is returned only when there is no padding and either S == 1 or start == 0, the two cases
-    where SDPA's own causal flag (or no mask) is exact. A padding query sees no key at all: as in
-    transformers' eager attention, its row of scores is filled with the dtype's minimum, so its
-    softmax is uniform over all T keys (see `masked_scores`).
+    Queries sit at slots start..start+S-1 of every row, or at `positions` [B, S] when rows differ (then
+    T = span keys are read); a query at slot p sees key slots k <= p. attention_mask is the 2-D padding
+    mask over the T slots (1 = real token). None is returned only when the queries share their slots,
+    there is no padding and either S == 1 or start == 0, where SDPA's own causal flag (or no mask) is
+    exact. A padding query sees no key at all: as in transformers' eager attention, its row of scores is
+    filled with the dtype's minimum, so its softmax is uniform over all T keys.
     """
-    t = start + s
-    if attention_mask is None and (s == 1 or start == 0):
+    t = start + s if span is None else span
+    if positions is None and attention_mask is None and (s == 1 or start == 0) and t == start + s:
         return None
-    q_pos = torch.arange(start, t, device=device)[:, None]
-    k_pos = torch.arange(t, device=device)[None, :]
-    mask = k_pos <= q_pos                                         # [S, T] causal
+    k_pos = torch.arange(t, device=device)
+    if positions is None:
+        mask = (k_pos[None, :] <= torch.arange(start, start + s, device=device)[:, None])[None]   # [1, S, T]
+    else:
+        mask = k_pos[None, None, :] <= positions[:, :, None]                                   # [B, S, T]
     if attention_mask is not None:
-        keep = attention_mask[:, :t].to(device=device, dtype=torch.bool)[:, None, :]   # [B, 1, T]
-        return (mask[None] & keep)[:, None]                       # [B, 1, S, T]
-    return mask[None, None]
+        mask = mask & attention_mask[:, :t].to(device=device, dtype=torch.bool)[:, None, :]   # [B, S, T]
+    return mask[:, None]
 
 
 def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -118,7 +120,7 @@ class MultiHeadLatentAttention(nn.Module):
         self.scale = config.softmax_scale
 
     def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, mask: torch.Tensor | None,
-                cache: LatentCache | None = None, path: str = "auto",
+                cache: LatentCacheView | None = None, path: str = "auto",
                 attention_sink: list[torch.Tensor] | None = None) -> torch.Tensor:
         """attention_sink: receives this layer's attention probabilities [B, H, S, T] (output_attentions)."""
         b, s, _ = x.shape

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from dsv3.cache import DynamicLatentCache, LatentCache
+from dsv3.cache import CacheStep, DynamicLatentCache, LatentCache, LatentCacheView
 from dsv3.config import DeepseekV3Config
 from dsv3.model.attention import MultiHeadLatentAttention, build_attention_mask
 from dsv3.model.moe import MoE, RouterOutput, SwiGLU
@@ -75,7 +75,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, h: torch.Tensor, freqs_cis: torch.Tensor, mask: torch.Tensor | None,
-                cache: LatentCache | None = None, mla_path: str = "auto", moe_dispatch: str = "auto",
+                cache: LatentCacheView | None = None, mla_path: str = "auto", moe_dispatch: str = "auto",
                 router_sink: list[RouterOutput] | None = None,
                 attention_sink: list[torch.Tensor] | None = None) -> torch.Tensor:
         h = h + self.self_attn(self.input_layernorm(h), freqs_cis, mask, cache, mla_path, attention_sink)
@@ -86,7 +86,7 @@ class DecoderLayer(nn.Module):
 
 
 def run_layer(layer: nn.Module, h: torch.Tensor, freqs_cis: torch.Tensor, mask: torch.Tensor | None,
-              cache: LatentCache | None, mla_path: str, moe_dispatch: str, router_sink: list[RouterOutput] | None,
+              cache: LatentCacheView | None, mla_path: str, moe_dispatch: str, router_sink: list[RouterOutput] | None,
               checkpointed: bool, attention_sink: list[torch.Tensor] | None = None) -> torch.Tensor:
     """One decoder layer, under activation checkpointing when asked (and gradients are on)."""
     if not (checkpointed and torch.is_grad_enabled()) or attention_sink is not None:
@@ -182,7 +182,10 @@ class DeepseekV3Model(PreTrainedMixin, nn.Module):
         check_inputs: bool = True,
         output_attentions: bool = False,
     ) -> BaseModelOutput | tuple[Any, ...]:
-        """check_inputs=False skips the host reads that validate ids and detect all-ones masks
+        """past_key_values: a LatentCache; the new tokens go to `cache_position` ([S] shared or [B, S] per row:
+        the cache writes where it is told) or, by default, after each row's last cached token (rows may
+        hold different numbers of tokens, see dsv3.cache). position_ids default to those slots.
+        check_inputs=False skips the host reads that validate ids and detect all-ones masks
         (generate() validates once per prompt and then calls the model with it off).
         output_attentions: return each layer's attention probabilities [B, H, S, T] (computed eagerly)."""
         if (input_ids is None) == (inputs_embeds is None):
@@ -209,42 +212,39 @@ class DeepseekV3Model(PreTrainedMixin, nn.Module):
         cache = past_key_values
         if cache is None and use_cache:
             cache = DynamicLatentCache.for_config(self.config)
+        device = inputs_embeds.device
         if cache is not None:
             cache.check(b, inputs_embeds.dtype)
-        start = cache.get_seq_length() if cache is not None else 0
-        if start + s > self.config.max_position_embeddings:
-            raise ValueError(f"{start} cached + {s} new tokens exceed max_position_embeddings="
+            step = cache.plan(b, s, device, cache_position)
+        else:
+            step = CacheStep(s, 0, s)
+        if step.span > self.config.max_position_embeddings:
+            raise ValueError(f"{step.span - s} cached + {s} new tokens exceed max_position_embeddings="
                              f"{self.config.max_position_embeddings}; shorten the prompt or max_new_tokens")
-        device = inputs_embeds.device
         if position_ids is None:
-            base = cache_position if cache_position is not None else torch.arange(start, start + s, device=device)
-            position_ids = base.view(1, s).expand(b, s)
-        elif position_ids.dim() == 1:
+            position_ids = cache_position if cache_position is not None else step.slots(b, device)
+        if position_ids.dim() == 1:
             position_ids = position_ids.view(1, s).expand(b, s)
         if attention_mask is not None:
-            if attention_mask.dim() != 2 or attention_mask.shape[0] != b or attention_mask.shape[1] < start + s:
+            if attention_mask.dim() != 2 or attention_mask.shape[0] != b or attention_mask.shape[1] < step.span:
                 raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}: expected a 2-D padding "
-                                 f"mask [batch={b}, cached+new={start + s}]")
-            if check_inputs and not torch.compiler.is_compiling() and bool(attention_mask[:, : start + s].all()):
+                                 f"mask [batch={b}, cached+new={step.span}]")
+            if check_inputs and not torch.compiler.is_compiling() and bool(attention_mask[:, : step.span].all()):
                 attention_mask = None   # no padding: let attention use its causal fast path
-        mask = build_attention_mask(attention_mask, start, s, device)
+        mask = build_attention_mask(attention_mask, step.start, s, device, step.positions, step.span)
         freqs_cis = self.rotary_emb(position_ids)
         router_sink: list[RouterOutput] | None = [] if output_router_outputs else None
         attention_sink: list[torch.Tensor] | None = [] if output_attentions else None
         all_hidden: list[torch.Tensor] = []
         h = inputs_embeds
+        view = cache.view(step) if cache is not None else None
+        for layer in self.layers:
+            if output_hidden_states:
+                all_hidden.append(h)
+            h = run_layer(layer, h, freqs_cis, mask, view, mla_path, moe_dispatch, router_sink,
+                          checkpointed=self.gradient_checkpointing and self.training, attention_sink=attention_sink)
         if cache is not None:
-            cache.begin(s)
-        try:
-            for layer in self.layers:
-                if output_hidden_states:
-                    all_hidden.append(h)
-                h = run_layer(layer, h, freqs_cis, mask, cache, mla_path, moe_dispatch, router_sink,
-                              checkpointed=self.gradient_checkpointing and self.training,
-                              attention_sink=attention_sink)
-        finally:
-            if cache is not None:
-                cache.end()
+            cache.commit(step)
         h = self.norm(h)
         if output_hidden_states:
             all_hidden.append(h)
