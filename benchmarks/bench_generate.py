@@ -7,7 +7,7 @@ the process holds one copy (≈4.7 GB) and both models compute with identical we
 
 Measured, for each implementation (dsv3 eager / compiled / with CPU kernels, transformers):
 - decode tokens/s at each batch size × context: both caches are filled directly with the same
-  random latents for a context of T tokens (dsv3: StaticLatentCache.begin/update/end; transformers:
+  random latents for a context of T tokens (dsv3: StaticLatentCache.plan/update/commit; transformers:
   its DeepseekV3 cache holds the compressed latents, `update(kv_nope [B,1,T,r], k_rot [B,1,T,dr],
   layer)`), then single-token steps through each model's own forward are timed (median step);
   filling long contexts by prefill would take transformers minutes at 8192.
@@ -105,10 +105,10 @@ def random_latent(config: Any, batch: int, context: int, layer: int, dtype: torc
 
 def fill_dsv3_cache(model: DeepseekV3ForCausalLM, batch: int, context: int, extra: int) -> Any:
     cache = make_cache(model, "static", batch, context + extra)
-    cache.begin(context)
+    step = cache.plan(batch, context, model.device)
     for layer in range(cache.num_layers):
-        cache.update(layer, random_latent(model.config, batch, context, layer, model.dtype))
-    cache.end()
+        cache.update(layer, random_latent(model.config, batch, context, layer, model.dtype), step)
+    cache.commit(step)
     return cache
 
 
@@ -464,7 +464,7 @@ def summarise(args: argparse.Namespace, config: DeepseekV3Config, bandwidth: flo
                      read_bandwidth_gbs=bandwidth, bandwidth_method=bw_method, bf16_matmul_gflops=gemm_peak,
                      torch=torch.__version__),
         method=(f"decode: both caches filled directly with the same random latents for T tokens (dsv3 "
-                f"StaticLatentCache.begin/update/end; transformers DynamicCache.update(kv_nope [B,1,T,{r}], "
+                f"StaticLatentCache.plan/update/commit; transformers DynamicCache.update(kv_nope [B,1,T,{r}], "
                 f"k_rot [B,1,T,{dr}], layer)), then single-token steps through each model's own forward, "
                 f"{WARMUP} untimed, median of up to {args.steps} timed (time budget {args.budget_s:g} s, at least "
                 f"{MIN_STEPS}); GB/s = bytes a step must read (weights incl. the distinct routed experts selected, "

@@ -66,14 +66,14 @@ def test_absorbed_equals_naive_at_any_start() -> None:
         for path in ("naive", "absorbed"):
             cache = DynamicLatentCache(model.config.num_hidden_layers)
             if start:
-                cache.begin(start)
+                step = cache.plan(2, start, x.device)
                 cache.update(1, torch.randn(2, start, model.config.kv_cache_dim,
-                                            generator=torch.Generator().manual_seed(start)))
-                cache.end()
-            cache.begin(s)
+                                            generator=torch.Generator().manual_seed(start)), step)
+                cache.commit(step)
+            step = cache.plan(2, s, x.device)
             m = build_attention_mask(mask, start, s, x.device)
             with torch.no_grad():
-                out[path] = attn(x[:, :s], rope(pos), m, cache, path)
+                out[path] = attn(x[:, :s], rope(pos), m, cache.view(step), path)
         assert_close(out["absorbed"], out["naive"], 1e-5, f"start={start} s={s}")
 
 
@@ -159,7 +159,7 @@ def test_static_cache_reads_only_filled_tokens_and_rejects_overflow() -> None:
     ids = torch.randint(0, model.config.vocab_size, (1, 6))
     with torch.no_grad():
         model(ids, past_key_values=cache, use_cache=True)
-        latent = cache.update(0, torch.zeros(1, 0, model.config.kv_cache_dim))
+        latent = cache.update(0, torch.zeros(1, 0, model.config.kv_cache_dim), cache.plan(1, 0, ids.device))
     assert latent.shape[1] == 6   # a read covers the filled prefix, not the reserved 8
     with pytest.raises(ValueError, match="max_cache_len"):
         model(torch.zeros(1, 3, dtype=torch.long), past_key_values=cache, use_cache=True)

@@ -54,8 +54,7 @@ def test_logits_and_loss_match_transformers(name: str, tmp_path_factory: pytest.
     vocab = hf.config.vocab_size
     ids, mask = left_padded_batch(vocab, [11, 7, 3], seed=1)
     pos = positions_from_mask(mask)
-    # A row's first real token is predicted from a padding position, whose output is unspecified: ignore it.
-    labels = ids.masked_fill((mask == 0) | (pos == 0), -100)
+    labels = ids.masked_fill(mask == 0, -100)   # the first real token counts: predicted from the last padding
     with torch.no_grad():
         ref = hf(input_ids=ids, attention_mask=mask, position_ids=pos, labels=labels)
         got = ours(input_ids=ids, attention_mask=mask, position_ids=pos, labels=labels)

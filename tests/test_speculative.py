@@ -105,3 +105,18 @@ def test_speculative_requires_an_mtp_module() -> None:
     model = DeepseekV3ForCausalLM(DeepseekV3Config.tiny(), mtp=False).eval()
     with pytest.raises(ValueError, match="MTP module"):
         generate(model, torch.tensor([[1, 2, 3]]), max_new_tokens=3, use_mtp=True)
+
+
+@pytest.mark.parametrize("max_new", [50, 54])   # 10 + 54 = exactly the context of 64 positions
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_speculation_reaches_the_context_limit(max_new: int, cache: str) -> None:
+    """Rejected drafts must not use up positions: MTP speculation runs to the context limit and its
+    greedy output equals plain greedy (both rows of a left-padded batch, one of them at the limit)."""
+    model = tiny(8, max_position_embeddings=64)
+    for lengths in ([10], [10, 7]):
+        ids, mask = left_padded_batch(model.config.vocab_size, lengths, seed=9)
+        plain = generate(model, ids, mask, max_new_tokens=max_new, eos_token_id=[], cache_implementation=cache)
+        spec = generate(model, ids, mask, max_new_tokens=max_new, eos_token_id=[], cache_implementation=cache,
+                        use_mtp=True, return_dict_in_generate=True)
+        assert spec.speculative.acceptance_rate < 1.0   # some drafts were rejected
+        assert torch.equal(spec.sequences, plain)

@@ -458,8 +458,7 @@ def generate(
                                         ("output_logits", opts.output_logits)] if on]
         if extras:
             raise ValueError(f"{', '.join(extras)} not supported with use_mtp=True; drop them or use_mtp=False")
-        # Two cache slots per iteration (the fed token and the draft), whatever is accepted.
-        cache = make_cache(model, cache_implementation, b, t + 2 * max_new + 2)
+        cache = make_cache(model, cache_implementation, b, t + max_new)   # rejected drafts' slots are reclaimed
         sequences, stats = speculative_generate(model, input_ids, attention_mask, max_new, sampling, eos, pad,
                                                 cache, generator, streamer)
         if opts.return_dict_in_generate:

@@ -12,11 +12,13 @@ draft `d` — in one forward:
 The MTP module then runs over the same two positions (inputs: main hidden states and the tokens one
 step further, [y0, y1]) and its prediction at the last *valid* position is the next draft.
 
-Rows accept independently, so rows advance by 1 or 2 positions per iteration. Instead of cropping
-the cache per row, every iteration appends two cache slots for every row and a rejected draft's slot
-is masked out in the 2-D attention mask, exactly like padding; each row carries its own position
-ids. This works for any batch size (transformers' MTP decoding is batch 1 only). The loop stays
-sync-free except for the stop check.
+Rows accept independently, so rows advance by 1 or 2 positions per iteration: the cache holds
+explicit per-row lengths, every iteration writes each row's two tokens after its own last kept
+token and then crops every row back to the tokens it kept (`cache.crop(lengths)`), so a rejected
+draft's slot is reclaimed and overwritten by the next iteration. Cache slots are positions, and the
+generation runs to the context limit. This works for any batch size (transformers' MTP decoding is
+batch 1 only). The loop reads the host once per iteration: the stop check, together with the longest
+row (which keeps the cache's read span exact).
 """
 
 from __future__ import annotations
@@ -51,7 +53,8 @@ def speculative_generate(model: torch.nn.Module, input_ids: torch.Tensor, attent
                          max_new: int, sampling: SamplingParams, eos: list[int], pad: int, cache,  # noqa: ANN001
                          generator: torch.Generator | None = None, streamer=None,  # noqa: ANN001
                          ) -> tuple[torch.Tensor, SpeculativeStats]:
-    """Returns (sequences [B, T + n] with n <= max_new, stats). `cache` needs room for T + 2·max_new."""
+    """Returns (sequences [B, T + n] with n <= max_new, stats). `cache` needs room for T + max_new tokens;
+    afterwards it holds, per row, the tokens kept but the last (T + n_row - 1), as after plain generation."""
     if sampling.uses_repetition_penalty:
         raise ValueError("repetition_penalty is not supported with use_mtp=True; drop one of them")
     if getattr(model, "mtp", None) is None:
@@ -88,20 +91,28 @@ def speculative_generate(model: torch.nn.Module, input_ids: torch.Tensor, attent
     nxt = torch.cat([input_ids[:, 1:], cur[:, None]], dim=1)
     mtp_logits, _ = model.mtp_forward(res.last_hidden_state, nxt, positions, cache, attention_mask)
     q_logits = mtp_logits[:, -1]
-    mask = attention_mask.long()
-    pos = positions[:, -1] + 1
-    main_forwards = 1
+    cap = t + max_new                      # slots any row can need: the prompt and the new tokens
+    mask = torch.cat([attention_mask.long(), attention_mask.new_ones(b, max_new).long()], dim=1)   # [B, cap]
+    pads = t - attention_mask.long().sum(1)            # left padding per row: position = slot - pads
+    two = torch.arange(2, device=device)
+    main_forwards, longest = 1, t
     drafts = torch.zeros((), dtype=torch.long, device=device)      # device counters: no per-step host reads
     accepted = torch.zeros((), dtype=torch.long, device=device)
 
-    while not bool(finished.all()):
+    done = bool(finished.all())
+    while not done:
         q = torch.softmax(process_logits(q_logits, sampling), -1) if sampling.do_sample else None
         draft = _pick(q_logits, sampling, generator)
         ids = torch.stack([cur, draft], dim=1)                               # [B, 2]
-        step_pos = torch.stack([pos, pos + 1], dim=1)
-        mask = torch.cat([mask, mask.new_ones(b, 2)], dim=1)
-        res = model(ids, attention_mask=mask, position_ids=step_pos, past_key_values=cache, use_cache=True,
-                    logits_to_keep=2, check_inputs=False)
+        # Each row writes [cur, draft] after its kept tokens; a finished row (whose output is final) is
+        # held inside the cache so that the rows still running can reach the context limit.
+        kept = t + count - 1                                                 # [B] tokens in the cache
+        write = torch.where(finished, kept.clamp(max=cap - 2), kept)
+        cache.crop(write, max_length=min(longest, cap - 2))
+        step_pos = (write - pads)[:, None] + two                             # [B, 2] RoPE positions
+        span = min(longest, cap - 2) + 2
+        res = model(ids, attention_mask=mask[:, :span], position_ids=step_pos, past_key_values=cache,
+                    use_cache=True, logits_to_keep=2, check_inputs=False)
         main_forwards += 1
         z = process_logits(res.logits[:, 0], sampling)
         if sampling.do_sample:
@@ -121,11 +132,13 @@ def speculative_generate(model: torch.nn.Module, input_ids: torch.Tensor, attent
         accepted += (accept & live).sum()
         emit(y0, torch.ones_like(accept))
         emit(y1, accept)
-        mask[:, -1] = accept.long()                                           # a rejected draft's slot is void
-        mtp_logits, _ = model.mtp_forward(res.last_hidden_state, torch.stack([y0, y1], dim=1), step_pos, cache, mask)
+        mtp_logits, _ = model.mtp_forward(res.last_hidden_state, torch.stack([y0, y1], dim=1), step_pos, cache,
+                                          mask[:, :span])
         q_logits = torch.where(accept[:, None], mtp_logits[:, 1], mtp_logits[:, 0])
         cur = torch.where(accept, y1, y0)
-        pos = pos + 1 + accept.long()
+        kept = t + count - 1
+        done, longest = (int(v) for v in torch.stack([finished.all().long(), kept.max()]).tolist())   # 1 read
+        cache.crop(kept, max_length=longest)     # reclaim the rejected drafts' slots
     if streamer is not None:
         streamer.end()
     n = int(count.max())

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsv3.cache import LatentCache
+from dsv3.cache import LatentCacheView
 from dsv3.config import DeepseekV3Config
 from dsv3.model.fp8_linear import linear_weight
 from dsv3.model.norm import RMSNorm
@@ -52,40 +52,50 @@ def choose_path(config: DeepseekV3Config, s: int, t: int, path: str = "auto") ->
     return "absorbed" if absorbed < naive else "naive"
 
 
-def build_attention_mask(attention_mask: torch.Tensor | None, start: int, s: int,
-                         device: torch.device) -> torch.Tensor | None:
-    """Boolean mask [B, 1, S, T] (True = may attend) or None when plain causal attention suffices.
+def build_attention_mask(attention_mask: torch.Tensor | None, start: int, s: int, device: torch.device,
+                         positions: torch.Tensor | None = None, span: int | None = None) -> torch.Tensor | None:
+    """Boolean mask [B|1, 1, S, T] (True = may attend) or None when plain causal attention suffices.
 
-    attention_mask is the 2-D padding mask over all T = start + S positions (1 = real token).
-    None is returned only when there is no padding and either S == 1 or start == 0, the two cases
-    where SDPA's own causal flag (or no mask) is exact. A query always sees itself, so the rows of
-    padding queries are never all-masked (their outputs are ignored, but must not be NaN).
+    Queries sit at slots start..start+S-1 of every row, or at `positions` [B, S] when rows differ (then
+    T = span keys are read); a query at slot p sees key slots k <= p. attention_mask is the 2-D padding
+    mask over the T slots (1 = real token). None is returned only when the queries share their slots,
+    there is no padding and either S == 1 or start == 0, where SDPA's own causal flag (or no mask) is
+    exact. A padding query sees no key at all: as in transformers' eager attention, its row of scores is
+    filled with the dtype's minimum, so its softmax is uniform over all T keys.
     """
-    t = start + s
-    if attention_mask is None and (s == 1 or start == 0):
+    t = start + s if span is None else span
+    if positions is None and attention_mask is None and (s == 1 or start == 0) and t == start + s:
         return None
-    q_pos = torch.arange(start, t, device=device)[:, None]
-    k_pos = torch.arange(t, device=device)[None, :]
-    mask = k_pos <= q_pos                                         # [S, T] causal
+    k_pos = torch.arange(t, device=device)
+    if positions is None:
+        mask = (k_pos[None, :] <= torch.arange(start, start + s, device=device)[:, None])[None]   # [1, S, T]
+    else:
+        mask = k_pos[None, None, :] <= positions[:, :, None]                                   # [B, S, T]
     if attention_mask is not None:
-        keep = attention_mask[:, :t].to(device=device, dtype=torch.bool)[:, None, :]   # [B, 1, T]
-        mask = (mask[None] & keep) | (k_pos == q_pos)[None]       # [B, S, T]
-        return mask[:, None]
-    return mask[None, None]
+        mask = mask & attention_mask[:, :t].to(device=device, dtype=torch.bool)[:, None, :]   # [B, S, T]
+    return mask[:, None]
+
+
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Boolean mask -> 0 / dtype-min additive mask, transformers' form: a fully masked row stays finite
+    (every score becomes the minimum, so the softmax is uniform) where -inf would give NaN."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
 
 
 def latent_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
-                     scale: float) -> torch.Tensor:
-    """softmax(q·kᵀ·scale + mask)·v as two matmuls with the softmax in fp32.
+                     scale: float, return_probs: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """softmax(q·kᵀ·scale + mask)·v as two matmuls with the softmax in fp32; (output, probs if asked).
 
     For the absorbed path's shape (one shared key/value "head" of width r+dr, S·H query rows) this is
     several times faster on the CPU than scaled_dot_product_attention, whose kernels tile for many
     heads of width ≤ 256 (8192 cached tokens: 3.8 ms against 22 ms per layer, benchmarks/).
+    Masked scores get fp32's minimum rather than -inf: transformers' numerics, finite for padding queries.
     """
     scores = torch.matmul(query, key.transpose(-1, -2)).float().mul_(scale)      # [B, 1, S*H, T]
     if mask is not None:
-        scores = scores.masked_fill_(~mask, float("-inf"))
-    return torch.matmul(scores.softmax(-1).to(value.dtype), value)
+        scores = scores.masked_fill_(~mask, torch.finfo(torch.float32).min)
+    probs = scores.softmax(-1).to(value.dtype)
+    return torch.matmul(probs, value), probs if return_probs else None
 
 
 class MultiHeadLatentAttention(nn.Module):
@@ -110,7 +120,9 @@ class MultiHeadLatentAttention(nn.Module):
         self.scale = config.softmax_scale
 
     def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, mask: torch.Tensor | None,
-                cache: LatentCache | None = None, path: str = "auto") -> torch.Tensor:
+                cache: LatentCacheView | None = None, path: str = "auto",
+                attention_sink: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """attention_sink: receives this layer's attention probabilities [B, H, S, T] (output_attentions)."""
         b, s, _ = x.shape
         interleave = self.config.rope_interleave
         if self.config.q_lora_rank is None:
@@ -129,13 +141,16 @@ class MultiHeadLatentAttention(nn.Module):
         t = latent.shape[1]
         dropout = self.config.attention_dropout if self.training else 0.0
         if choose_path(self.config, s, t, path) == "absorbed":
-            o = self._absorbed(q_nope, q_pe, latent, mask, dropout)
+            o, probs = self._absorbed(q_nope, q_pe, latent, mask, dropout, attention_sink is not None)
         else:
-            o = self._naive(q_nope, q_pe, latent, mask, dropout)
+            o, probs = self._naive(q_nope, q_pe, latent, mask, dropout, attention_sink is not None)
+        if attention_sink is not None:
+            assert probs is not None
+            attention_sink.append(probs)
         return self.o_proj(o.reshape(b, s, self.num_heads * self.dv))
 
-    def _naive(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
-               mask: torch.Tensor | None, dropout: float) -> torch.Tensor:
+    def _naive(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, mask: torch.Tensor | None,
+               dropout: float, return_probs: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         b, s, h, _ = q_nope.shape
         t = latent.shape[1]
         c_kv, k_pe = latent.split([self.r, self.dr], dim=-1)
@@ -143,28 +158,43 @@ class MultiHeadLatentAttention(nn.Module):
         k_nope, v = kv.split([self.dn, self.dv], dim=-1)
         k = torch.cat([k_nope, k_pe[:, :, None, :].expand(b, t, h, self.dr)], dim=-1)   # [B, T, H, dn+dr]
         q = torch.cat([q_nope, q_pe], dim=-1)                             # [B, S, H, dn+dr]
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, S|T, D]
+        if return_probs:   # eager: the probabilities are an output (transformers' eager_attention_forward)
+            if mask is None and s > 1:
+                mask = build_attention_mask(torch.ones(b, t, dtype=torch.bool, device=q.device), t - s, s, q.device)
+            scores = torch.matmul(q, k.transpose(-1, -2)).float().mul_(self.scale)    # [B, H, S, T]
+            if mask is not None:
+                scores = scores.masked_fill_(~mask, torch.finfo(torch.float32).min)
+            probs = F.dropout(scores.softmax(-1).to(q.dtype), dropout, self.training)
+            return torch.matmul(probs, v).transpose(1, 2), probs          # [B, S, H, dv]
         o = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+            q, k, v, attn_mask=None if mask is None else additive_mask(mask, q.dtype),
             dropout_p=dropout, is_causal=mask is None and s > 1, scale=self.scale)   # [B, H, S, dv]
-        return o.transpose(1, 2)                                           # [B, S, H, dv]
+        return o.transpose(1, 2), None                                     # [B, S, H, dv]
 
-    def _absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
-                  mask: torch.Tensor | None, dropout: float) -> torch.Tensor:
+    def _absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, mask: torch.Tensor | None,
+                  dropout: float, return_probs: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         b, s, h, _ = q_nope.shape
+        t = latent.shape[1]
         w = linear_weight(self.kv_b_proj, q_nope.dtype).view(h, self.dn + self.dv, self.r)   # FP8-held: dequantised
         w_uk, w_uv = w[:, : self.dn], w[:, self.dn:]                      # [H, dn, r], [H, dv, r]
         q_lat = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)              # [B, S, H, r]
         query = torch.cat([q_lat, q_pe], dim=-1).view(b, 1, s * h, self.r + self.dr)
         key = latent[:, None]                                              # [B, 1, T, r+dr]
         value = latent[:, None, :, : self.r]                               # [B, 1, T, r]
-        if mask is None and s > 1:   # start == 0: plain causal, expressed per (position, head) row
-            mask = build_attention_mask(torch.ones(b, s, dtype=torch.bool, device=latent.device), 0, s,
+        if mask is None and s > 1:   # plain causal, expressed per (position, head) row
+            mask = build_attention_mask(torch.ones(b, t, dtype=torch.bool, device=latent.device), t - s, s,
                                         latent.device)
         if mask is not None:
             mask = mask[:, :, :, None, :].expand(-1, -1, -1, h, -1).reshape(mask.shape[0], 1, s * h, -1)
-        if dropout > 0.0:
-            o = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout,
-                                               scale=self.scale)           # [B, 1, S*H, r]
+        probs = None
+        if dropout > 0.0 and not return_probs:
+            o = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, scale=self.scale,
+                                               attn_mask=None if mask is None else additive_mask(mask, query.dtype))
         else:
-            o = latent_attention(query, key, value, mask, self.scale)
-        return torch.einsum("bshc,hdc->bshd", o.view(b, s, h, self.r), w_uv)   # [B, S, H, dv]
+            o, probs = latent_attention(query, key, value, mask, self.scale, return_probs)   # [B, 1, S*H, r]
+            if probs is not None:
+                probs = F.dropout(probs, dropout, self.training)
+                o = torch.matmul(probs, value) if dropout > 0.0 else o
+                probs = probs.view(b, s, h, t).transpose(1, 2)              # [B, H, S, T]
+        return torch.einsum("bshc,hdc->bshd", o.view(b, s, h, self.r), w_uv), probs   # [B, S, H, dv]

@@ -22,8 +22,10 @@ Training runs a module over whole sequences (losses.mtp_loss). Drafting for spec
 on the positions the main model has just committed, with the main model's cache: right after a main
 forward over s tokens (cache length n), `mtp_forward(h[:, -s:], next_ids, cache=cache)` writes slot L+k
 for the same positions n-s .. n-1, where next_ids are the tokens one step further (the last one is the
-token just sampled). The MTP slot thereby stays exactly as long as the main layers, and `cache.crop`
-rolls back both together. Call it after every main forward, prefill included, so no position is skipped.
+token just sampled). The MTP slot thereby stays exactly as long as the main layers (the cache's
+per-row lengths are not moved: the MTP pass rewrites the slots the main pass committed), and
+`cache.crop` rolls back both together. Call it after every main forward, prefill included, so no
+position is skipped.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dsv3.cache import LatentCache
+from dsv3.cache import CacheStep, LatentCache
 from dsv3.config import DeepseekV3Config
 from dsv3.model.attention import build_attention_mask
 from dsv3.model.moe import RouterOutput
@@ -138,34 +140,24 @@ def mtp_forward(model: nn.Module, hidden: torch.Tensor, next_ids: torch.Tensor,
                          "[B, S, D] and [B, S] over the same positions")
     b, s = next_ids.shape
     slot = layer.self_attn.layer_idx
-    start = 0
+    device = hidden.device
+    step = CacheStep(s, 0, s)
     if cache is not None:
         if cache.num_layers <= slot:
             raise ValueError(f"the cache has {cache.num_layers} layer slots but MTP module {k} uses slot {slot}; "
                              f"create it with num_layers >= {slot + 1} (the model's own caches, and "
                              "generate.make_cache, include the MTP layers)")
-        start = cache.get_seq_length() - s
-        if start < 0:
-            raise ValueError(f"mtp_forward over {s} positions but the cache holds {start + s}: run the main "
-                             "model over these positions first (MTP covers the positions it just committed)")
-    device = hidden.device
+        step = cache.rewrite_step(s, device)   # the slots the main model just wrote; lengths stay as they are
     if position_ids is None:
-        position_ids = torch.arange(start, start + s, device=device).view(1, s).expand(b, s)
+        position_ids = step.slots(b, device)
     elif position_ids.dim() == 1:
         position_ids = position_ids.view(1, s).expand(b, s)
-    if attention_mask is not None and attention_mask.shape[-1] < start + s:
+    if attention_mask is not None and attention_mask.shape[-1] < step.span:
         raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}: expected [batch={b}, "
-                         f"cached+new >= {start + s}]")
-    mask = build_attention_mask(attention_mask, start, s, device)
+                         f"cached+new >= {step.span}]")
+    mask = build_attention_mask(attention_mask, step.start, s, device, step.positions, step.span)
     freqs_cis = model.model.rotary_emb(position_ids)  # type: ignore[attr-defined]
     x = layer.combine(hidden, next_ids)
-    if cache is not None:
-        cache.crop(start)   # rewind the write position to these positions; other slots keep their data
-        cache.begin(s)
-    try:
-        h = run_layer(layer, x, freqs_cis, mask, cache, mla_path, moe_dispatch, router_sink,
-                      checkpointed=model.model.gradient_checkpointing and model.training)  # type: ignore[attr-defined]
-    finally:
-        if cache is not None:
-            cache.end()
+    h = run_layer(layer, x, freqs_cis, mask, cache.view(step) if cache is not None else None, mla_path, moe_dispatch,
+                  router_sink, checkpointed=model.model.gradient_checkpointing and model.training)  # type: ignore[attr-defined]
     return layer.shared_head(h), h

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from dsv3.cache import DynamicLatentCache, LatentCache
+from dsv3.cache import CacheStep, DynamicLatentCache, LatentCache, LatentCacheView
 from dsv3.config import DeepseekV3Config
 from dsv3.model.attention import MultiHeadLatentAttention, build_attention_mask
 from dsv3.model.moe import MoE, RouterOutput, SwiGLU
@@ -50,6 +50,7 @@ class BaseModelOutput(ModelOutput):
     last_hidden_state: torch.Tensor
     past_key_values: LatentCache | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None   # per layer [B, H, S, T] (output_attentions)
     router_outputs: list[RouterOutput] | None = None
 
 
@@ -59,6 +60,7 @@ class CausalLMOutput(ModelOutput):
     logits: torch.Tensor | None = None
     past_key_values: LatentCache | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
     router_outputs: list[RouterOutput] | None = None
     last_hidden_state: torch.Tensor | None = None   # final-normed, [B, S, D]; the MTP module's input
 
@@ -73,9 +75,10 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, h: torch.Tensor, freqs_cis: torch.Tensor, mask: torch.Tensor | None,
-                cache: LatentCache | None = None, mla_path: str = "auto", moe_dispatch: str = "auto",
-                router_sink: list[RouterOutput] | None = None) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), freqs_cis, mask, cache, mla_path)
+                cache: LatentCacheView | None = None, mla_path: str = "auto", moe_dispatch: str = "auto",
+                router_sink: list[RouterOutput] | None = None,
+                attention_sink: list[torch.Tensor] | None = None) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), freqs_cis, mask, cache, mla_path, attention_sink)
         x = self.post_attention_layernorm(h)
         if isinstance(self.mlp, MoE):
             return h + self.mlp(x, moe_dispatch, router_sink)
@@ -83,11 +86,11 @@ class DecoderLayer(nn.Module):
 
 
 def run_layer(layer: nn.Module, h: torch.Tensor, freqs_cis: torch.Tensor, mask: torch.Tensor | None,
-              cache: LatentCache | None, mla_path: str, moe_dispatch: str, router_sink: list[RouterOutput] | None,
-              checkpointed: bool) -> torch.Tensor:
+              cache: LatentCacheView | None, mla_path: str, moe_dispatch: str, router_sink: list[RouterOutput] | None,
+              checkpointed: bool, attention_sink: list[torch.Tensor] | None = None) -> torch.Tensor:
     """One decoder layer, under activation checkpointing when asked (and gradients are on)."""
-    if not (checkpointed and torch.is_grad_enabled()):
-        return layer(h, freqs_cis, mask, cache, mla_path, moe_dispatch, router_sink)
+    if not (checkpointed and torch.is_grad_enabled()) or attention_sink is not None:
+        return layer(h, freqs_cis, mask, cache, mla_path, moe_dispatch, router_sink, attention_sink)
     # The backward pass re-runs the layer; a per-call list keeps that re-run's router outputs out of router_sink.
     layer_sink: list[RouterOutput] = []
     h = checkpoint(layer, h, freqs_cis, mask, cache, mla_path, moe_dispatch, layer_sink, use_reentrant=False)
@@ -177,65 +180,78 @@ class DeepseekV3Model(PreTrainedMixin, nn.Module):
         moe_dispatch: str = "auto",
         output_router_outputs: bool = False,
         check_inputs: bool = True,
+        output_attentions: bool = False,
     ) -> BaseModelOutput | tuple[Any, ...]:
-        """check_inputs=False skips the host reads that validate ids and detect all-ones masks
-        (generate() validates once per prompt and then calls the model with it off)."""
+        """past_key_values: a LatentCache; the new tokens go to `cache_position` ([S] shared or [B, S] per row:
+        the cache writes where it is told) or, by default, after each row's last cached token (rows may
+        hold different numbers of tokens, see dsv3.cache). position_ids default to those slots.
+        check_inputs=False skips the host reads that validate ids and detect all-ones masks
+        (generate() validates once per prompt and then calls the model with it off).
+        output_attentions: return each layer's attention probabilities [B, H, S, T] (computed eagerly)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
             assert input_ids is not None
-            if input_ids.dim() != 2:
-                raise ValueError(f"input_ids has shape {tuple(input_ids.shape)}: expected [batch, seq_len]")
+            if input_ids.dim() != 2 or input_ids.numel() == 0:
+                raise ValueError(f"input_ids has shape {tuple(input_ids.shape)}: expected a non-empty "
+                                 "[batch, seq_len] (at least one sequence of at least one token)")
             if check_inputs and not torch.compiler.is_compiling() and input_ids.numel() > 0:
                 lo, hi = int(input_ids.min()), int(input_ids.max())
                 if lo < 0 or hi >= self.config.vocab_size:
                     raise ValueError(f"token id {lo if lo < 0 else hi} is out of range [0, vocab_size="
                                      f"{self.config.vocab_size}); check the tokenizer matches the model")
             inputs_embeds = self.embed_tokens(input_ids)
+        elif inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size or \
+                inputs_embeds.numel() == 0:
+            raise ValueError(f"inputs_embeds has shape {tuple(inputs_embeds.shape)}: expected a non-empty "
+                             f"[batch, seq_len, hidden_size={self.config.hidden_size}] (e.g. from "
+                             "model.get_input_embeddings()(input_ids))")
         b, s, _ = inputs_embeds.shape
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
         cache = past_key_values
         if cache is None and use_cache:
             cache = DynamicLatentCache.for_config(self.config)
-        start = cache.get_seq_length() if cache is not None else 0
-        if start + s > self.config.max_context_length:
-            raise ValueError(f"{start} cached + {s} new tokens exceed the context of {self.config.max_context_length} "
-                             f"positions (max_position_embeddings={self.config.max_position_embeddings}, rope_type="
-                             f"{self.config.rope_type!r}); shorten the prompt or max_new_tokens")
         device = inputs_embeds.device
+        if cache is not None:
+            cache.check(b, inputs_embeds.dtype)
+            step = cache.plan(b, s, device, cache_position)
+        else:
+            step = CacheStep(s, 0, s)
+        if step.span > self.config.max_context_length:
+            raise ValueError(f"{step.span - s} cached + {s} new tokens exceed the context of "
+                             f"{self.config.max_context_length} positions (max_position_embeddings="
+                             f"{self.config.max_position_embeddings}, rope_type={self.config.rope_type!r}); shorten "
+                             "the prompt or max_new_tokens")
         if position_ids is None:
-            base = cache_position if cache_position is not None else torch.arange(start, start + s, device=device)
-            position_ids = base.view(1, s).expand(b, s)
-        elif position_ids.dim() == 1:
+            position_ids = cache_position if cache_position is not None else step.slots(b, device)
+        if position_ids.dim() == 1:
             position_ids = position_ids.view(1, s).expand(b, s)
         if attention_mask is not None:
-            if attention_mask.dim() != 2 or attention_mask.shape[0] != b or attention_mask.shape[1] < start + s:
+            if attention_mask.dim() != 2 or attention_mask.shape[0] != b or attention_mask.shape[1] < step.span:
                 raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}: expected a 2-D padding "
-                                 f"mask [batch={b}, cached+new={start + s}]")
-            if check_inputs and not torch.compiler.is_compiling() and bool(attention_mask[:, : start + s].all()):
+                                 f"mask [batch={b}, cached+new={step.span}]")
+            if check_inputs and not torch.compiler.is_compiling() and bool(attention_mask[:, : step.span].all()):
                 attention_mask = None   # no padding: let attention use its causal fast path
-        mask = build_attention_mask(attention_mask, start, s, device)
+        mask = build_attention_mask(attention_mask, step.start, s, device, step.positions, step.span)
         freqs_cis = self.rotary_emb(position_ids)
         router_sink: list[RouterOutput] | None = [] if output_router_outputs else None
+        attention_sink: list[torch.Tensor] | None = [] if output_attentions else None
         all_hidden: list[torch.Tensor] = []
         h = inputs_embeds
+        view = cache.view(step) if cache is not None else None
+        for layer in self.layers:
+            if output_hidden_states:
+                all_hidden.append(h)
+            h = run_layer(layer, h, freqs_cis, mask, view, mla_path, moe_dispatch, router_sink,
+                          checkpointed=self.gradient_checkpointing and self.training, attention_sink=attention_sink)
         if cache is not None:
-            cache.begin(s)
-        try:
-            for layer in self.layers:
-                if output_hidden_states:
-                    all_hidden.append(h)
-                h = run_layer(layer, h, freqs_cis, mask, cache, mla_path, moe_dispatch, router_sink,
-                              checkpointed=self.gradient_checkpointing and self.training)
-        finally:
-            if cache is not None:
-                cache.end()
+            cache.commit(step)
         h = self.norm(h)
         if output_hidden_states:
             all_hidden.append(h)
         out = BaseModelOutput(h, cache if use_cache else None, tuple(all_hidden) if output_hidden_states else None,
-                              router_sink)
+                              tuple(attention_sink) if attention_sink is not None else None, router_sink)
         return out if return_dict else out.to_tuple()
 
 
@@ -298,13 +314,14 @@ class DeepseekV3ForCausalLM(PreTrainedMixin, nn.Module):
         moe_dispatch: str = "auto",
         output_router_outputs: bool = False,
         check_inputs: bool = True,
+        output_attentions: bool = False,
     ) -> CausalLMOutput | tuple[Any, ...]:
         if past_key_values is None and self.mtp is not None and (
                 use_cache if use_cache is not None else self.config.use_cache and not self.training):
             past_key_values = DynamicLatentCache(self.num_cache_layers)   # with room for the MTP slots
         out = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, cache_position,
                          use_cache, output_hidden_states, True, mla_path, moe_dispatch, output_router_outputs,
-                         check_inputs)
+                         check_inputs, output_attentions)
         h = out.last_hidden_state
         if isinstance(logits_to_keep, int):
             kept = h[:, -logits_to_keep:] if logits_to_keep > 0 else h
@@ -312,7 +329,8 @@ class DeepseekV3ForCausalLM(PreTrainedMixin, nn.Module):
             kept = h[:, logits_to_keep]
         logits = self.lm_head(kept)
         loss = causal_lm_loss(logits, labels) if labels is not None else None
-        result = CausalLMOutput(loss, logits, out.past_key_values, out.hidden_states, out.router_outputs, h)
+        result = CausalLMOutput(loss, logits, out.past_key_values, out.hidden_states, out.attentions,
+                                out.router_outputs, h)
         return result if return_dict else result.to_tuple()
 
 
@@ -321,6 +339,12 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
     if labels.shape != logits.shape[:2]:
         raise ValueError(f"labels has shape {tuple(labels.shape)} but logits cover {tuple(logits.shape[:2])}; "
                          "labels must align with input_ids (use logits_to_keep=0 when computing a loss)")
+    if not torch.compiler.is_compiling() and labels.numel() > 0:
+        vocab = logits.shape[-1]
+        bad = labels[(labels != ignore_index) & ((labels < 0) | (labels >= vocab))]
+        if bad.numel() > 0:
+            raise ValueError(f"labels contain {int(bad[0])}: every label must be a token id in [0, vocab_size="
+                             f"{vocab}) or {ignore_index} (ignored); mask padding with {ignore_index}")
     shift = F.pad(labels, (0, 1), value=ignore_index)[:, 1:]
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), shift.reshape(-1).to(logits.device),
                            ignore_index=ignore_index)
