@@ -34,9 +34,9 @@ from torch import nn
 
 from dsv3.cache import LatentCache
 from dsv3.config import DeepseekV3Config
-from dsv3.model.fp8_linear import linear_weight
 from dsv3.model.norm import RMSNorm
 from dsv3.model.rope import apply_rope
+from dsv3.model.weights import weight_matrix
 
 MLA_PATHS = ("auto", "naive", "absorbed")
 
@@ -151,7 +151,7 @@ class MultiHeadLatentAttention(nn.Module):
     def _absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
                   mask: torch.Tensor | None, dropout: float) -> torch.Tensor:
         b, s, h, _ = q_nope.shape
-        w = linear_weight(self.kv_b_proj, q_nope.dtype).view(h, self.dn + self.dv, self.r)   # FP8-held: dequantised
+        w = weight_matrix(self.kv_b_proj, q_nope.dtype).view(h, self.dn + self.dv, self.r)   # FP8-held: dequantised
         w_uk, w_uv = w[:, : self.dn], w[:, self.dn:]                      # [H, dn, r], [H, dv, r]
         q_lat = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)              # [B, S, H, r]
         query = torch.cat([q_lat, q_pe], dim=-1).view(b, 1, s * h, self.r + self.dr)
