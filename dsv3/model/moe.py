@@ -120,10 +120,10 @@ class RoutedExperts(nn.Module):
         e, i, d = self.num_experts, self.intermediate, self.hidden
         for name, fmt, shape in (("gate_up_proj", gate_up, (e, 2 * i, d)), ("down_proj", down, (e, d, i))):
             old = self.formats.get(name)
-            if old is None or fmt.tensor_names(name) != old.tensor_names(name) or type(fmt) is not type(old):
+            if old is None or fmt.storage() != old.storage():
                 if old is not None and not getattr(self, name).is_meta:
-                    raise ValueError(f"RoutedExperts.{name}: cannot convert loaded weights from {type(old).__name__} "
-                                     f"to {type(fmt).__name__}; choose the format when loading")
+                    raise ValueError(f"RoutedExperts.{name}: cannot convert loaded weights from {old} to {fmt}; "
+                                     "choose the format when loading")
                 for t in () if old is None else old.tensor_names(name):
                     delattr(self, t)
                 fmt.allocate(self, name, shape)

@@ -48,10 +48,9 @@ class Linear(nn.Module):
     def from_linear(cls, linear: nn.Linear | Linear, format: WeightFormat) -> Linear:  # noqa: A002
         """`linear` held in `format`: empty on the meta device (the loader fills it); otherwise its weight is
         adopted — the very tensor for plain formats (ties survive), quantised for others."""
-        device = linear.weight.device
-        with torch.device(device):
+        with torch.device("meta"):     # nothing allocated here: the tensors are adopted (or the loader fills them)
             new = cls(linear.in_features, linear.out_features, linear.bias is not None, format)
-        if device.type != "meta":
+        if not linear.weight.is_meta:
             with torch.no_grad():
                 current = linear.format if isinstance(linear, Linear) else PLAIN
                 dense = linear.weight if isinstance(current, Plain) else linear.matrix(torch.float32)
@@ -118,6 +117,7 @@ def map_formats(model: nn.Module, fn: Callable[[WeightFormat], WeightFormat]) ->
         if type(module) is nn.Linear:
             fmt = fn(PLAIN)
             if fmt is not PLAIN:
+                _check_same_storage(name, PLAIN, fmt)
                 _replace(model, name, Linear.from_linear(module, fmt))
                 changed += 1
         elif isinstance(module, Linear):
@@ -137,9 +137,9 @@ def map_formats(model: nn.Module, fn: Callable[[WeightFormat], WeightFormat]) ->
 
 
 def _check_same_storage(name: str, old: WeightFormat, new: WeightFormat) -> None:
-    if type(old) is not type(new):
-        raise ValueError(f"{name}: map_formats turned a {type(old).__name__} format into {type(new).__name__}; it "
-                         "may only change how a format computes (kernels, stats), not how weights are stored")
+    if old.storage() != new.storage():
+        raise ValueError(f"{name}: map_formats turned a {type(old).__name__} format into {new}; it may only change "
+                         "how a format computes (kernels, stats, tiles), not how weights are stored")
 
 
 def use_kernels(model: nn.Module, kernels: Kernels | None) -> int:

@@ -67,10 +67,10 @@ class DequantStats:
     experts: int = 0
     bytes: int = 0
 
-    def record(self, dense: torch.Tensor, experts: int = 0) -> None:
+    def record(self, nbytes: int, experts: int = 0) -> None:
         self.calls += 1
         self.experts += experts
-        self.bytes += dense.numel() * dense.element_size()
+        self.bytes += nbytes
 
     def reset(self) -> None:
         self.calls = self.experts = self.bytes = 0
@@ -94,6 +94,10 @@ class WeightFormat:
     """Base of the formats. `fixed_dtype`: `module.to(dtype)` moves this format's tensors but never casts them."""
 
     fixed_dtype: ClassVar[bool] = False
+
+    def storage(self) -> tuple:
+        """What decides the tensors this format allocates; formats with equal storage share loaded tensors."""
+        return (type(self).__name__,)
 
     def tensor_names(self, name: str) -> tuple[str, ...]:
         return (name,)
@@ -193,6 +197,9 @@ class Fp8Blocks(WeightFormat):
         if self.parts not in (1, 2):
             raise ValueError(f"Fp8Blocks parts={self.parts}: expected 1 (one grid) or 2 (gate and up grids)")
 
+    def storage(self) -> tuple:
+        return type(self).__name__, self.block_size, self.dtype, self.parts
+
     def tensor_names(self, name: str) -> tuple[str, ...]:
         return name, name + SCALE_INV
 
@@ -226,13 +233,13 @@ class Fp8Blocks(WeightFormat):
                experts: torch.Tensor | None = None) -> torch.Tensor:
         dense = self._dequantize(module, name, dtype, experts)
         if self.stats is not None:
-            self.stats.record(dense, experts=dense.shape[0] if dense.dim() == 3 else 0)
+            self.stats.record(dense.numel() * dense.element_size(), experts=dense.shape[0] if dense.dim() == 3 else 0)
         return dense
 
     def linear(self, module: nn.Module, name: str, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         w, s = getattr(module, name), getattr(module, name + SCALE_INV)
         if self.stats is not None:
-            self.stats.record(torch.empty(w.shape, dtype=x.dtype, device="meta"))
+            self.stats.record(w.numel() * x.element_size())
         return fp8_block_linear(x, w, s, self.block_size, bias, self.tile_elements)
 
     def grouped(self, module: nn.Module, name: str, xs: torch.Tensor, batch: ExpertBatch) -> torch.Tensor:
