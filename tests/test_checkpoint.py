@@ -27,7 +27,8 @@ from dsv3.checkpoint.safetensors_io import (
     read_safetensors_header,
     save_safetensors_sharded,
 )
-from dsv3.model.fp8_linear import Fp8Linear, Fp8RoutedExperts
+from dsv3.model.weights import Linear
+from dsv3.quant.formats import Fp8Blocks
 from tests.oracle import assert_close, compare_padded_logits, left_padded_batch, load_hf, positions_from_mask, yarn
 from tests.published import RAGGED_32, RAGGED_128, Published, build_published, write_sparse_v3
 
@@ -123,8 +124,14 @@ def test_mtp_layer_is_recognised_not_unexpected(published: Published) -> None:
     if getattr(model, "mtp", None) is not None:
         assert compared > 15 and not prep.plan.mtp_keys
         kept = DeepseekV3ForCausalLM.from_pretrained(published.path, torch_dtype=torch.float32, fp8="keep")
-        assert isinstance(kept.mtp[0].self_attn.kv_b_proj, Fp8Linear)
-        assert isinstance(kept.mtp[0].mlp.experts, Fp8RoutedExperts)
+        assert _holds_fp8(kept.mtp[0].self_attn.kv_b_proj)
+        assert _holds_fp8(kept.mtp[0].mlp.experts)
+
+
+def _holds_fp8(module: torch.nn.Module) -> bool:
+    """A linear layer or expert stack whose weights are held in the block-FP8 format."""
+    formats = getattr(module, "formats", None) or {"weight": getattr(module, "format", None)}
+    return all(isinstance(f, Fp8Blocks) for f in formats.values())
 
 
 def _stacked_value(values: dict[str, torch.Tensor], name: str) -> torch.Tensor:
@@ -189,7 +196,7 @@ def test_real_v3_checkpoint_layout_is_checked_from_headers_alone(tmp_path: Path)
     assert kept.model.layers[0].self_attn.kv_a_proj_with_mqa.weight_scale_inv.shape == (5, 56)   # 576 = 4·128+64
     experts = kept.model.layers[3].mlp.experts
     assert experts.gate_up_proj.shape == (256, 4096, 7168) and experts.gate_up_proj_scale_inv.shape == (256, 32, 56)
-    assert isinstance(kept.mtp[0].mlp.experts, Fp8RoutedExperts) if getattr(kept, "mtp", None) else True
+    assert _holds_fp8(kept.mtp[0].mlp.experts) if getattr(kept, "mtp", None) else True
 
     def weight_bytes(prep: PreparedLoad) -> int:       # as loaded with torch_dtype=bfloat16 (router fp32)
         return sum(t.numel() * (t.element_size() if t.dtype == torch.float8_e4m3fn or n.endswith(
@@ -205,9 +212,9 @@ def test_fp8_keep_equals_dequantise_on_load(published: Published, dtype: torch.d
     plain = DeepseekV3ForCausalLM.from_pretrained(published.path, torch_dtype=dtype)
     kept = DeepseekV3ForCausalLM.from_pretrained(published.path, torch_dtype=dtype, fp8="keep")
     attn = kept.model.layers[0].self_attn
-    assert isinstance(attn.kv_b_proj, Fp8Linear) and attn.kv_b_proj.weight.dtype == torch.float8_e4m3fn
-    assert isinstance(kept.model.layers[1].mlp.experts, Fp8RoutedExperts)
-    assert isinstance(kept.model.layers[1].mlp.shared_experts.down_proj, Fp8Linear)
+    assert _holds_fp8(attn.kv_b_proj) and attn.kv_b_proj.weight.dtype == torch.float8_e4m3fn
+    assert _holds_fp8(kept.model.layers[1].mlp.experts)
+    assert _holds_fp8(kept.model.layers[1].mlp.shared_experts.down_proj)
     assert type(kept.lm_head) is torch.nn.Linear and kept.lm_head.weight.dtype == dtype
 
     ids, _ = left_padded_batch(published.oracle.config.vocab_size, [7, 7], seed=5)
@@ -222,7 +229,7 @@ def test_fp8_keep_equals_dequantise_on_load(published: Published, dtype: torch.d
         return sum(t.numel() * t.element_size() for t in list(m.parameters()) + list(m.buffers()))
 
     bf16 = dict(DeepseekV3ForCausalLM.from_pretrained(published.path, torch_dtype=torch.bfloat16).named_modules())
-    held = {n: m for n, m in kept.named_modules() if isinstance(m, (Fp8Linear, Fp8RoutedExperts))}
+    held = {n: m for n, m in kept.named_modules() if _holds_fp8(m)}
     fp8_bytes, bf16_bytes = sum(nbytes(m) for m in held.values()), sum(nbytes(bf16[n]) for n in held)
     assert fp8_bytes < 0.51 * bf16_bytes, (fp8_bytes, bf16_bytes)   # 1 byte per weight + one fp32 per block
 
@@ -240,12 +247,12 @@ def test_fp8_modules_keep_their_dtypes_under_to(small: Published) -> None:
         after = kept(ids).logits
     assert_close(after, before, 0.05, "fp8 kept after bf16 round trip")   # only the bf16 tensors were rounded
     dense = torch.nn.Linear(70, 40, bias=True)
-    fp8 = Fp8Linear.from_linear(dense, (32, 32))
+    fp8 = Linear.from_linear(dense, Fp8Blocks((32, 32)))
     x = torch.randn(3, 70)
     want = torch.nn.functional.linear(x, dequantize_fp8_blocks(fp8.weight, fp8.weight_scale_inv, (32, 32),
                                                                torch.float32), dense.bias)
     assert torch.equal(fp8(x), want) and fp8.weight_scale_inv.shape == (2, 3)
-    assert_close(fp8(x), dense(x), 0.1, "Fp8Linear.from_linear vs dense")   # FP8 rounding: 3 mantissa bits
+    assert_close(fp8(x), dense(x), 0.1, "Linear.from_linear(Fp8Blocks) vs dense")   # FP8 rounding: 3 mantissa bits
 
 
 # -- arguments ------------------------------------------------------------------------------------------------------

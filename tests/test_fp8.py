@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from dsv3.checkpoint import fp8 as fp8_module
 from dsv3.checkpoint.errors import CheckpointError
 from dsv3.checkpoint.fp8 import (
     Fp8Spec,
+    dequantize_checked,
     dequantize_fp8_blocks,
     dequantize_fp8_stacked,
     fp8_scale_shape,
@@ -121,8 +121,8 @@ def test_dequant_rejects_non_matrix() -> None:
 
 @pytest.mark.parametrize("parts", [1, 2])
 @pytest.mark.parametrize("inter,cols,block", [(13, 11, (4, 3)), (48, 160, (128, 128)), (64, 64, (32, 32))])
-def test_stacked_dequant_matches_per_expert_block_loop(parts: int, inter: int, cols: int, block: tuple[int, int],
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_stacked_dequant_matches_per_expert_block_loop(parts: int, inter: int, cols: int,
+                                                       block: tuple[int, int]) -> None:
     # Stacked gate_up [E, 2I, D]: with parts=2 gate and up rows have their own grids (per-expert checkpoint
     # tensors), with parts=1 one grid spans all 2I rows (a fused checkpoint tensor).
     experts, rows = 5, 2 * inter
@@ -134,8 +134,8 @@ def test_stacked_dequant_matches_per_expert_block_loop(parts: int, inter: int, c
     got = dequantize_fp8_stacked(weight, scale, block, torch.float32, parts=parts)
     assert torch.equal(got, ref)
     assert torch.equal(dequantize_fp8_stacked(weight, scale, block, torch.bfloat16, parts), ref.to(torch.bfloat16))
-    monkeypatch.setattr(fp8_module, "_CHUNK_ELEMENTS", 1)                  # one expert-part per chunk: same bits
-    assert torch.equal(dequantize_fp8_stacked(weight, scale, block, torch.float32, parts=parts), ref)
+    one_per_chunk = dequantize_fp8_stacked(weight, scale, block, torch.float32, parts=parts, chunk_elements=1)
+    assert torch.equal(one_per_chunk, ref)                                 # one expert-part per chunk: same bits
     assert torch.equal(dequantize_fp8_stacked(weight[[3, 1, 3]], scale[[3, 1, 3]], block, torch.float32, parts),
                        ref[[3, 1, 3]])                                     # the gather path's selected experts
 
@@ -286,7 +286,7 @@ def test_non_finite_scales_are_an_error_naming_the_tensor(bad: float) -> None:
     s[2, 1] = bad
     with pytest.raises(CheckpointError, match=rf"x\.weight_scale_inv: 1 of 6 FP8 block scales are not finite "
                                               rf"\(e\.g\. {bad} at block \[2, 1\]\)"):
-        dequantize_fp8_blocks(w, s, (128, 128), name="x.weight")
+        dequantize_checked(w, s, (128, 128), torch.bfloat16, "x.weight")
     stacked = s.expand(2, 3, 2).clone()
     with pytest.raises(CheckpointError, match=r"experts\.down_proj \(weight_scale_inv\): 2 of 12"):
-        dequantize_fp8_stacked(w.expand(2, 300, 200), stacked, (128, 128), name="experts.down_proj")
+        dequantize_checked(w.expand(2, 300, 200), stacked, (128, 128), torch.bfloat16, "experts.down_proj")

@@ -8,6 +8,7 @@ import torch
 
 from dsv3 import DeepseekV3Config, DeepseekV3ForCausalLM, kernels
 from dsv3.generation.generate import make_cache
+from dsv3.model.weights import Linear, use_kernels
 from tests.oracle import assert_close
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="CPU kernels need AVX-512 and a C++ compiler")
@@ -62,3 +63,45 @@ def test_model_with_kernels_is_as_accurate_as_without() -> None:
     # The kernels accumulate in fp32 from bf16 weights: no less accurate than the stock bf16 path.
     assert kernel_err <= 1.5 * stock_err + 1e-3, f"kernels {kernel_err:.2e} vs stock bf16 {stock_err:.2e}"
     assert_close(with_kernels, stock, 4 * stock_err + 1e-3, "kernels vs stock bf16")
+
+
+class CountingKernels(kernels.CpuKernels):
+    """The CPU kernels, counting the calls they served (None: the format ran the stock op instead)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.served = {"linear": 0, "expert_linear": 0}
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+        y = super().linear(x, weight)
+        self.served["linear"] += y is not None
+        return y
+
+    def expert_linear(self, x: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor | None:
+        y = super().expert_linear(x, weight, ids)
+        self.served["expert_linear"] += y is not None
+        return y
+
+
+def test_kernels_are_a_format_argument_not_a_swapped_class() -> None:
+    torch.manual_seed(1)
+    cfg = DeepseekV3Config.tiny()
+    model = DeepseekV3ForCausalLM(cfg).eval().to(torch.bfloat16)
+    ids = torch.randint(0, cfg.vocab_size, (1, 8))
+    stock = _decode_logits(model, ids)
+    tensors = {name: t.data_ptr() for name, t in model.state_dict().items()}
+    counting = CountingKernels()
+    assert use_kernels(model, counting) > 0
+    assert {name: t.data_ptr() for name, t in model.state_dict().items()} == tensors   # same names, same tensors
+    assert not any(type(m) is torch.nn.Linear for m in model.modules())
+    assert all(m.format.kernels is counting for m in model.modules() if isinstance(m, Linear))
+    with_kernels = _decode_logits(model, ids)
+    assert counting.served["linear"] > 0 and counting.served["expert_linear"] > 0       # the kernels ran
+    assert_close(with_kernels, stock, 2e-2, "kernels via use_kernels vs stock bf16")
+    served = dict(counting.served)
+    use_kernels(model, None)                                                          # back to stock ops
+    assert torch.equal(_decode_logits(model, ids), stock) and counting.served == served
+    with torch.no_grad():                                                             # prefill rows: stock GEMM
+        use_kernels(model, counting)
+        model(torch.randint(0, cfg.vocab_size, (2, kernels.MAX_EXPERT_ROWS)))
+    assert counting.served["expert_linear"] == served["expert_linear"]

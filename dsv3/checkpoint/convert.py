@@ -45,8 +45,7 @@ from dsv3.checkpoint.errors import CheckpointError
 from dsv3.checkpoint.fp8 import (
     FP8_DTYPES,
     check_scales_finite,
-    dequantize_fp8_blocks,
-    dequantize_fp8_stacked,
+    dequantize_checked,
     parse_quantization_config,
 )
 from dsv3.checkpoint.keys import SCALE_SUFFIX
@@ -141,9 +140,7 @@ def _producer(reader: CheckpointReader, entry: _Entry, block_size: tuple[int, in
         if entry.scale is not None:
             assert block_size is not None
             scale = reader.read(entry.scale)
-            if t.dim() == 2:
-                return dequantize_fp8_blocks(t, scale, block_size, entry.dtype, name=entry.key)
-            return dequantize_fp8_stacked(t, scale, block_size, entry.dtype, 1, name=entry.key)
+            return dequantize_checked(t, scale, block_size, entry.dtype, entry.key)
         if entry.key.endswith(SCALE_SUFFIX):              # keep_fp8: scales copied as they are
             check_scales_finite(t, entry.key)
         return t if t.dtype == entry.dtype else t.to(entry.dtype)

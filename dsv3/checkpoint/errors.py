@@ -1,13 +1,7 @@
-"""The one exception type for problems at the checkpoint boundary (files, index, headers, FP8 scales).
-
-A checkpoint is data from outside the program, so a bad one is the user's problem to fix, not a bug:
-every `CheckpointError` names the file and tensor involved, says what was expected and what was found,
-and suggests the fix (re-download a shard, re-save, fix config.json). It subclasses `ValueError` so
-callers that already treat bad input as `ValueError` keep working.
-"""
+"""`CheckpointError`, re-exported from `dsv3.errors` (where the weight-format math below `dsv3.model` can reach it)."""
 
 from __future__ import annotations
 
+from dsv3.errors import CheckpointError
 
-class CheckpointError(ValueError):
-    """A checkpoint file, index or tensor is missing, corrupt, or inconsistent with what reads it."""
+__all__ = ["CheckpointError"]

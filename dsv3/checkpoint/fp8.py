@@ -1,29 +1,10 @@
-"""DeepSeek's block-wise FP8 weight format, as pure functions.
+"""DeepSeek's block-wise FP8 format at the checkpoint boundary: `quantization_config` and tensor-name pairing.
 
-The published V3/R1 checkpoints store every large linear weight W [out, in] as
+The math (block scale shapes, dequantisation, quantisation, the tiled FP8 linear) lives in `dsv3.quant.fp8`
+and is re-exported here for the loader, `dsv3 convert` and older imports.
 
-    weight            float8_e4m3fn  [out, in]
-    weight_scale_inv  float32        [ceil(out / bo), ceil(in / bi)]      (bo, bi) = weight_block_size
-
-and the real weight is W[r, c] = weight[r, c] * weight_scale_inv[r // bo, c // bi]. Despite its name,
-`weight_scale_inv` is *multiplied* in: it is the inverse of the scale the quantiser divided by.
-Shapes need not be multiples of the block: kv_a_proj_with_mqa has 576 = 4·128 + 64 rows, so its
-last row block holds 64 rows and still has its own scale. (transformers 5.23 mis-handles exactly
-this ragged edge, which is why this module exists and is tested against a per-block loop.)
-
-Dequantisation pads the weight up to whole blocks, views it as [R, bo, C, bi] and multiplies by the
-scales broadcast as [R, 1, C, 1] — one vectorised op, no materialised scale map, no Python loop over
-blocks — then crops the padding. It computes in fp32 and casts once at the end.
-
-Stacked experts [E, rows, cols] (`dequantize_fp8_stacked`) carry one block grid per expert — or per
-*part* of an expert: dsv3 stacks gate_proj and up_proj (each [I, D], each with its own scales) into
-gate_up_proj [E, 2I, D], and when I is not a multiple of the block the two grids do not line up into
-one, so the stacked scales are [E, 2·ceil(I/bo), C] and dequantisation views the rows as 2 parts.
-Large stacks are processed in chunks of experts so the fp32 intermediate stays bounded.
-
-Quantisation (for test checkpoints and `dsv3 convert`) is the matching per-block absmax scheme:
-scale_inv = amax(block) / max_fp8 (448 for e4m3fn), weight = round_fp8(W / scale_inv). An all-zero
-block gets scale_inv = 1 so that nothing divides by zero.
+Every quantised `X.weight` (float8, [out, in]) comes with `X.weight_scale_inv` (fp32,
+[ceil(out / bo), ceil(in / bi)]); the real weight is weight · scale_inv per block.
 
 `quantization_config` is parsed into a small frozen `Fp8Spec`; anything other than weight-only
 block FP8 fails loudly rather than loading garbage. e5m2 is accepted as well: dequantising it is the
@@ -40,9 +21,17 @@ from typing import Any
 import torch
 
 from dsv3.checkpoint.errors import CheckpointError
+from dsv3.quant.fp8 import (  # noqa: F401 - re-exported
+    FP8_DTYPES,
+    _check_block_size,
+    dequantize_fp8_blocks,
+    dequantize_fp8_stacked,
+    fp8_block_linear,
+    fp8_scale_shape,
+    quantize_fp8_blocks,
+)
 
 SCALE_INV_SUFFIX = ".weight_scale_inv"
-FP8_DTYPES = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 _FMT_ALIASES = {"e4m3": "e4m3", "e4m3fn": "e4m3", "float8_e4m3fn": "e4m3",
                 "e5m2": "e5m2", "float8_e5m2": "e5m2"}
 
@@ -113,6 +102,30 @@ def scale_inv_name(weight_name: str) -> str:
     return weight_name + "_scale_inv" if weight_name.endswith(".weight") else f"{weight_name} (weight_scale_inv)"
 
 
+def check_scales_finite(scale_inv: torch.Tensor, name: str) -> None:
+    """A weight_scale_inv holding inf or NaN would silently turn whole 128x128 blocks into inf/NaN weights
+    (and every activation they touch): refuse it, naming the tensor and the first bad block. Checked once,
+    where scales enter from a file (loading, convert, slices), never per call at run time."""
+    bad = ~torch.isfinite(scale_inv)
+    if bad.any():
+        where = tuple(int(i) for i in bad.nonzero()[0].tolist())
+        value = scale_inv[where].item()
+        raise CheckpointError(
+            f"{name}: {int(bad.sum())} of {scale_inv.numel()} FP8 block scales are not finite (e.g. {value} at "
+            f"block {list(where)}); the checkpoint is corrupt or was quantised from a weight with inf/NaN — "
+            "re-download the shard holding this tensor.")
+
+
+def dequantize_checked(weight: torch.Tensor, scale_inv: torch.Tensor, block_size: tuple[int, int],
+                       dtype: torch.dtype, name: str) -> torch.Tensor:
+    """Dequantise a weight read from a file ([out, in], or a fused [E, rows, cols] stack with one block grid
+    per expert) after checking its scales are finite."""
+    check_scales_finite(scale_inv, scale_inv_name(name))
+    if weight.dim() == 2:
+        return dequantize_fp8_blocks(weight, scale_inv, block_size, dtype, name=name)
+    return dequantize_fp8_stacked(weight, scale_inv, block_size, dtype, 1, name=name)
+
+
 def is_scale_inv_key(key: str) -> bool:
     return key.endswith(SCALE_INV_SUFFIX)
 
@@ -140,102 +153,6 @@ def fp8_weight_pairs(keys: Iterable[str]) -> dict[str, str]:
     return pairs
 
 
-def fp8_scale_shape(shape: tuple[int, int] | torch.Size, block_size: tuple[int, int]) -> tuple[int, int]:
-    """[ceil(out / bo), ceil(in / bi)]: one scale per block, partial edge blocks included."""
-    return math.ceil(shape[0] / block_size[0]), math.ceil(shape[1] / block_size[1])
-
-
-def check_scales_finite(scale_inv: torch.Tensor, name: str) -> None:
-    """A weight_scale_inv holding inf or NaN would silently turn whole 128x128 blocks into inf/NaN weights
-    (and every activation they touch): refuse it, naming the tensor and the first bad block."""
-    bad = ~torch.isfinite(scale_inv)
-    if bad.any():
-        where = tuple(int(i) for i in bad.nonzero()[0].tolist())
-        value = scale_inv[where].item()
-        raise CheckpointError(
-            f"{name}: {int(bad.sum())} of {scale_inv.numel()} FP8 block scales are not finite (e.g. {value} at "
-            f"block {list(where)}); the checkpoint is corrupt or was quantised from a weight with inf/NaN — "
-            "re-download the shard holding this tensor.")
-
-
-def _check_block_size(block_size: tuple[int, int]) -> tuple[int, int]:
-    if len(block_size) != 2 or not all(isinstance(b, int) and b > 0 for b in block_size):
-        raise ValueError(f"block_size={block_size!r}: expected two positive integers such as (128, 128)")
-    return int(block_size[0]), int(block_size[1])
-
-
-def dequantize_fp8_blocks(weight: torch.Tensor, scale_inv: torch.Tensor,
-                          block_size: tuple[int, int] = (128, 128), dtype: torch.dtype = torch.bfloat16,
-                          name: str = "weight") -> torch.Tensor:
-    """weight [out, in] (fp8) * scale_inv [ceil(out/bo), ceil(in/bi)] per block -> [out, in] in `dtype`."""
-    bo, bi = _check_block_size(block_size)
-    if weight.dim() != 2:
-        raise CheckpointError(f"{name}: FP8 block dequantisation needs a 2-D weight, "
-                              f"got shape {tuple(weight.shape)}")
-    out_f, in_f = weight.shape
-    R, C = fp8_scale_shape(weight.shape, (bo, bi))
-    if tuple(scale_inv.shape) != (R, C):
-        raise CheckpointError(
-            f"{name}: weight_scale_inv has shape {tuple(scale_inv.shape)} but weight {tuple(weight.shape)} "
-            f"with weight_block_size [{bo}, {bi}] needs [ceil({out_f}/{bo}), ceil({in_f}/{bi})] = [{R}, {C}]."
-            " "
-            "Check quantization_config.weight_block_size in config.json, or re-download the shard holding "
-            "this tensor.")
-    check_scales_finite(scale_inv, scale_inv_name(name))
-    scale = scale_inv.to(device=weight.device, dtype=torch.float32)
-    # Pad to whole blocks (a no-op view when already aligned); fresh fp32 buffer, so in-place is safe.
-    if out_f == R * bo and in_f == C * bi:
-        w = weight.to(torch.float32, copy=True)
-    else:
-        w = torch.zeros(R * bo, C * bi, dtype=torch.float32, device=weight.device)
-        w[:out_f, :in_f] = weight
-    w.view(R, bo, C, bi).mul_(scale[:, None, :, None])       # [R, bo, C, bi] * [R, 1, C, 1]
-    return w[:out_f, :in_f].to(dtype).contiguous()
-
-
-_CHUNK_ELEMENTS = 1 << 26          # fp32 scratch per chunk of stacked experts: 256 MiB
-
-
-def dequantize_fp8_stacked(weight: torch.Tensor, scale_inv: torch.Tensor,
-                           block_size: tuple[int, int] = (128, 128), dtype: torch.dtype = torch.bfloat16,
-                           parts: int = 1, name: str = "weight") -> torch.Tensor:
-    """weight [E, rows, cols] (fp8), scale_inv [E, parts·ceil(rows/parts/bo), ceil(cols/bi)] -> [E, rows, cols].
-
-    Each expert's rows are `parts` equal groups with their own block grids (2 for a stacked gate_up_proj
-    read from per-expert gate_proj/up_proj, 1 for down_proj or a fused checkpoint tensor). Same numerics
-    as `dequantize_fp8_blocks` (fp32 product, one rounding to `dtype`), so both give identical bits.
-    """
-    bo, bi = _check_block_size(block_size)
-    if weight.dim() != 3 or parts < 1 or weight.shape[1] % parts:
-        raise CheckpointError(f"{name}: stacked FP8 dequantisation needs a 3-D weight [E, rows, cols] whose rows "
-                              f"split into {parts} equal parts, got shape {tuple(weight.shape)}")
-    e, rows, cols = weight.shape
-    o = rows // parts
-    R, C = fp8_scale_shape((o, cols), (bo, bi))
-    if tuple(scale_inv.shape) != (e, parts * R, C):
-        raise CheckpointError(
-            f"{name}: weight_scale_inv has shape {tuple(scale_inv.shape)} but the stacked weight "
-            f"{tuple(weight.shape)} ({parts} part(s) of {o} rows each) with weight_block_size [{bo}, {bi}] needs "
-            f"[{e}, {parts}*ceil({o}/{bo}), ceil({cols}/{bi})] = [{e}, {parts * R}, {C}]. Check "
-            "quantization_config.weight_block_size in config.json.")
-    check_scales_finite(scale_inv, scale_inv_name(name))
-    w = weight.reshape(e * parts, o, cols)                                     # [E*parts, o, cols]
-    s = scale_inv.reshape(e * parts, R, C).to(device=weight.device, dtype=torch.float32)
-    out = torch.empty(e * parts, o, cols, dtype=dtype, device=weight.device)
-    step = max(1, _CHUNK_ELEMENTS // max(1, R * bo * C * bi))
-    aligned = o == R * bo and cols == C * bi
-    for b in range(0, e * parts, step):
-        wb, sb = w[b: b + step], s[b: b + step]
-        if aligned:
-            x = wb.to(torch.float32, copy=True)
-        else:
-            x = torch.zeros(wb.shape[0], R * bo, C * bi, dtype=torch.float32, device=weight.device)
-            x[:, :o, :cols] = wb
-        x.view(-1, R, bo, C, bi).mul_(sb[:, :, None, :, None])                # [B, R, bo, C, bi] * [B, R, 1, C, 1]
-        out[b: b + step] = x[:, :o, :cols]
-    return out.view(e, rows, cols)
-
-
 def read_fp8_slice(reader: Any, weight_key: str, rows: tuple[int, int] | None = None,
                    cols: tuple[int, int] | None = None, block_size: tuple[int, int] = (128, 128)
                    ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -259,25 +176,3 @@ def read_fp8_slice(reader: Any, weight_key: str, rows: tuple[int, int] | None = 
     scale = reader.read_slice(scale_inv_key(weight_key), spans[0][1], spans[1][1])
     check_scales_finite(scale, scale_inv_key(weight_key))
     return weight, scale
-
-
-def quantize_fp8_blocks(weight: torch.Tensor, block_size: tuple[int, int] = (128, 128),
-                        dtype: torch.dtype = torch.float8_e4m3fn) -> tuple[torch.Tensor, torch.Tensor]:
-    """[out, in] -> (weight [out, in] in `dtype`, scale_inv fp32 [ceil(out/bo), ceil(in/bi)]), by absmax."""
-    bo, bi = _check_block_size(block_size)
-    if dtype not in FP8_DTYPES.values():
-        raise ValueError(f"dtype={dtype}: expected torch.float8_e4m3fn or torch.float8_e5m2")
-    if weight.dim() != 2:
-        raise ValueError(f"quantize_fp8_blocks needs a 2-D weight, got shape {tuple(weight.shape)}")
-    out_f, in_f = weight.shape
-    R, C = fp8_scale_shape(weight.shape, (bo, bi))
-    fp8_max = torch.finfo(dtype).max
-    w = torch.zeros(R * bo, C * bi, dtype=torch.float32, device=weight.device)
-    w[:out_f, :in_f] = weight                                 # zero padding never raises a block's amax
-    blocks = w.view(R, bo, C, bi)                             # [R, bo, C, bi]
-    amax = blocks.abs().amax(dim=(1, 3))                      # [R, C]
-    if not torch.isfinite(amax).all():
-        raise ValueError("quantize_fp8_blocks: the weight contains inf or NaN; it cannot be scaled into FP8")
-    scale_inv = torch.where(amax > 0, amax / fp8_max, torch.ones_like(amax))
-    blocks.div_(scale_inv[:, None, :, None]).clamp_(-fp8_max, fp8_max)
-    return w[:out_f, :in_f].to(dtype).contiguous(), scale_inv

@@ -9,7 +9,7 @@ dsv3 parameters carry the Hugging Face names, with one difference: routed expert
 
 The fused transformers-5 layout (`experts.gate_up_proj`, `experts.down_proj`) maps one to one.
 FP8 checkpoints pair every quantised `X.weight` with `X.weight_scale_inv` (a fused `experts.gate_up_proj`
-with `experts.gate_up_proj_scale_inv`). A model that holds FP8 weights (model/fp8_linear.py) has those
+with `experts.gate_up_proj_scale_inv`). A model that holds FP8 weights (dsv3.quant.formats.Fp8Blocks) has those
 scales as tensors of its own, stacked like the weights:
 
     model.layers.N.mlp.experts.E.{gate,up}_proj.weight_scale_inv [R, C]  ->  experts.gate_up_proj_scale_inv [E, 2R, C]

@@ -13,8 +13,9 @@ Two phases, so a bad checkpoint never yields a half-loaded model:
    rounding) or cast, and copied in. Peak memory is the model plus the largest single tensor.
 
 FP8 checkpoints load in one of two ways (`fp8=`): "dequantize" (default) gives a plain model in
-`torch_dtype`; "keep" swaps the quantised linears and expert stacks for the FP8-holding modules of
-model/fp8_linear.py (weights 1 byte per value, dequantised per layer at run time — half the memory).
+`torch_dtype`; "keep" holds the quantised linears and expert stacks in the `Fp8Blocks` weight format
+(dsv3.quant.formats: 1 byte per value, dequantised per tile / per expert that has tokens at run time —
+half the memory).
 
 Stored dtypes: config.json's torch_dtype describes the bulk of the weights, not every tensor, so any
 floating dtype (fp64/fp32/bf16/fp16) loads and is cast to the target — mixed storage is legitimate
@@ -32,7 +33,7 @@ import inspect
 import logging
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,17 +46,17 @@ from dsv3.checkpoint.fp8 import (
     FP8_DTYPES,
     Fp8Spec,
     check_scales_finite,
-    dequantize_fp8_blocks,
-    dequantize_fp8_stacked,
+    dequantize_checked,
     fp8_scale_shape,
     parse_quantization_config,
 )
 from dsv3.checkpoint.keys import SCALE_SUFFIX, LoadPlan, Source, is_mtp_key, piece_views, plan_load, to_checkpoint_name
 from dsv3.checkpoint.safetensors_io import CheckpointReader
 from dsv3.config import DeepseekV3Config, check_keyword_arguments
-from dsv3.model.fp8_linear import Fp8Linear, Fp8RoutedExperts
 from dsv3.model.moe import RoutedExperts
 from dsv3.model.rope import RotaryEmbedding
+from dsv3.model.weights import hold_formats
+from dsv3.quant.formats import Fp8Blocks
 
 logger = logging.getLogger(__name__)
 
@@ -281,27 +282,22 @@ def _fp8_pairs(reader: CheckpointReader, keys: set[str], spec: Fp8Spec | None) -
 
 def _hold_fp8(model: nn.Module, prefix: str, scales: dict[str, str], spec: Fp8Spec,
               config: DeepseekV3Config) -> None:
-    """fp8="keep": swap (on the meta device) every linear and expert stack stored as FP8 for its FP8 module."""
+    """fp8="keep": on the meta model, every linear and expert stack stored as FP8 holds its weights in the
+    `Fp8Blocks` format (dsv3.quant.formats) — checkpoint-named tensors, dequantised per tile / per used expert."""
     n_layers = config.num_hidden_layers
-    swapped = 0
-    for mod_name, module in list(model.named_modules()):
-        def ckpt(attr: str, mod_name: str = mod_name) -> str:
+
+    def choose(mod_name: str, module: nn.Module) -> Any:
+        def ckpt(attr: str) -> str:
             return to_checkpoint_name(prefix + (f"{mod_name}.{attr}" if mod_name else attr), n_layers)
 
-        new: nn.Module | None = None
-        if isinstance(module, nn.Linear) and ckpt("weight") in scales:
-            new = Fp8Linear.from_linear(module, spec.block_size, spec.dtype)
-        elif type(module) is RoutedExperts:
-            fused = ckpt("gate_up_proj") in scales and ckpt("down_proj") in scales
-            per_expert = all(ckpt(f"0.{p}.weight") in scales for p in ("gate_proj", "up_proj", "down_proj"))
-            if fused or per_expert:
-                with torch.device("meta"):
-                    new = Fp8RoutedExperts(config, spec.block_size, spec.dtype, gate_up_parts=1 if fused else 2)
-        if new is not None:
-            owner, attr = _param_owner(model, mod_name)
-            setattr(owner, attr, new)
-            swapped += 1
-    logger.info("fp8='keep': %d modules hold FP8 weights", swapped)
+        fmt = Fp8Blocks(spec.block_size, spec.dtype)
+        if not isinstance(module, RoutedExperts):
+            return fmt if ckpt("weight") in scales else None
+        fused = ckpt("gate_up_proj") in scales and ckpt("down_proj") in scales
+        per_expert = all(ckpt(f"0.{p}.weight") in scales for p in ("gate_proj", "up_proj", "down_proj"))
+        return (replace(fmt, parts=1 if fused else 2), fmt) if fused or per_expert else None
+
+    logger.info("fp8='keep': %d modules hold FP8 weights", hold_formats(model, choose))
 
 
 def _target_dtype(name: str, expected: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
@@ -379,10 +375,7 @@ def _read_piece(reader: CheckpointReader, key: str, dst: torch.Tensor, prep: Pre
     assert prep.spec is not None
     weight = reader.read(key).to(dst.device)
     scale = reader.read(scale_key).to(dst.device)
-    if weight.dim() == 2:
-        dst.copy_(dequantize_fp8_blocks(weight, scale, prep.spec.block_size, dst.dtype, name=key))
-    else:                                          # fused [E, 2I, D] checkpoint tensor: one grid per expert
-        dst.copy_(dequantize_fp8_stacked(weight, scale, prep.spec.block_size, dst.dtype, 1, name=key))
+    dst.copy_(dequantize_checked(weight, scale, prep.spec.block_size, dst.dtype, key))
 
 
 def _finish(model: nn.Module, config: DeepseekV3Config, device: torch.device) -> None:

@@ -22,7 +22,7 @@ from dsv3.checkpoint.atomic import atomic_write_text
 from dsv3.checkpoint.fp8 import FP8_DTYPES
 from dsv3.checkpoint.keys import split_stacked, to_checkpoint_name
 from dsv3.checkpoint.safetensors_io import save_safetensors_sharded
-from dsv3.model.fp8_linear import Fp8RoutedExperts
+from dsv3.model.moe import RoutedExperts
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -45,7 +45,7 @@ def export_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     config = model.config  # type: ignore[attr-defined]
     # FP8 expert stacks whose scale grid spans gate and up rows together (read from a fused checkpoint)
     # cannot be split per expert; they are written fused, which dsv3 reads back.
-    fused = {f"{n}." for n, m in model.named_modules() if isinstance(m, Fp8RoutedExperts) and m.gate_up_parts == 1}
+    fused = {f"{n}." for n, m in model.named_modules() if isinstance(m, RoutedExperts) and m.gate_up_parts == 1}
     for name, tensor in model.state_dict().items():
         if config.tie_word_embeddings and name == "lm_head.weight":
             continue   # transformers re-ties it from model.embed_tokens.weight

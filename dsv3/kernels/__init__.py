@@ -1,11 +1,11 @@
 """Optional CPU kernels for decode: bf16 weight × few-row activation products at memory speed.
 
-`use_cpu_kernels(model)` edits a loaded model in place (as gpt-fast edits modules after load):
-every `nn.Linear` becomes a `KernelLinear` and every `RoutedExperts` a `KernelRoutedExperts`,
-sharing the same weight tensors. They call the C++ kernels (cpu_gemv.cpp, built once with the
-system compiler) only where those win — bf16 weights, inference, at most `MAX_ROWS` activation
-rows — and otherwise run the ordinary PyTorch code, which is also the reference the tests compare
-the kernels with (`reference_linear`, `reference_expert_linear`).
+`CpuKernels` is a backend object for the weight-format seam (dsv3.quant.formats.Kernels): a plain
+format given it (`Plain(kernels=CpuKernels())`, or `dsv3.model.weights.use_kernels(model, CpuKernels())`
+for a whole model, which `use_cpu_kernels(model)` does) calls the C++ kernels (cpu_gemv.cpp, built once
+with the system compiler) only where those win — bf16 weights, inference, at most `MAX_ROWS` activation
+rows — and otherwise the ordinary PyTorch op, which is also the reference the tests compare the kernels
+with (`reference_linear`, `reference_expert_linear`).
 
 The kernels are registered as torch custom ops (`dsv3::bf16_linear`, `dsv3::bf16_expert_linear`),
 so a compiled decode step calls them without graph breaks.
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsv3.model.moe import RoutedExperts
+from dsv3.model.weights import use_kernels
 
 logger = logging.getLogger(__name__)
 
@@ -87,45 +87,34 @@ def _kernel_ok(x: torch.Tensor, weight: torch.Tensor, rows: int, limit: int) -> 
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
 
 
-class KernelLinear(nn.Linear):
-    """nn.Linear that uses the bf16 GEMV kernel for a few rows at inference, F.linear otherwise."""
+class CpuKernels:
+    """The `Kernels` backend (dsv3.quant.formats) of the C++ GEMV kernels: bf16 weights on the CPU, inference,
+    at most `max_rows` activation rows (`max_expert_rows` (token, expert) pairs); None otherwise, so the
+    format runs the stock PyTorch op. Build it only where `available()`."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1]
-        if not _kernel_ok(x, self.weight, rows, MAX_ROWS):
-            return super().forward(x)
-        y = bf16_linear(x.reshape(rows, x.shape[-1]), self.weight)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+    def __init__(self, max_rows: int = MAX_ROWS, max_expert_rows: int = MAX_EXPERT_ROWS) -> None:
+        if not available():
+            raise RuntimeError("the dsv3 CPU kernels cannot be built here (need AVX-512 and a C++ compiler); "
+                               "check dsv3.kernels.available() first, or run without kernels")
+        self.max_rows, self.max_expert_rows = max_rows, max_expert_rows
 
+    def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+        return bf16_linear(x, weight) if _kernel_ok(x, weight, x.shape[0], self.max_rows) else None
 
-class KernelRoutedExperts(RoutedExperts):
-    """Routed experts whose decode-sized dispatch reads each selected expert's weights once."""
+    def expert_linear(self, x: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor | None:
+        if not _kernel_ok(x, weight, x.shape[0], self.max_expert_rows):
+            return None
+        return bf16_expert_linear(x, weight, ids)
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
-                dispatch: str = "auto") -> torch.Tensor:
-        if dispatch != "auto" or not _kernel_ok(x, self.gate_up_proj, indices.numel(), MAX_EXPERT_ROWS):
-            return super().forward(x, weights, indices, dispatch)
-        n, k = indices.shape
-        flat = indices.reshape(-1)
-        ids, order = flat.sort(stable=True)
-        token = order // k
-        h = bf16_expert_linear(x[token], self.gate_up_proj, ids)             # [N*k, 2I] fp32
-        gate, up = h.split(self.intermediate, dim=-1)
-        y = bf16_expert_linear(F.silu(gate) * up, self.down_proj, ids)       # [N*k, D] fp32
-        y = y * weights.reshape(-1)[order, None]
-        return torch.zeros(n, x.shape[1], dtype=torch.float32, device=x.device).index_add_(0, token, y)
+    def __repr__(self) -> str:
+        return f"CpuKernels(max_rows={self.max_rows}, max_expert_rows={self.max_expert_rows})"
 
 
 def use_cpu_kernels(model: nn.Module) -> bool:
-    """Swap in the kernel-backed modules (weights shared). Returns False, changing nothing, when the
+    """Run `model`'s plain (bf16) layers through the CPU kernels: `use_kernels(model, CpuKernels())` (the
+    weight-format seam, dsv3.model.weights), weights shared. Returns False, changing nothing, when the
     kernels cannot be built on this machine."""
     if not available():
         return False
-    for module in model.modules():
-        if type(module) is nn.Linear:
-            module.__class__ = KernelLinear
-        elif type(module) is RoutedExperts:
-            module.__class__ = KernelRoutedExperts
+    use_kernels(model, CpuKernels())
     return True

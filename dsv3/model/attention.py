@@ -34,9 +34,9 @@ from torch import nn
 
 from dsv3.cache import LatentCacheView
 from dsv3.config import DeepseekV3Config
-from dsv3.model.fp8_linear import linear_weight
 from dsv3.model.norm import RMSNorm
 from dsv3.model.rope import apply_rope
+from dsv3.model.weights import weight_matrix
 
 MLA_PATHS = ("auto", "naive", "absorbed")
 
@@ -176,7 +176,7 @@ class MultiHeadLatentAttention(nn.Module):
                   dropout: float, return_probs: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         b, s, h, _ = q_nope.shape
         t = latent.shape[1]
-        w = linear_weight(self.kv_b_proj, q_nope.dtype).view(h, self.dn + self.dv, self.r)   # FP8-held: dequantised
+        w = weight_matrix(self.kv_b_proj, q_nope.dtype).view(h, self.dn + self.dv, self.r)   # FP8-held: dequantised
         w_uk, w_uv = w[:, : self.dn], w[:, self.dn:]                      # [H, dn, r], [H, dv, r]
         q_lat = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)              # [B, S, H, r]
         query = torch.cat([q_lat, q_pe], dim=-1).view(b, 1, s * h, self.r + self.dr)

@@ -11,7 +11,9 @@ Router (all fp32, the correction bias is a buffer that gradients never touch):
     weights /= sum(weights) + 1e-20  (norm_topk_prob);  weights *= routed_scaling_factor
 
 Experts are SwiGLU MLPs stacked as `gate_up_proj` [E, 2I, D] (gate rows first) and `down_proj`
-[E, D, I] — the transformers-5 fused layout. Two dispatches, no Python loop over experts:
+[E, D, I] — the transformers-5 fused layout — each held in a weight format (dsv3.quant.formats: plain,
+block FP8; the format multiplies, so an FP8 stack dequantises only the experts that received tokens).
+Two dispatches, no Python loop over experts:
     grouped: sort the N·k (token, expert) pairs by expert and run one grouped GEMM per projection
              (torch grouped_mm over contiguous segments); each used expert's weights are read once.
     gather : index the k chosen experts' weights per token and batch-multiply; for a handful of
@@ -28,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3.config import DeepseekV3Config
+from dsv3.quant.formats import PLAIN, ExpertBatch, WeightFormat, keep_fixed_dtypes
 
 MOE_DISPATCHES = ("auto", "grouped", "gather")
 
@@ -107,20 +110,48 @@ class Router(nn.Module):
 
 
 class RoutedExperts(nn.Module):
-    def __init__(self, config: DeepseekV3Config) -> None:
+    """The E routed SwiGLU experts, stacked. Each stack is held in a weight format (dsv3.quant.formats: plain
+    tensors, block FP8, ...) that allocates it under the checkpoint's names and multiplies by it; the format is
+    chosen at construction/load (`set_formats`) or swapped for one with kernels after (`model.weights`)."""
+
+    def __init__(self, config: DeepseekV3Config, gate_up: WeightFormat = PLAIN, down: WeightFormat = PLAIN) -> None:
         super().__init__()
-        e, i, d = config.n_routed_experts, config.moe_intermediate_size, config.hidden_size
-        self.num_experts, self.intermediate = e, i
-        self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, d))
-        self.down_proj = nn.Parameter(torch.empty(e, d, i))
+        self.num_experts, self.intermediate = config.n_routed_experts, config.moe_intermediate_size
+        self.hidden = config.hidden_size
+        self.formats: dict[str, WeightFormat] = {}
+        self.set_formats(gate_up, down)
+
+    def set_formats(self, gate_up: WeightFormat, down: WeightFormat) -> None:
+        """Hold the stacks in these formats. Allocates fresh (empty) tensors when the storage changes — at load
+        time, on the meta device; a format of the same storage (e.g. with kernels added) keeps the tensors."""
+        e, i, d = self.num_experts, self.intermediate, self.hidden
+        for name, fmt, shape in (("gate_up_proj", gate_up, (e, 2 * i, d)), ("down_proj", down, (e, d, i))):
+            old = self.formats.get(name)
+            if old is None or fmt.storage() != old.storage():
+                if old is not None and not getattr(self, name).is_meta:
+                    raise ValueError(f"RoutedExperts.{name}: cannot convert loaded weights from {old} to {fmt}; "
+                                     "choose the format when loading")
+                for t in () if old is None else old.tensor_names(name):
+                    delattr(self, t)
+                fmt.allocate(self, name, shape)
+            self.formats[name] = fmt
+
+    @property
+    def gate_up_parts(self) -> int:
+        """Block grids per expert's gate_up rows: 1 when one grid spans gate and up (a fused checkpoint tensor,
+        which cannot be split per expert when saving), else 2 (separate grids, or no grid at all)."""
+        return getattr(self.formats["gate_up_proj"], "parts", 2)
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202
+        return keep_fixed_dtypes(self, self.formats, fn, recurse)
 
     def stacked_weights(self, index: torch.Tensor | None = None,
                         dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(gate_up [E', 2I, D], down [E', D, I]) of every expert, or of the experts `index` lists (gather).
-        Storage formats that are not plain tensors (FP8, see model/fp8_linear.py) dequantise here to `dtype`."""
-        if index is None:
-            return self.gate_up_proj, self.down_proj
-        return self.gate_up_proj[index], self.down_proj[index]
+        """Dense (gate_up [E', 2I, D], down [E', D, I]) of every expert, or of the experts `index` lists (gather),
+        for arithmetic in `dtype` (formats that are not plain tensors dequantise here)."""
+        dtype = dtype or torch.bfloat16
+        return (self.formats["gate_up_proj"].matrix(self, "gate_up_proj", dtype, index),
+                self.formats["down_proj"].matrix(self, "down_proj", dtype, index))
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
                 dispatch: str = "auto") -> torch.Tensor:
@@ -135,15 +166,13 @@ class RoutedExperts(nn.Module):
 
     def _grouped(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         n, k = indices.shape
-        flat = indices.reshape(-1)                                         # [N*k]
-        order = flat.argsort(stable=True)
+        ids, order = indices.reshape(-1).sort(stable=True)                 # [N*k] sorted by expert
         token = order // k                                                 # source token of each row
-        offs = torch.bincount(flat, minlength=self.num_experts).cumsum(0).to(torch.int32)   # [E]
+        batch = ExpertBatch.from_sorted(ids, self.num_experts)
         xs = x[token]                                                      # [N*k, D] sorted by expert
-        w_gate_up, w_down = self.stacked_weights(dtype=x.dtype)
-        h = F.grouped_mm(xs, w_gate_up.transpose(1, 2), offs=offs)         # [N*k, 2I]
+        h = self.formats["gate_up_proj"].grouped(self, "gate_up_proj", xs, batch)   # [N*k, 2I]
         gate, up = h.split(self.intermediate, dim=-1)
-        y = F.grouped_mm(F.silu(gate) * up, w_down.transpose(1, 2), offs=offs)   # [N*k, D]
+        y = self.formats["down_proj"].grouped(self, "down_proj", F.silu(gate) * up, batch)   # [N*k, D]
         y = y.float() * weights.reshape(-1)[order, None]
         return torch.zeros(n, x.shape[1], dtype=torch.float32, device=x.device).index_add_(0, token, y)
 
@@ -156,6 +185,10 @@ class RoutedExperts(nn.Module):
         gate, up = h.split(self.intermediate, dim=-1)
         y = torch.bmm(w_down, (F.silu(gate) * up)[:, :, None]).squeeze(-1)   # [N*k, D]
         return (y.float().view(n, k, -1) * weights[..., None]).sum(1)
+
+    def extra_repr(self) -> str:
+        return (f"experts={self.num_experts}, intermediate={self.intermediate}, "
+                f"gate_up={self.formats['gate_up_proj']}, down={self.formats['down_proj']}")
 
 
 class MoE(nn.Module):
