@@ -10,7 +10,7 @@ from dsv3.cache import DynamicLatentCache, LatentCache, StaticLatentCache
 from dsv3.config import ConfigError, DeepseekV3Config
 from dsv3.generation.generate import GenerationConfig
 from dsv3.generation.streamer import TextIteratorStreamer, TextStreamer
-from dsv3.model.transformer import DeepseekV3ForCausalLM, DeepseekV3Model
+from dsv3.modeling import DeepseekV3ForCausalLM, DeepseekV3Model
 from dsv3.tokenizer import AutoTokenizer
 
 __all__ = [

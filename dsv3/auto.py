@@ -6,7 +6,7 @@ import os
 from typing import Any
 
 from dsv3.config import DeepseekV3Config
-from dsv3.model.transformer import DeepseekV3ForCausalLM, DeepseekV3Model
+from dsv3.modeling import DeepseekV3ForCausalLM, DeepseekV3Model
 
 
 class AutoConfig:

@@ -345,7 +345,7 @@ def _prepare_output(directory: Path) -> None:
 def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str, Any]:
     """The whole recipe; returns the summary that TRAINING.md reports."""
     from dsv3.generation.generate import GenerationConfig
-    from dsv3.model.transformer import DeepseekV3ForCausalLM
+    from dsv3.modeling import DeepseekV3ForCausalLM
     from dsv3.tokenizer import AutoTokenizer
     from dsv3.training.data import TokenBlocks
     from dsv3.training.trainer import Trainer, TrainingArguments

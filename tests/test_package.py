@@ -110,3 +110,47 @@ def test_python_dash_m_dsv3_runs_the_cli() -> None:
                           timeout=120)
     assert done.returncode == 0, done.stderr
     assert "generate" in done.stdout and "chat" in done.stdout
+
+
+# Layers import downward only: config <- model <- checkpoint / generation <- modeling <- training / serving <- cli.
+ABOVE_THE_MODEL = ("dsv3.checkpoint", "dsv3.generation", "dsv3.training", "dsv3.serving", "dsv3.modeling",
+                   "dsv3.cli", "dsv3.kernels", "dsv3.auto", "dsv3.tokenizer")
+
+
+def _dsv3_imports(path: Path) -> set[str]:
+    """Every dsv3 module a file imports, at the top or lazily inside a function."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names if a.name.startswith("dsv3"))
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("dsv3"):
+            names.update(f"{node.module}.{a.name}" for a in node.names)
+    return names
+
+
+def test_model_imports_nothing_above_it() -> None:
+    offending = {}
+    for path in sorted((ROOT / "dsv3" / "model").rglob("*.py")):
+        bad = sorted(n for n in _dsv3_imports(path) if n.startswith(ABOVE_THE_MODEL) or n == "dsv3")
+        if bad:
+            offending[str(path.relative_to(ROOT))] = bad
+    assert not offending, f"dsv3/model must not import the layers built on it: {offending}"
+
+
+def test_model_modules_import_without_cycles() -> None:
+    """No two modules of dsv3/model import each other (directly or through others)."""
+    modules = {p.stem: p for p in (ROOT / "dsv3" / "model").glob("*.py") if p.stem != "__init__"}
+    graph = {m: {n.split(".")[2] for n in _dsv3_imports(p)
+                 if n.startswith("dsv3.model.") and n.split(".")[2] in modules} for m, p in modules.items()}
+
+    def reaches(start: str, target: str, seen: set[str]) -> bool:
+        return any(n == target or (n not in seen and reaches(n, target, seen | {n})) for n in graph[start])
+
+    cycles = sorted(m for m in graph if reaches(m, m, {m}))
+    assert not cycles, f"import cycles through: {cycles} ({graph})"
+
+
+def test_library_package_holds_no_recipes() -> None:
+    """The shipped model's recipe (a script with a report writer) lives outside the library."""
+    assert not (ROOT / "dsv3" / "training" / "pystd.py").exists()
+    assert (ROOT / "recipes" / "pystd.py").is_file()

@@ -237,7 +237,7 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: st
     with CheckpointReader(src) as reader:
         scales = _fp8_pairs(reader, set(reader.keys()), spec)
         if validate:
-            from dsv3.model.transformer import DeepseekV3ForCausalLM
+            from dsv3.modeling import DeepseekV3ForCausalLM
 
             prepare_load(DeepseekV3ForCausalLM, reader, config)
         block = spec.block_size if spec is not None else None

@@ -36,9 +36,9 @@ from torch import nn
 from dsv3.cache import CacheStep, LatentCache
 from dsv3.config import DeepseekV3Config
 from dsv3.model.attention import build_attention_mask
+from dsv3.model.block import DecoderLayer, RunOptions, RunSinks, run_layer
 from dsv3.model.moe import RouterOutput
 from dsv3.model.norm import RMSNorm
-from dsv3.model.transformer import DecoderLayer, run_layer
 
 
 class SharedHead(nn.Module):
@@ -158,6 +158,7 @@ def mtp_forward(model: nn.Module, hidden: torch.Tensor, next_ids: torch.Tensor,
     mask = build_attention_mask(attention_mask, step.start, s, device, step.positions, step.span)
     freqs_cis = model.model.rotary_emb(position_ids)  # type: ignore[attr-defined]
     x = layer.combine(hidden, next_ids)
-    h = run_layer(layer, x, freqs_cis, mask, cache.view(step) if cache is not None else None, mla_path, moe_dispatch,
-                  router_sink, checkpointed=model.model.gradient_checkpointing and model.training)  # type: ignore[attr-defined]
+    h = run_layer(layer, x, freqs_cis, mask, cache.view(step) if cache is not None else None,
+                  RunOptions(mla_path, moe_dispatch), RunSinks(router_sink),
+                  checkpointed=model.model.gradient_checkpointing and model.training)  # type: ignore[attr-defined]
     return layer.shared_head(h), h

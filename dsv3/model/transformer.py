@@ -5,10 +5,12 @@
         FFN_l = dense SwiGLU for l < first_k_dense_replace, DeepSeekMoE otherwise
     logits = lm_head(norm(h))
 
-`DeepseekV3ForCausalLM.mtp` holds the optional Multi-Token Prediction modules (model/mtp.py).
+`DeepseekV3ForCausalLM.mtp` holds the optional Multi-Token Prediction modules (model/mtp.py); the block is
+model/block.py. These are plain nn.Modules: loading, saving and generate() are attached one layer up
+(dsv3/modeling.py), so nothing under dsv3/model imports the checkpoint or generation code.
 
 Runtime choices travel as forward arguments, never globals: `mla_path` ("auto" | "naive" |
-"absorbed") and `moe_dispatch` ("auto" | "grouped" | "gather").
+"absorbed") and `moe_dispatch` ("auto" | "grouped" | "gather"), gathered into one `RunOptions` per call.
 """
 
 from __future__ import annotations
@@ -20,12 +22,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from dsv3.cache import CacheStep, DynamicLatentCache, LatentCache, LatentCacheView
+from dsv3.cache import CacheStep, DynamicLatentCache, LatentCache
 from dsv3.config import DeepseekV3Config
-from dsv3.model.attention import MultiHeadLatentAttention, build_attention_mask
-from dsv3.model.moe import MoE, RouterOutput, SwiGLU
+from dsv3.model.attention import build_attention_mask
+from dsv3.model.block import DecoderLayer, RunOptions, run_layer
+from dsv3.model.moe import MoE, RouterOutput
+from dsv3.model.mtp import build_mtp_layers, mtp_forward
 from dsv3.model.norm import RMSNorm
 from dsv3.model.rope import RotaryEmbedding
 
@@ -65,42 +68,8 @@ class CausalLMOutput(ModelOutput):
     last_hidden_state: torch.Tensor | None = None   # final-normed, [B, S, D]; the MTP module's input
 
 
-class DecoderLayer(nn.Module):
-    def __init__(self, config: DeepseekV3Config, layer_idx: int) -> None:
-        super().__init__()
-        self.self_attn = MultiHeadLatentAttention(config, layer_idx)
-        self.mlp: nn.Module = MoE(config) if config.is_moe_layer(layer_idx) else SwiGLU(
-            config.hidden_size, config.intermediate_size)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-
-    def forward(self, h: torch.Tensor, freqs_cis: torch.Tensor, mask: torch.Tensor | None,
-                cache: LatentCacheView | None = None, mla_path: str = "auto", moe_dispatch: str = "auto",
-                router_sink: list[RouterOutput] | None = None,
-                attention_sink: list[torch.Tensor] | None = None) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), freqs_cis, mask, cache, mla_path, attention_sink)
-        x = self.post_attention_layernorm(h)
-        if isinstance(self.mlp, MoE):
-            return h + self.mlp(x, moe_dispatch, router_sink)
-        return h + self.mlp(x)
-
-
-def run_layer(layer: nn.Module, h: torch.Tensor, freqs_cis: torch.Tensor, mask: torch.Tensor | None,
-              cache: LatentCacheView | None, mla_path: str, moe_dispatch: str, router_sink: list[RouterOutput] | None,
-              checkpointed: bool, attention_sink: list[torch.Tensor] | None = None) -> torch.Tensor:
-    """One decoder layer, under activation checkpointing when asked (and gradients are on)."""
-    if not (checkpointed and torch.is_grad_enabled()) or attention_sink is not None:
-        return layer(h, freqs_cis, mask, cache, mla_path, moe_dispatch, router_sink, attention_sink)
-    # The backward pass re-runs the layer; a per-call list keeps that re-run's router outputs out of router_sink.
-    layer_sink: list[RouterOutput] = []
-    h = checkpoint(layer, h, freqs_cis, mask, cache, mla_path, moe_dispatch, layer_sink, use_reentrant=False)
-    if router_sink is not None:
-        router_sink.extend(layer_sink)
-    return h
-
-
-class PreTrainedMixin:
-    """Weight initialisation and `from_pretrained`/`save_pretrained` shared by the model classes."""
+class ModelCommon:
+    """Weight initialisation and the properties shared by the two model classes."""
 
     config: DeepseekV3Config
 
@@ -123,21 +92,6 @@ class PreTrainedMixin:
                 nn.init.normal_(module.experts.gate_up_proj, std=std)
                 nn.init.normal_(module.experts.down_proj, std=std)
 
-    @classmethod
-    def from_pretrained(cls, path: Any, **kwargs: Any) -> Any:
-        from dsv3.checkpoint.loader import load_pretrained
-        from dsv3.generation.generate import GenerationConfig
-
-        model = load_pretrained(cls, path, **kwargs)
-        if hasattr(model, "generation_config"):
-            model.generation_config = GenerationConfig.from_pretrained(path)
-        return model
-
-    def save_pretrained(self, directory: Any, **kwargs: Any) -> None:
-        from dsv3.checkpoint.saver import save_pretrained
-
-        save_pretrained(self, directory, **kwargs)
-
     def gradient_checkpointing_enable(self, enable: bool = True) -> None:
         self.base_model().gradient_checkpointing = enable  # type: ignore[attr-defined]
 
@@ -153,7 +107,7 @@ class PreTrainedMixin:
         return self.base_model().embed_tokens.weight.device
 
 
-class DeepseekV3Model(PreTrainedMixin, nn.Module):
+class DeepseekV3Model(ModelCommon, nn.Module):
     def __init__(self, config: DeepseekV3Config) -> None:
         super().__init__()
         self.config = config
@@ -181,13 +135,20 @@ class DeepseekV3Model(PreTrainedMixin, nn.Module):
         output_router_outputs: bool = False,
         check_inputs: bool = True,
         output_attentions: bool = False,
+        options: RunOptions | None = None,
     ) -> BaseModelOutput | tuple[Any, ...]:
         """past_key_values: a LatentCache; the new tokens go to `cache_position` ([S] shared or [B, S] per row:
         the cache writes where it is told) or, by default, after each row's last cached token (rows may
         hold different numbers of tokens, see dsv3.cache). position_ids default to those slots.
         check_inputs=False skips the host reads that validate ids and detect all-ones masks
         (generate() validates once per prompt and then calls the model with it off).
-        output_attentions: return each layer's attention probabilities [B, H, S, T] (computed eagerly)."""
+        output_attentions: return each layer's attention probabilities [B, H, S, T] (computed eagerly).
+        options: all of the runtime keywords at once (DeepseekV3ForCausalLM passes them so); when given, the
+        individual keywords (mla_path ... output_attentions) are not read."""
+        if options is None:
+            options = RunOptions(mla_path, moe_dispatch, output_hidden_states, output_attentions,
+                                 output_router_outputs, check_inputs)
+        check_inputs = options.check_inputs
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
@@ -235,37 +196,34 @@ class DeepseekV3Model(PreTrainedMixin, nn.Module):
                 attention_mask = None   # no padding: let attention use its causal fast path
         mask = build_attention_mask(attention_mask, step.start, s, device, step.positions, step.span)
         freqs_cis = self.rotary_emb(position_ids)
-        router_sink: list[RouterOutput] | None = [] if output_router_outputs else None
-        attention_sink: list[torch.Tensor] | None = [] if output_attentions else None
+        sinks = options.sinks()
         all_hidden: list[torch.Tensor] = []
         h = inputs_embeds
         view = cache.view(step) if cache is not None else None
+        checkpointed = self.gradient_checkpointing and self.training
         for layer in self.layers:
-            if output_hidden_states:
+            if options.output_hidden_states:
                 all_hidden.append(h)
-            h = run_layer(layer, h, freqs_cis, mask, view, mla_path, moe_dispatch, router_sink,
-                          checkpointed=self.gradient_checkpointing and self.training, attention_sink=attention_sink)
+            h = run_layer(layer, h, freqs_cis, mask, view, options, sinks, checkpointed)
         if cache is not None:
             cache.commit(step)
         h = self.norm(h)
-        if output_hidden_states:
+        if options.output_hidden_states:
             all_hidden.append(h)
-        out = BaseModelOutput(h, cache if use_cache else None, tuple(all_hidden) if output_hidden_states else None,
-                              tuple(attention_sink) if attention_sink is not None else None, router_sink)
+        out = BaseModelOutput(h, cache if use_cache else None,
+                              tuple(all_hidden) if options.output_hidden_states else None,
+                              tuple(sinks.attentions) if sinks.attentions is not None else None, sinks.routers)
         return out if return_dict else out.to_tuple()
 
 
-class DeepseekV3ForCausalLM(PreTrainedMixin, nn.Module):
+class DeepseekV3ForCausalLM(ModelCommon, nn.Module):
     def __init__(self, config: DeepseekV3Config, mtp: bool | None = None) -> None:
         """mtp: build the MTP modules — None (default) when config.num_nextn_predict_layers > 0.
         from_pretrained(..., load_mtp=False) skips them (about 2% of V3's weights)."""
-        from dsv3.model.mtp import build_mtp_layers
-
         super().__init__()
         self.config = config
         self.model = DeepseekV3Model(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.generation_config: Any = None   # GenerationConfig from generation_config.json, if any
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         elif not self.lm_head.weight.is_meta:
@@ -283,19 +241,10 @@ class DeepseekV3ForCausalLM(PreTrainedMixin, nn.Module):
                     cache: LatentCache | None = None, attention_mask: torch.Tensor | None = None, k: int = 0,
                     **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """MTP module k: (logits predicting t_{i+k+2}, its hidden state); see dsv3.model.mtp.mtp_forward."""
-        from dsv3.model.mtp import mtp_forward
-
         return mtp_forward(self, hidden, next_ids, position_ids, cache, attention_mask, k, **kwargs)
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
-
-    def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                 **kwargs: Any) -> Any:
-        """transformers-style generation; see dsv3.generation.generate.generate for the arguments."""
-        from dsv3.generation.generate import generate
-
-        return generate(self, input_ids, attention_mask, **kwargs)
 
     def forward(
         self,
@@ -319,9 +268,11 @@ class DeepseekV3ForCausalLM(PreTrainedMixin, nn.Module):
         if past_key_values is None and self.mtp is not None and (
                 use_cache if use_cache is not None else self.config.use_cache and not self.training):
             past_key_values = DynamicLatentCache(self.num_cache_layers)   # with room for the MTP slots
-        out = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, cache_position,
-                         use_cache, output_hidden_states, True, mla_path, moe_dispatch, output_router_outputs,
-                         check_inputs, output_attentions)
+        options = RunOptions(mla_path, moe_dispatch, output_hidden_states, output_attentions, output_router_outputs,
+                             check_inputs)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, cache_position=cache_position,
+                         use_cache=use_cache, options=options)
         h = out.last_hidden_state
         if isinstance(logits_to_keep, int):
             kept = h[:, -logits_to_keep:] if logits_to_keep > 0 else h

@@ -300,7 +300,7 @@ class Trainer:
     def from_checkpoint(cls, directory: str | os.PathLike, args: TrainingArguments, train_data: TokenBlocks,
                         eval_data: TokenBlocks | None = None, device: Any = "cpu") -> Trainer:
         """Resume: the model from `directory` (in fp32), then the trainer state."""
-        from dsv3.model.transformer import DeepseekV3ForCausalLM
+        from dsv3.modeling import DeepseekV3ForCausalLM
 
         directory = resolve_checkpoint(directory)
         model = DeepseekV3ForCausalLM.from_pretrained(directory, torch_dtype=torch.float32, device_map=device)
@@ -481,7 +481,7 @@ def run_train(args: argparse.Namespace) -> int:
     """`dsv3 train`: build or load the model, tokenize the data, train, save. Returns an exit code."""
     from dsv3.config import DeepseekV3Config
     from dsv3.model.mtp import share_main_weights
-    from dsv3.model.transformer import DeepseekV3ForCausalLM
+    from dsv3.modeling import DeepseekV3ForCausalLM
     from dsv3.training.data import ByteTokenizer, load_text_dataset
 
     if args.threads:
