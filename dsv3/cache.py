@@ -127,15 +127,18 @@ class LatentCache:
                     CacheStep(s, 0, self._bound + s, self._lengths[:, None] + torch.arange(s, device=device)))
         else:
             pos = cache_position.to(device=device, dtype=torch.long)
-            if pos.dim() == 1:
-                pos = pos.view(1, -1).expand(batch, -1)
-            if pos.shape != (batch, s):
+            if pos.shape not in ((s,), (batch, s)):
                 raise ValueError(f"cache_position has shape {tuple(cache_position.shape)}: expected [{s}] or "
                                  f"[{batch}, {s}], one slot per new token")
-            lo, hi = (int(v) for v in torch.stack([pos.min(), pos.max()]).tolist())
+            shared = pos.dim() == 1
+            ramp = (pos == pos[0] + torch.arange(s, device=device)).all() if shared else pos.new_zeros(())
+            lo, hi, contiguous = (int(v) for v in torch.stack([pos.min(), pos.max(), ramp.long()]).tolist())
             if lo < 0:
                 raise ValueError(f"cache_position holds {lo}: slots start at 0")
-            step = CacheStep(s, 0, max(hi + 1, self._bound), pos)
+            if contiguous:   # [S] slots start..start+S-1 shared by all rows: every row now ends there
+                step = CacheStep(s, lo, lo + s)
+            else:
+                step = CacheStep(s, 0, max(hi + 1, self._bound), pos.expand(batch, s))
         self._check_length(step.span)
         self._reserve(batch, step.span, device)
         return step
@@ -156,7 +159,7 @@ class LatentCache:
     def commit(self, step: CacheStep) -> None:
         """Record a completed pass: each row now ends after its last written slot."""
         if step.positions is None:
-            self._bound = step.start + step.s
+            self._lengths, self._bound = None, step.start + step.s
             return
         self._lengths = step.positions[:, -1] + 1
         self._bound = step.span
@@ -271,6 +274,7 @@ class PagedLatentCache(LatentCache):
         self.block_table = torch.full((batch_size, per_seq), -1, dtype=torch.long, device=device)
         self._free = list(range(num_blocks - 1, -1, -1))        # host: a stack of free block ids
         self._owned = [0] * batch_size                            # host: blocks held per row
+        self._covered = 0                                         # host: min(_owned)
 
     @property
     def max_cache_len(self) -> int:
@@ -284,9 +288,9 @@ class PagedLatentCache(LatentCache):
 
     def _reserve(self, batch: int, span: int, device: torch.device) -> None:
         need = math.ceil(span / self.block_size)
-        grow = [(row, n) for row, n in enumerate(self._owned) if n < need]
-        if not grow:
+        if need <= self._covered:   # the common case: no row crosses a block boundary (no per-row work)
             return
+        grow = [(row, n) for row, n in enumerate(self._owned) if n < need]
         wanted = sum(need - n for _, n in grow)
         if wanted > len(self._free):
             raise ValueError(f"PagedLatentCache is out of blocks: {wanted} more are needed for {span} tokens per "
@@ -296,6 +300,7 @@ class PagedLatentCache(LatentCache):
             ids = [self._free.pop() for _ in range(need - n)]
             self.block_table[row, n:need] = torch.tensor(ids, dtype=torch.long)
             self._owned[row] = need
+        self._covered = need
 
     def release(self, row: int) -> None:
         """Return row's blocks to the pool and empty the row (continuous batching reuses it)."""
@@ -303,6 +308,7 @@ class PagedLatentCache(LatentCache):
         self._free.extend(int(i) for i in self.block_table[row, :n].tolist())
         self.block_table[row] = -1
         self._owned[row] = 0
+        self._covered = 0
         lengths = self.lengths(self.batch_size, self.block_table.device).clone()
         lengths[row] = 0
         self._lengths = lengths
