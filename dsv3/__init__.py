@@ -6,7 +6,7 @@ changed: `from dsv3 import AutoModelForCausalLM, AutoTokenizer`.
 
 from dsv3 import kernels  # optional CPU kernels: importing is cheap, they are built on first use
 from dsv3.auto import AutoConfig, AutoModel, AutoModelForCausalLM
-from dsv3.cache import DynamicLatentCache, LatentCache, StaticLatentCache
+from dsv3.cache import DynamicLatentCache, LatentCache, PagedLatentCache, StaticLatentCache
 from dsv3.config import ConfigError, DeepseekV3Config
 from dsv3.generation.generate import GenerationConfig
 from dsv3.generation.streamer import TextIteratorStreamer, TextStreamer
@@ -16,6 +16,6 @@ from dsv3.tokenizer import AutoTokenizer
 __all__ = [
     "AutoConfig", "AutoModel", "AutoModelForCausalLM", "AutoTokenizer", "ConfigError", "DeepseekV3Config",
     "DeepseekV3ForCausalLM", "DeepseekV3Model", "DynamicLatentCache", "GenerationConfig", "LatentCache",
-    "StaticLatentCache", "TextIteratorStreamer", "TextStreamer", "kernels",
+    "PagedLatentCache", "StaticLatentCache", "TextIteratorStreamer", "TextStreamer", "kernels",
 ]
 __version__ = "0.1.0"
