@@ -6,13 +6,21 @@
     dsv3 train ...                    train with next-token + MTP losses and aux-loss-free balancing
 
 Without --model, generate and chat use the model that ships with dsv3 (--preset tiny builds a
-random tiny model instead, for smoke tests).
+random tiny model instead, for smoke tests). `python -m dsv3 ...` runs the same command (e.g. under torchrun).
+
+Failures end with one line on stderr, `error: ...`, and a non-zero exit code, never a traceback (-v adds
+it for unexpected errors): 2 for bad input (flags, files, checkpoints, text that is not UTF-8), 1 for
+an unexpected error, 130 for Ctrl-C (SIGINT), 141 when stdout is closed early (`dsv3 generate | head`).
+In `dsv3 chat` an error or Ctrl-C during a reply ends that reply only: the prompt returns with the
+history as it was, and when the history outgrows the context the oldest exchanges are dropped.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -42,9 +50,31 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--cache", choices=["dynamic", "static"], default="static")
     p.add_argument("--compile", action="store_true", help="compile the decode step with torch.compile")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch")
     p.add_argument("--kernels", choices=["auto", "on", "off"], default="auto",
                    help="C++ CPU decode kernels for bf16 weights (auto: when on CPU in bf16 and they build)")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    from dsv3.training.trainer import positive_int as parse
+
+    return parse(text)
+
+
+def _check_json_object(path: Path) -> None:
+    """A JSON file the loader will read must hold an object ({...}); name the file otherwise."""
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory; expected a JSON file")
+    if not path.exists():
+        return
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); fix or replace the file") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a JSON {type(data).__name__}, expected an object {{...}}; fix or replace "
+                         "the file")
 
 
 def load_model_and_tokenizer(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -64,6 +94,8 @@ def load_model_and_tokenizer(args: argparse.Namespace) -> tuple[Any, Any]:
     if not (path / "config.json").is_file():
         hint = "pass --model DIR" if args.model else "the shipped model is missing; pass --model DIR or --preset tiny"
         raise SystemExit(f"error: {path} is not a checkpoint directory (no config.json); {hint}")
+    for name in ("config.json", "generation_config.json", "tokenizer_config.json"):
+        _check_json_object(path / name)
     model = DeepseekV3ForCausalLM.from_pretrained(path, torch_dtype=args.dtype, device_map=args.device)
     _maybe_use_kernels(model, args.kernels)
     has_tokenizer = (path / "tokenizer.json").is_file()
@@ -117,9 +149,62 @@ def _stream(model: Any, tokenizer: Any, input_ids: torch.Tensor, args: argparse.
     return out[0, input_ids.shape[1]:]
 
 
+def _utf8_text(text: str, what: str) -> str:
+    """`text` from argv or a text stream: undecodable bytes arrive as surrogates (surrogateescape)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = ord(text[e.start])
+        byte = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"U+{code:04X}"
+        raise ValueError(f"{what} is not valid UTF-8 ({byte} at position {e.start}); pass UTF-8 text") from None
+    return text
+
+
+def _decode_utf8(data: bytes | str, what: str) -> str:
+    if isinstance(data, str):
+        return _utf8_text(data, what)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what} is not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                         "pass UTF-8 text") from None
+
+
+def _stdin() -> Any:
+    if sys.stdin is None:
+        raise ValueError("stdin is closed; pass the prompt as an argument or open stdin")
+    return sys.stdin
+
+
+def _read_stdin() -> str:
+    """All of stdin as UTF-8 text."""
+    stream = _stdin()
+    try:
+        data = stream.buffer.read() if hasattr(stream, "buffer") else stream.read()
+    except OSError as e:
+        raise ValueError(f"cannot read the prompt from stdin ({e.strerror or e})") from None
+    return _decode_utf8(data, "stdin")
+
+
+def _read_line() -> str | None:
+    """One line of stdin as UTF-8 text, or None at the end of input."""
+    stream = _stdin()
+    try:
+        data = stream.buffer.readline() if hasattr(stream, "buffer") else stream.readline()
+    except OSError as e:
+        raise ValueError(f"cannot read from stdin ({e.strerror or e})") from None
+    return _decode_utf8(data, "the input line") if data else None
+
+
+def _check_stdout() -> None:
+    if sys.stdout is None:
+        raise ValueError("stdout is closed; nowhere to write the reply (redirect it to a file or /dev/null)")
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
+    _check_stdout()
+    prompt = _utf8_text(args.prompt, "the prompt") if args.prompt is not None else _read_stdin()
     model, tokenizer = load_model_and_tokenizer(args)
-    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
             {"role": "user", "content": prompt}]
@@ -136,31 +221,89 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+CHAT_NEW_TOKENS = 256
+
+
+def _max_new_tokens(model: Any, args: argparse.Namespace, default: int) -> int:
+    """The max_new_tokens a reply gets: --max-new-tokens, else generation_config.json's, else `default`."""
+    if args.max_new_tokens is not None:
+        return args.max_new_tokens
+    gc = getattr(model, "generation_config", None)
+    return gc.max_new_tokens if gc is not None and gc.max_new_tokens is not None else default
+
+
+def chat_input_ids(tokenizer: Any, system: list[dict[str, str]], history: list[dict[str, str]],
+                   max_prompt_tokens: int) -> torch.Tensor:
+    """The chat prompt [1, T] for system + history, T <= max_prompt_tokens: the oldest exchanges (user +
+    assistant) are removed from `history` until it fits (said on stderr). Raises ValueError, history
+    untouched, when the last message alone does not fit."""
+    def render(turns: list[dict[str, str]]) -> torch.Tensor:
+        return tokenizer.apply_chat_template(system + turns, add_generation_prompt=True, return_tensors="pt",
+                                             return_dict=False)
+
+    alone = render(history[-1:])
+    if alone.shape[1] > max_prompt_tokens:
+        raise ValueError(f"the message is {alone.shape[1]} tokens with the chat template, more than the "
+                         f"{max_prompt_tokens} the context leaves for a prompt; shorten it (or lower "
+                         "--max-new-tokens)")
+    dropped = 0
+    while True:
+        ids = render(history)
+        if ids.shape[1] <= max_prompt_tokens or len(history) <= 1:
+            break
+        del history[:2]   # history alternates user, assistant, ..., user: drop the oldest exchange
+        dropped += 1
+    if dropped:
+        print(f"[context full: dropped the {dropped} oldest exchange(s) from the history]", file=sys.stderr)
+    return ids
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
+    _check_stdout()
+    _stdin()
     model, tokenizer = load_model_and_tokenizer(args)
-    system = [{"role": "system", "content": args.system}] if args.system else []
+    system = [{"role": "system", "content": _utf8_text(args.system, "--system")}] if args.system else []
     history: list[dict[str, str]] = []
     interactive = sys.stdin.isatty()
-    print("dsv3 chat — /reset clears the history, /exit quits", file=sys.stderr)
+    context = model.config.max_context_length
+    max_prompt = max(1, context - _max_new_tokens(model, args, CHAT_NEW_TOKENS))
+    failed = False
+    print("dsv3 chat — /reset clears the history, /exit quits; Ctrl-C stops a reply", file=sys.stderr)
     while True:
         if interactive:
             print(">>> ", end="", flush=True, file=sys.stderr)
-        line = sys.stdin.readline()
-        if not line:
-            return 0
+        try:
+            line = _read_line()
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            failed = True
+            continue
+        if line is None:
+            return 1 if failed else 0
         text = line.strip()
         if not text:
             continue
         if text == "/exit":
-            return 0
+            return 1 if failed else 0
         if text == "/reset":
             history.clear()
             print("[history cleared]", file=sys.stderr)
             continue
+        kept = list(history)
         history.append({"role": "user", "content": text})
-        input_ids = tokenizer.apply_chat_template(system + history, add_generation_prompt=True,
-                                                  return_tensors="pt", return_dict=False)
-        reply_ids = _stream(model, tokenizer, input_ids, args, default_new_tokens=256)
+        try:
+            input_ids = chat_input_ids(tokenizer, system, history, max_prompt)
+            reply_ids = _stream(model, tokenizer, input_ids, args, default_new_tokens=CHAT_NEW_TOKENS)
+        except KeyboardInterrupt:
+            history[:] = kept
+            print("", flush=True)
+            print("[interrupted: reply discarded, history kept]", file=sys.stderr)
+            continue
+        except (ValueError, TypeError, RuntimeError) as e:   # this reply failed; the chat goes on
+            history[:] = kept
+            print(f"error: {_one_line(e)}", file=sys.stderr)
+            failed = True
+            continue
         history.append({"role": "assistant", "content": tokenizer.decode(reply_ids.tolist(), skip_special_tokens=True)})
 
 
@@ -194,16 +337,51 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def _report(message: str) -> None:
     try:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    except (OSError, ValueError, AttributeError):   # stderr closed too: the exit code is all that is left
+        pass
+
+
+def _detach_stdout() -> None:
+    """After a broken pipe, point stdout at /dev/null so the flush at exit does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the dsv3 command line; returns the exit code (argparse exits 2 on bad flags)."""
+    verbose = False
+    try:
+        args = build_parser().parse_args(argv)
+        verbose = args.verbose
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, TypeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
+        _report("interrupted (Ctrl-C)")
         return 130
+    except BrokenPipeError:
+        _detach_stdout()
+        _report("the output was closed before the command finished (broken pipe)")
+        return 141
+    except (ValueError, TypeError, KeyError, OSError) as e:   # bad input: flags, files, checkpoints, text
+        if verbose:
+            logger.exception("details")
+        _report(_one_line(e))
+        return 2
+    except Exception as e:   # the command-line boundary: one line, never a traceback (-v logs it)
+        if verbose:
+            logger.exception("details")
+        _report(f"{type(e).__name__}: {_one_line(e)} (run with -v for the traceback)")
+        return 1
 
 
 if __name__ == "__main__":

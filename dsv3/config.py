@@ -7,30 +7,72 @@ accepted on load and mapped here:
     rope_theta + rope_scaling     rope_parameters {"rope_type", "rope_theta", "factor", ...}
     num_nextn_predict_layers      num_mtp_layers
 
-Unknown keys (topk_method, scoring_func, moe_layer_freq, ep_size, auto_map, ...) are kept in `extra`
-and written back by `to_dict`, so a config round-trips unchanged.
+Unknown keys (moe_layer_freq, ep_size, auto_map, ...) are kept in `extra` and written back by `to_dict`,
+so a config round-trips unchanged. `scoring_func` / `topk_method` are fields: dsv3 implements only
+DeepSeek-V3's router (sigmoid scores, noaux_tc group-limited top-k), so other values are an error, and a
+saved config.json always states them (converters such as llama.cpp's fall back to softmax without them).
 
-Derived values (qk_head_dim, the softmax scale with YaRN's mscale, the latent cache width) are
-properties, never stored twice.
+RoPE scaling (`rope_scaling.type`), and the longest sequence each allows (`max_context_length`):
+
+    default   max_position_embeddings
+    linear    positions / factor (inv_freq / factor); factor × max_position_embeddings
+    dynamic   NTK: past max_position_embeddings the base becomes θ·(f·L/L_max - (f-1))^(dr/(dr-2)),
+              L = the longest position in the forward call + 1; factor × max_position_embeddings
+    yarn      max_position_embeddings, which DeepSeek-V3 sets to factor × original_max_position_embeddings
+              (163840 = 40 × 4096); a config that left it equal to the original length gets factor × original
+
+Linear and dynamic leave max_position_embeddings at the trained length, as the transformers
+documentation says. Derived values (qk_head_dim, the softmax scale with YaRN's mscale, the latent cache
+width, the context limit) are properties, never stored twice.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import json
 import math
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 SUPPORTED_ACTIVATIONS = ("silu",)
-SUPPORTED_ROPE_TYPES = ("default", "yarn")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "yarn")
+SUPPORTED_SCORING_FUNCS = ("sigmoid",)
+SUPPORTED_TOPK_METHODS = ("noaux_tc",)
+# Other spellings from_dict accepts for a field (transformers-5 names); they are valid override names too.
+ALIASES = {"num_mtp_layers": "num_nextn_predict_layers", "rope_parameters": "rope_scaling", "dtype": "torch_dtype"}
 
 
 class ConfigError(ValueError):
     """A config value, or a combination of values, that the model cannot be built from."""
+
+
+class UnknownArgumentError(ConfigError, TypeError):
+    """A keyword argument that is neither a parameter of the call nor a config field (a TypeError, as Python
+    raises for unexpected keywords, and a ConfigError, so callers that report config problems catch it)."""
+
+
+def check_keyword_arguments(names: Iterable[str], config: DeepseekV3Config | None, caller: str,
+                            parameters: Iterable[str] = ()) -> None:
+    """Raise UnknownArgumentError for the first name that is neither one of `parameters` nor a config field
+    to override (a dataclass field, an alias, or a key the loaded config.json already holds).
+
+    The message names the argument, the closest accepted name and all of them."""
+    params = list(parameters)
+    fields = sorted(DeepseekV3Config.field_names() | set(ALIASES) | set(config.extra if config else ()))
+    for name in names:
+        if name in params or name in fields:
+            continue
+        close = difflib.get_close_matches(name, params + fields, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else "."
+        accepted = (f" It takes {', '.join(params)}; any other keyword overrides a config.json field: "
+                    if params else " Fields that can be overridden: ")
+        raise UnknownArgumentError(f"{caller} got an unexpected keyword argument {name!r}{hint}"
+                                   f"{accepted}{', '.join(fields)}.")
 
 
 def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
@@ -62,6 +104,8 @@ class DeepseekV3Config:
     num_experts_per_tok: int = 8
     first_k_dense_replace: int = 3
     norm_topk_prob: bool = True
+    scoring_func: str = "sigmoid"
+    topk_method: str = "noaux_tc"
     hidden_act: str = "silu"
     max_position_embeddings: int = 4096
     initializer_range: float = 0.02
@@ -109,6 +153,22 @@ class DeepseekV3Config:
     @property
     def rope_type(self) -> str:
         return "default" if self.rope_scaling is None else self.rope_scaling["rope_type"]
+
+    @property
+    def max_context_length(self) -> int:
+        """The most positions (cached + new tokens) the model accepts: see the RoPE table in the module
+        docstring. Linear and dynamic scaling stretch max_position_embeddings (the trained length) by
+        their factor; YaRN configs already state the stretched length in max_position_embeddings."""
+        rs = self.rope_scaling
+        if rs is None or rs["rope_type"] == "default":
+            return self.max_position_embeddings
+        factor = float(rs["factor"])
+        if rs["rope_type"] == "yarn":
+            # transformers' convention: factor = max_position_embeddings / original (it warns otherwise), except
+            # that max_position_embeddings left at the original length means "not stated": then factor × original.
+            original = int(rs["original_max_position_embeddings"])
+            return int(factor * original) if self.max_position_embeddings == original else self.max_position_embeddings
+        return int(factor * self.max_position_embeddings)
 
     @property
     def softmax_scale(self) -> float:
@@ -163,9 +223,12 @@ class DeepseekV3Config:
             rt = self.rope_scaling["rope_type"]
             need(rt in SUPPORTED_ROPE_TYPES,
                  f"rope_scaling type {rt!r} is not supported; use one of {SUPPORTED_ROPE_TYPES} or null")
+            if rt != "default":
+                factor = self.rope_scaling.get("factor")
+                need(isinstance(factor, (int, float)) and not isinstance(factor, bool) and factor >= 1.0,
+                     f"rope_scaling.factor={factor!r}: {rt} scaling needs a number >= 1 (the context is "
+                     "stretched by that factor)")
             if rt == "yarn":
-                need(float(self.rope_scaling.get("factor", 0)) >= 1.0,
-                     f"rope_scaling.factor={self.rope_scaling.get('factor')!r}: YaRN needs a factor >= 1")
                 need("original_max_position_embeddings" in self.rope_scaling,
                      "rope_scaling of type yarn needs original_max_position_embeddings (4096 for DeepSeek-V3)")
 
@@ -182,6 +245,14 @@ class DeepseekV3Config:
              f"num_experts_per_tok={self.num_experts_per_tok}: must be in [1, topk_group*experts_per_group="
              f"{self.topk_group * (e // g)}] (the experts of the kept groups)")
         need(self.n_shared_experts >= 0, f"n_shared_experts={self.n_shared_experts}: must be >= 0")
+        need(self.scoring_func in SUPPORTED_SCORING_FUNCS,
+             f"scoring_func={self.scoring_func!r} is not supported: dsv3 implements DeepSeek-V3's router, which "
+             f"scores experts with {' / '.join(SUPPORTED_SCORING_FUNCS)} (softmax scoring is DeepSeek-V2's). Use a "
+             "DeepSeek-V3-family checkpoint, or omit the key")
+        need(self.topk_method in SUPPORTED_TOPK_METHODS,
+             f"topk_method={self.topk_method!r} is not supported: dsv3 implements DeepSeek-V3's router, "
+             f"{' / '.join(SUPPORTED_TOPK_METHODS)} (group-limited top-k on the scores plus e_score_correction_bias)."
+             " Use a DeepSeek-V3-family checkpoint, or omit the key")
 
     # ----------------------------------------------------------------------------- (de)serialisation
     @classmethod
@@ -224,18 +295,36 @@ class DeepseekV3Config:
             data = json.loads(path.read_text())
         except FileNotFoundError:
             raise ConfigError(f"{path}: no such config file; a checkpoint directory needs config.json") from None
+        except IsADirectoryError:
+            raise ConfigError(f"{path} is a directory; expected the config.json file (or its directory)") from None
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}: not valid JSON ({e}); re-download or fix the file") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: holds a JSON {type(data).__name__}, expected an object of config fields "
+                              '({"model_type": "deepseek_v3", ...})')
         return cls.from_dict(data)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **overrides: Any) -> DeepseekV3Config:
+        """config.json of a directory (or a JSON file); keyword arguments override its fields."""
         path = Path(path)
         cfg = cls.from_json_file(path / "config.json" if path.is_dir() else path)
+        check_keyword_arguments(overrides, cfg, "DeepseekV3Config.from_pretrained()")
         return cfg.replace(**overrides) if overrides else cfg
 
+    @classmethod
+    def field_names(cls) -> set[str]:
+        """The config.json keys this class has fields for (what `replace` and overrides may set)."""
+        return {f.name for f in dataclasses.fields(cls)} - {"extra"}
+
     def replace(self, **changes: Any) -> DeepseekV3Config:
+        """A copy with some fields changed (validated again). Takes field names, their transformers-5
+        aliases and keys the config already holds in `extra`; anything else is an UnknownArgumentError."""
+        check_keyword_arguments(changes, self, "DeepseekV3Config.replace()")
         data = self.to_dict()
+        for alias, name in ALIASES.items():
+            if alias in changes:              # the alias given now wins over the stored spelling
+                data.pop(name, None)
         data.update(changes)
         return DeepseekV3Config.from_dict(data)
 

@@ -36,6 +36,11 @@ def yarn(factor: float = 4.0, mscale: float | None = 1.0, mscale_all_dim: float 
     return rs
 
 
+def scaled_rope(kind: str, factor: float) -> dict[str, Any]:
+    """rope_scaling as the transformers documentation writes linear and dynamic scaling."""
+    return {"type": kind, "factor": factor}
+
+
 def hf_config(**overrides: Any) -> Any:
     from transformers import DeepseekV3Config as HFConfig
 
@@ -47,7 +52,8 @@ def hf_config(**overrides: Any) -> Any:
     else:
         rp = {k: v for k, v in rope_scaling.items() if k != "type"}
         kw["rope_parameters"] = {"rope_type": rope_scaling["type"], "rope_theta": theta, **rp}
-        kw["max_position_embeddings"] = int(rp["factor"] * rp["original_max_position_embeddings"])
+        if "original_max_position_embeddings" in rp:   # YaRN states the stretched length; linear/dynamic do not
+            kw["max_position_embeddings"] = int(rp["factor"] * rp["original_max_position_embeddings"])
     return HFConfig(**kw)
 
 

@@ -4,6 +4,7 @@ and follows the model's distribution; bad arguments fail clearly; the documentat
 from __future__ import annotations
 
 import io
+import logging
 import math
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from dsv3 import DeepseekV3ForCausalLM
-from dsv3.generation.generate import GenerationConfig, generate
+from dsv3.generation.generate import DecodeStep, GenerationConfig, generate, make_cache
 from dsv3.generation.streamer import TextStreamer
 from tests.oracle import left_padded_batch, make_hf_model, yarn
 
@@ -62,13 +63,56 @@ def test_generation_stops_when_all_rows_finish(pair) -> None:
 
 
 @pytest.mark.slow
-def test_compiled_decode_equals_eager(pair) -> None:
+def test_compiled_decode_equals_eager(pair, caplog: pytest.LogCaptureFixture) -> None:
+    """fp32 compiles with the gather dispatch (grouped_mm's fake kernel is bf16-only); every decode step must
+    have run in the compiled graph, not in the eager fallback."""
     _, ours = pair
     ids, mask = left_padded_batch(64, [8, 4], seed=14)
     eager = generate(ours, ids, mask, max_new_tokens=8, cache_implementation="static", eos_token_id=[])
-    compiled = generate(ours, ids, mask, max_new_tokens=8, cache_implementation="static", eos_token_id=[],
-                        compile=True)
-    assert torch.equal(compiled, eager)
+    with caplog.at_level(logging.WARNING, logger="dsv3.generation.generate"):
+        compiled = generate(ours, ids, mask, max_new_tokens=8, cache_implementation="static", eos_token_id=[],
+                            compile=True, return_dict_in_generate=True)
+    assert "failed to compile" not in caplog.text
+    assert compiled.compiled_steps == 7   # 8 new tokens: prefill + 7 compiled decode steps
+    assert torch.equal(compiled.sequences, eager)
+
+
+def test_decode_step_falls_back_only_on_named_compile_failures(pair, caplog: pytest.LogCaptureFixture) -> None:
+    _, ours = pair
+    ids = torch.tensor([[5, 6, 7], [8, 9, 10]])
+
+    def run(step: DecodeStep) -> torch.Tensor:
+        cache = make_cache(ours, "dynamic", 2, 8)
+        ours(ids, past_key_values=cache, use_cache=True)
+        return step(ids[:, -1:], torch.full((2, 1), 3), cache, None)
+
+    reference = run(DecodeStep(ours))
+
+    def broken(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise RuntimeError("a real error inside the step")
+
+    step = DecodeStep(ours)
+    step._fn, step.compiled = broken, True
+    with pytest.raises(RuntimeError, match="a real error"):
+        run(step)
+
+    def unsupported(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise torch._dynamo.exc.Unsupported("graph break under fullgraph")
+
+    step = DecodeStep(ours)
+    step._fn, step.compiled = unsupported, True
+    with caplog.at_level(logging.WARNING, logger="dsv3.generation.generate"):
+        logits = run(step)
+    assert "failed to compile (Unsupported: graph break" in caplog.text
+    assert not step.compiled and step.compiled_calls == 0
+    assert torch.equal(logits, reference)
+
+
+def test_compiled_step_picks_a_dispatch_that_traces(pair) -> None:
+    _, ours = pair
+    assert DecodeStep(ours, compile=True).moe_dispatch == "gather"      # fp32: grouped_mm cannot be traced
+    assert DecodeStep(ours, compile=False).moe_dispatch == "auto"
+    assert DecodeStep(ours, compile=True, moe_dispatch="grouped").moe_dispatch == "grouped"   # explicit wins
 
 
 def test_seeded_sampling_is_reproducible(pair) -> None:
@@ -130,6 +174,8 @@ def test_bad_prompts_raise(pair) -> None:
     with pytest.raises(ValueError, match="left padding"):
         generate(ours, ids.flip(1), mask.flip(1), max_new_tokens=2)
     with pytest.raises(TypeError, match="unsupported"):
+        generate(ours, ids, mask, num_beam_groups=2)
+    with pytest.raises(ValueError, match="num_beams=4"):
         generate(ours, ids, mask, num_beams=4)
 
 

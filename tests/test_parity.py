@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dsv3 import DeepseekV3ForCausalLM, DeepseekV3Model
-from tests.oracle import assert_close, left_padded_batch, make_hf_model, positions_from_mask, yarn
+from tests.oracle import assert_close, left_padded_batch, make_hf_model, positions_from_mask, scaled_rope, yarn
 
 LOGITS_ATOL = 1e-4
 LOSS_ATOL = 1e-5
@@ -31,6 +31,13 @@ CASES = {
     "attention-bias": dict(attention_bias=True, q_lora_rank=None),
     "attention-bias-q-lora": dict(attention_bias=True),
     "tied-embeddings": dict(tie_word_embeddings=True),
+    # Small max_position_embeddings put the 11-token padded batch past it: linear needs the stretched context
+    # limit (2 × 8), dynamic NTK recomputes its base from 11 positions. For dynamic the 9-token batch that
+    # follows stays within 10 positions, where transformers resets its (stateful) base to plain RoPE; past
+    # 10 it would keep the base of the 11-token call, where dsv3 uses each call's own (tests/test_rope_scaling).
+    "rope-linear-past-max-pos": dict(rope_scaling=scaled_rope("linear", 2.0), max_position_embeddings=8),
+    "rope-dynamic-past-max-pos": dict(rope_scaling=scaled_rope("dynamic", 8.0), max_position_embeddings=10),
+    "rope-linear-4": dict(rope_scaling=scaled_rope("linear", 4.0)),
 }
 
 

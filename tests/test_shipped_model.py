@@ -14,7 +14,7 @@ from dsv3 import DeepseekV3ForCausalLM
 from dsv3.cli import SHIPPED_MODEL, main
 from dsv3.generation.generate import generate
 from dsv3.tokenizer import AutoTokenizer
-from dsv3.training import pystd
+from recipes import pystd
 from tests.oracle import assert_close
 
 CODE = '''import os

@@ -292,3 +292,203 @@ def test_run_train_cli(tmp_path: Path) -> None:
     assert (out / "latest").read_text().strip() == "checkpoint-000002"
     assert run_train(parser.parse_args([*common, "--resume", str(out), "--steps", "3", "--bf16"])) == 0
     assert (out / "latest").read_text().strip() == "checkpoint-000003"
+
+
+# ----------------------------------------------------------------------------------------------- numerics
+def test_router_under_bf16_autocast_routes_exactly_like_fp32() -> None:
+    """bf16 autocast would run the router's linear in bf16 and move ~1 % of tokens to other experts."""
+    config = DeepseekV3Config.tiny()
+    torch.manual_seed(12)
+    router = Router(config)
+    with torch.no_grad():
+        router.weight.normal_(0, 0.3)
+        router.e_score_correction_bias.uniform_(-0.1, 0.1)
+    x = torch.randn(4096, config.hidden_size)
+    want = router(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = router(x)
+        got_bf16_input = router(x.to(torch.bfloat16))
+    assert torch.equal(got.indices, want.indices), \
+        f"{(got.indices.sort(-1).values != want.indices.sort(-1).values).any(-1).float().mean():.2%} rerouted"
+    assert got.weights.dtype == torch.float32 and torch.equal(got.weights, want.weights)
+    assert torch.equal(got.scores, want.scores)
+    with torch.no_grad():   # a bf16 input routes as its fp32 upcast does
+        assert torch.equal(got_bf16_input.indices, router(x.to(torch.bfloat16).float()).indices)
+
+
+def _mtp_logits(model: DeepseekV3ForCausalLM, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        hidden = model(ids, use_cache=False).last_hidden_state
+        return model.mtp_forward(hidden[:, :-1], ids[:, 1:])[0]
+
+
+def _shared(model: DeepseekV3ForCausalLM) -> bool:
+    layer = model.mtp[0]
+    return (layer.embed_tokens.weight is model.model.embed_tokens.weight
+            and layer.shared_head.head.weight is model.lm_head.weight)
+
+
+def test_mtp_trains_with_the_main_embedding_and_head() -> None:
+    """A new model (as dsv3 train builds it) trains MTP on the main embedding and output head: after a step
+    they are still the same tensors, and the MTP loss alone sends gradients into them."""
+    from dsv3.model.mtp import share_main_weights
+
+    model = tiny(seed=13)
+    share_main_weights(model)
+    n_params = len(list(model.parameters()))
+    trainer = Trainer(model, quick_args(max_steps=2), random_blocks())
+    before = model.model.embed_tokens.weight.detach().clone()
+    trainer.train_step()
+    assert trainer.mtp_shared and _shared(model)
+    assert not torch.equal(model.mtp[0].embed_tokens.weight, before)      # trained, through the one tensor
+    opt_params = [p for g in trainer.optimizer.param_groups for p in g["params"]]
+    assert len(opt_params) == n_params == len({id(p) for p in opt_params})   # each tied tensor stepped once
+    # gradients of the MTP loss alone (the main hidden state detached) reach the main embedding and head
+    ids = random_blocks(4, 12, seed=14).blocks[:2]
+    with torch.no_grad():
+        hidden = model(ids, use_cache=False).last_hidden_state
+    model.zero_grad(set_to_none=True)
+    mtp_losses(model, hidden, ids)[0].backward()
+    emb_grad = model.model.embed_tokens.weight.grad
+    assert emb_grad is not None and model.lm_head.weight.grad is not None
+    rows = emb_grad.abs().sum(-1).nonzero().flatten()
+    assert set(rows.tolist()) == set(ids[:, 1:-1].flatten().tolist())     # the MTP inputs t_{i+1}, i <= T-3
+    assert float(model.lm_head.weight.grad.abs().sum()) > 0
+
+
+def test_mtp_embeddings_choice_keeps_a_checkpoint_with_different_copies(tmp_path: Path, caplog) -> None:
+    """auto: equal copies (a tied run's checkpoint) are tied again; different ones (the shipped model) are
+    kept, so the model's MTP predictions do not change; 'shared' ties them (warned), 'separate' unties."""
+    from dsv3.cli import SHIPPED_MODEL
+    from dsv3.model.mtp import main_weight_difference
+
+    data = random_blocks()
+    shipped = DeepseekV3ForCausalLM.from_pretrained(SHIPPED_MODEL, torch_dtype=torch.float32)
+    assert main_weight_difference(shipped) > 0.1       # its MTP module has its own embedding and head
+    ids = torch.randint(0, shipped.config.vocab_size, (1, 10), generator=torch.Generator().manual_seed(15))
+    want = _mtp_logits(shipped, ids)
+    with caplog.at_level("WARNING"):
+        trainer = Trainer(shipped, quick_args(), TokenBlocks(data.blocks % shipped.config.vocab_size))
+    assert not trainer.mtp_shared and not _shared(shipped) and "separate copies" in caplog.text
+    assert torch.equal(_mtp_logits(shipped, ids), want)
+
+    model = tiny(seed=16)
+    with torch.no_grad():    # equal copies, separate tensors: what loading a tied run's checkpoint gives
+        model.mtp[0].embed_tokens.weight.copy_(model.model.embed_tokens.weight)
+        model.mtp[0].shared_head.head.weight.copy_(model.lm_head.weight)
+    assert Trainer(model, quick_args(), data).mtp_shared and _shared(model)
+    assert not Trainer(model, quick_args(mtp_embeddings="separate"), data).mtp_shared and not _shared(model)
+
+    other = tiny(seed=17)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert Trainer(other, quick_args(mtp_embeddings="shared"), data).mtp_shared and _shared(other)
+    assert "predictions change" in caplog.text
+    with pytest.raises(ValueError, match="mtp_embeddings"):
+        Trainer(tiny(), quick_args(mtp_embeddings="tied"), data)
+
+
+@pytest.mark.parametrize("mtp_embeddings", ["shared", "separate"])
+def test_resume_of_a_tied_or_untied_run(tmp_path: Path, mtp_embeddings: str) -> None:
+    data = random_blocks(16, 16, seed=18)
+    args = quick_args(max_steps=3, save_every=2, output_dir=str(tmp_path), mtp_embeddings=mtp_embeddings)
+    straight = Trainer(tiny(seed=19), args, data).train()
+    resumed = Trainer.from_checkpoint(tmp_path / "checkpoint-000002", args, data)
+    assert resumed.mtp_shared == (mtp_embeddings == "shared") == _shared(resumed.model)
+    step3 = resumed.train()
+    for key in ("loss", "lm_loss", "mtp_loss"):
+        assert step3[0][key] == pytest.approx(straight[2][key], rel=1e-6, abs=1e-9), key
+
+
+# ----------------------------------------------------------------------------------------------- not losing a run
+def _train_cli(tmp_path: Path, *extra: str) -> int:
+    corpus = tmp_path / "c.txt"
+    if not corpus.exists():
+        corpus.write_text("abcdefgh " * 40)
+    parser = argparse.ArgumentParser()
+    add_train_arguments(parser)
+    common = [str(corpus), "--tokenizer", "bytes", "--seq-len", "16", "--batch-size", "2", "--warmup", "1",
+              "--eval-batches", "1"]
+    return run_train(parser.parse_args([*common, *extra]))
+
+
+def test_output_dir_must_be_a_writable_directory_before_step_1(tmp_path: Path) -> None:
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("not a directory")
+    for bad, match in ((a_file, "is a file"), (a_file / "run", "not writable")):
+        trainer = Trainer(tiny(seed=20), quick_args(output_dir=str(bad)), random_blocks())
+        with pytest.raises(ValueError, match=match):
+            trainer.train()
+        assert trainer.step == 0 and trainer.history == []
+        with pytest.raises(ValueError, match=match):
+            _train_cli(tmp_path, "--preset", "tiny", "--steps", "1", "--output-dir", str(bad))
+    assert a_file.read_text() == "not a directory"
+
+
+def test_a_new_run_never_lands_on_another_run(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert _train_cli(tmp_path, "--preset", "tiny", "--steps", "2", "--output-dir", str(out)) == 0
+    first = (out / "checkpoint-000002" / "model.safetensors").read_bytes()
+    with pytest.raises(ValueError, match=r"holds another run \(checkpoint-000002, latest\).*--resume.*--overwrite"):
+        _train_cli(tmp_path, "--preset", "tiny", "--steps", "1", "--output-dir", str(out))
+    with pytest.raises(ValueError, match="holds another run"):   # the Trainer API refuses too
+        Trainer(tiny(), quick_args(output_dir=str(out)), random_blocks()).train()
+    assert (out / "checkpoint-000002" / "model.safetensors").read_bytes() == first
+    assert (out / "latest").read_text().strip() == "checkpoint-000002"
+    # --resume continues the run in place; resuming it into another run's directory is refused
+    other = tmp_path / "other"
+    assert _train_cli(tmp_path, "--preset", "tiny", "--steps", "1", "--output-dir", str(other)) == 0
+    with pytest.raises(ValueError, match="holds another run"):
+        _train_cli(tmp_path, "--resume", str(out), "--steps", "3", "--output-dir", str(other))
+    assert _train_cli(tmp_path, "--resume", str(out / "checkpoint-000002"), "--steps", "3",
+                      "--output-dir", str(out)) == 0
+    assert (out / "latest").read_text().strip() == "checkpoint-000003"
+    # --overwrite replaces the run: its old checkpoints go
+    assert _train_cli(tmp_path, "--preset", "tiny", "--steps", "1", "--output-dir", str(out), "--overwrite") == 0
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-000001", "latest"]
+
+
+def test_resume_with_steps_at_or_below_the_checkpoint_says_so(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert _train_cli(tmp_path, "--preset", "tiny", "--steps", "2", "--output-dir", str(out)) == 0
+    for steps in ("2", "1"):
+        with pytest.raises(ValueError, match=r"at step 2 and max_steps=.*--steps N with N > 2"):
+            _train_cli(tmp_path, "--resume", str(out), "--steps", steps, "--output-dir", str(out))
+    assert (out / "latest").read_text().strip() == "checkpoint-000002"
+
+
+def test_a_corrupt_trainer_state_is_a_clear_error(tmp_path: Path) -> None:
+    from dsv3.checkpoint.errors import CheckpointError
+
+    data = random_blocks(16, 16)
+    args = quick_args(max_steps=1, output_dir=str(tmp_path / "run"))
+    Trainer(tiny(seed=21), args, data).train()
+    ckpt = tmp_path / "run" / "checkpoint-000001"
+    state = ckpt / "trainer_state.pt"
+    good = state.read_bytes()
+    unsafe = tmp_path / "unsafe.pt"
+    torch.save({"step": argparse.Namespace(x=1)}, unsafe)   # weights_only refuses the class
+    no_keys = tmp_path / "no_keys.pt"
+    torch.save({"step": 1}, no_keys)
+    cases = {"truncated": good[: len(good) // 2], "garbage": b"\x00not a torch file" * 10,
+             "empty": b"", "unsafe pickle": unsafe.read_bytes(), "missing keys": no_keys.read_bytes()}
+    for label, content in cases.items():
+        state.write_bytes(content)
+        with pytest.raises(CheckpointError) as info:
+            Trainer.from_checkpoint(ckpt, quick_args(max_steps=2, output_dir=str(tmp_path / "run")), data)
+        message = str(info.value)
+        assert str(state) in message and "trainer state" in message, label
+        assert "weights_only" not in message, (label, message)
+    # a state that does not fit the model (saved with separate MTP copies, resumed with shared ones)
+    state.write_bytes(good)
+    with pytest.raises(CheckpointError, match="does not fit"):
+        Trainer.from_checkpoint(ckpt, quick_args(max_steps=2, mtp_embeddings="shared"), data)
+
+
+def test_training_data_that_is_not_text_names_the_file(tmp_path: Path) -> None:
+    binary = tmp_path / "weights.bin"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
+    with pytest.raises(ValueError, match=r"weights\.bin is not UTF-8 text \(byte 0x89 at offset 0\)"):
+        tokenize_files([binary], ByteTokenizer())
+    with pytest.raises(ValueError, match="is a directory"):
+        tokenize_files([tmp_path], ByteTokenizer())

@@ -22,6 +22,7 @@ loads too (the model is built with mtp=False); `load_mtp=False` skips it on purp
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import sys
@@ -44,7 +45,7 @@ from dsv3.checkpoint.fp8 import (
 )
 from dsv3.checkpoint.keys import SCALE_SUFFIX, LoadPlan, Source, is_mtp_key, piece_views, plan_load, to_checkpoint_name
 from dsv3.checkpoint.safetensors_io import CheckpointReader
-from dsv3.config import DeepseekV3Config
+from dsv3.config import DeepseekV3Config, check_keyword_arguments
 from dsv3.model.fp8_linear import Fp8Linear, Fp8RoutedExperts
 from dsv3.model.moe import RoutedExperts
 from dsv3.model.rope import RotaryEmbedding
@@ -58,6 +59,7 @@ FP32_TENSORS = ("mlp.gate.weight", "mlp.gate.e_score_correction_bias")   # numer
 FP8_MODES = ("dequantize", "keep")
 _FP8 = tuple(FP8_DTYPES.values())
 _SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_NO_OP_KWARGS = frozenset({"trust_remote_code", "low_cpu_mem_usage"})   # transformers arguments, moot here
 
 
 def resolve_dtype(torch_dtype: Any, config: DeepseekV3Config) -> torch.dtype:
@@ -166,7 +168,16 @@ def load_pretrained(cls: type, path: str | os.PathLike, torch_dtype: Any = "auto
     torch_dtype: a dtype, "bfloat16"/"float16"/"float32", or "auto" (config.json's torch_dtype); `dtype` is the
     transformers-5 spelling. device_map: "auto" (GPU when present), "cpu", "cuda", "cuda:N", a device.
     fp8: "dequantize" or "keep" (see module docstring). progress: a bar on stderr (default: when a tty).
+    Any other keyword must be a config field and overrides config.json (transformers semantics); an unknown
+    one is an UnknownArgumentError naming the closest accepted name. `trust_remote_code` and
+    `low_cpu_mem_usage` are accepted and have no effect (dsv3 runs its own code and always loads one copy).
     """
+    for no_op in _NO_OP_KWARGS.intersection(config_overrides):
+        logger.info("from_pretrained(%s=%r) has no effect in dsv3", no_op, config_overrides.pop(no_op))
+    if config is None and Path(path).is_dir():
+        config = DeepseekV3Config.from_pretrained(path)   # its extra keys may be overridden too
+    arguments = list(inspect.signature(load_pretrained).parameters)[2:-1]   # without cls, path, **overrides
+    check_keyword_arguments(config_overrides, config, "from_pretrained()", [*arguments, *sorted(_NO_OP_KWARGS)])
     if dtype is not None:
         if torch_dtype not in (None, "auto") and torch_dtype != dtype:
             raise ValueError(f"torch_dtype={torch_dtype!r} and dtype={dtype!r}: pass one of them")
@@ -176,8 +187,8 @@ def load_pretrained(cls: type, path: str | os.PathLike, torch_dtype: Any = "auto
         raise CheckpointError(f"{path}: not a checkpoint directory (expected config.json and *.safetensors); "
                               "downloading from a hub is not supported, pass a local directory")
     if config is None:
-        config = DeepseekV3Config.from_pretrained(path, **config_overrides)
-    elif config_overrides:
+        config = DeepseekV3Config.from_pretrained(path)
+    if config_overrides:
         config = config.replace(**config_overrides)
     target_dtype = resolve_dtype(torch_dtype, config)
     device = resolve_device(device_map)

@@ -6,6 +6,9 @@ warpers Temperature → TopK → TopP → MinP, which only run when sampling):
 
     1. repetition penalty ρ   z_v ← z_v / ρ if z_v > 0 else z_v · ρ, for every v seen so far
                               (prompt included; each token penalised once however often it occurred)
+    1b. banned tokens         z_v ← -inf where `banned` [B, V] is set: NoRepeatNGram (a token that
+                              would repeat an n-gram of the sequence, `no_repeat_ngram_mask`) and
+                              MinLength / MinNewTokens (the eos ids before the minimum length)
     2. greedy (do_sample=False): next = argmax_v z_v, steps 3-7 skipped
     3. temperature T          z ← z / T
     4. top-k                  z_v ← -inf where z_v < (k-th largest z); ties with the k-th are all kept
@@ -53,6 +56,11 @@ TRANSFORMERS_GENERATE_DEFAULTS: dict[str, Any] = {
     "repetition_penalty": 1.0,
 }
 
+# Sampling below this temperature is refused: z / T overflows fp32 for |z| ≳ 3e38·T (T = 1e-38 turns
+# every logit into ±inf and the softmax into nan), and long before that the distribution is one-hot
+# in all but exact ties. generate() decodes greedily instead (the T → 0 limit) and logs it.
+MIN_SAMPLING_TEMPERATURE = 1e-5
+
 
 def _is_real(x: Any) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
@@ -87,10 +95,10 @@ class SamplingParams:
                 f"temperature={t!r} is invalid: it must be a finite number > 0 "
                 "(0 is accepted only with do_sample=False, i.e. greedy decoding)"
             )
-        if self.do_sample and t == 0:
+        if self.do_sample and t < MIN_SAMPLING_TEMPERATURE:
             raise ValueError(
-                f"temperature={t!r} is invalid with do_sample=True: it must be > 0; "
-                "for greedy decoding set do_sample=False"
+                f"temperature={t!r} is invalid with do_sample=True: it must be >= {MIN_SAMPLING_TEMPERATURE} "
+                "(smaller values overflow the logits); for greedy decoding set do_sample=False"
             )
         k = self.top_k
         if k is not None and (not isinstance(k, numbers.Integral) or isinstance(k, bool) or k < 0):
@@ -160,6 +168,25 @@ def update_seen_mask(seen: torch.Tensor, next_tokens: torch.Tensor) -> torch.Ten
     return seen.scatter_(1, next_tokens.long().view(-1, 1), True)
 
 
+def no_repeat_ngram_mask(token_ids: torch.Tensor, ngram_size: int, vocab_size: int) -> torch.Tensor:
+    """transformers' NoRepeatNGramLogitsProcessor as a bool mask [B, V]: the tokens that would complete
+    an n-gram already present in `token_ids` [B, L] (padding included, as transformers sees it).
+
+    The last n-1 ids are matched against every window of the row; a matching window bans its last id.
+    """
+    b, length = token_ids.shape
+    banned = torch.zeros(b, vocab_size + 1, dtype=torch.bool, device=token_ids.device)
+    if ngram_size < 1 or length < ngram_size:
+        return banned[:, :vocab_size]
+    windows = token_ids.unfold(1, ngram_size, 1)                               # [B, L-n+1, n]
+    prefix = token_ids[:, length + 1 - ngram_size:]                            # [B, n-1]
+    matches = (windows[..., :-1] == prefix[:, None]).all(dim=-1)               # [B, L-n+1]
+    # Non-matching windows (and ids beyond the vocabulary) go to a spare column V, dropped afterwards.
+    last = windows[..., -1].clamp(0, vocab_size)
+    banned.scatter_(1, torch.where(matches, last, vocab_size), True)
+    return banned[:, :vocab_size]
+
+
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
     """transformers' RepetitionPenaltyLogitsProcessor: seen logits > 0 are divided by `penalty`,
     the others multiplied. `seen` is a bool mask [B, V] or token ids [B, T]. Returns a new tensor.
@@ -197,11 +224,15 @@ def _min_p(z: torch.Tensor, min_p: float) -> torch.Tensor:
 
 
 def process_logits(
-    logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None = None
+    logits: torch.Tensor,
+    params: SamplingParams,
+    seen: torch.Tensor | None = None,
+    banned: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Steps 1-6 of the module docstring: fp32 logits [B, V] ready for argmax or softmax.
 
-    `seen` (bool [B, V] or ids [B, T]) is required when `params.repetition_penalty != 1`.
+    `seen` (bool [B, V] or ids [B, T]) is required when `params.repetition_penalty != 1`; `banned`
+    (bool [B, V], optional) is set to -inf after the penalty, before the sampling warpers.
     The input is never modified.
     """
     assert logits.dim() == 2, f"logits must be [B, V], got {tuple(logits.shape)}"
@@ -213,6 +244,8 @@ def process_logits(
                 "(a bool mask [B, V] from seen_mask(), or token ids [B, T])"
             )
         z = apply_repetition_penalty(z, seen, params.repetition_penalty)
+    if banned is not None:
+        z = z.masked_fill(banned, -float("inf"))
     if not params.do_sample:
         return z
     if params.temperature != 1.0:
@@ -253,6 +286,18 @@ def sample_from_probs(
     return (probs / q).argmax(dim=-1)
 
 
+def pick_next_token(
+    z: torch.Tensor,
+    params: SamplingParams,
+    generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Next token ids [B] from processed logits `z` [B, V] (the output of `process_logits`)."""
+    if not params.do_sample:
+        return z.argmax(dim=-1)
+    return sample_from_probs(torch.softmax(z, dim=-1), generator, noise)
+
+
 def select_next_token(
     logits: torch.Tensor,
     params: SamplingParams,
@@ -260,13 +305,11 @@ def select_next_token(
     *,
     seen: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
+    banned: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Next token ids [B] (int64) from the last-position logits [B, V].
 
     Greedy is the exact argmax of the (repetition-penalised) fp32 logits. Sampling uses `generator`
     (None: the global RNG) or, under torch.compile, pre-drawn `noise` [B, V] from `exponential_noise`.
     """
-    z = process_logits(logits, params, seen)
-    if not params.do_sample:
-        return z.argmax(dim=-1)
-    return sample_from_probs(torch.softmax(z, dim=-1), generator, noise)
+    return pick_next_token(process_logits(logits, params, seen, banned), params, generator, noise)

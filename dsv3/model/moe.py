@@ -85,7 +85,14 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> RouterOutput:
         n = x.shape[0]                                                     # x: [N, D]
-        scores = F.linear(x.float(), self.weight.float()).sigmoid()        # [N, E]
+        # Numerics policy: routing in fp32 even under bf16 autocast (which would run this linear in bf16
+        # and send ~1 % of tokens to other experts).
+        if torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                logits = F.linear(x.float(), self.weight.float())
+        else:
+            logits = F.linear(x.float(), self.weight.float())
+        scores = logits.sigmoid()                                          # [N, E]
         choice = scores + self.e_score_correction_bias.float()
         grouped = choice.view(n, self.n_group, -1)                        # [N, G, E/G]
         group_scores = grouped.topk(2, dim=-1).values.sum(-1)              # [N, G]

@@ -10,9 +10,13 @@ MTP module k (0-based) lives at `model.mtp[k]` and in checkpoints at layer L+k (
     h^k_i    = Block_k(x_i)          a full MoE decoder layer; attention uses cache slot L+k
     logits_i = shared_head.head(shared_head.norm(h^k_i))  predicts t_{i+k+2}  [B, S, V]
 
-The embedding comes first in the concatenation. Each module owns `embed_tokens` and `shared_head.head`
-(the published V3 checkpoint stores them as separate tensors, though training shared them with the main
-model). Deeper modules chain on h^k, the block output before `shared_head.norm`.
+The embedding comes first in the concatenation. Each module has `embed_tokens` and `shared_head.head`
+slots: checkpoints store them as separate tensors (the published V3 one holds copies of the main ones),
+and a model is built and loaded with separate copies, so a checkpoint whose copies differ keeps its
+behaviour. DeepSeek-V3 trains MTP with the main model's embedding and output head: `share_main_weights`
+makes the slots the main model's very Parameters (training ties them for a new model and for a
+checkpoint whose copies are equal; see dsv3.training.trainer). Deeper modules chain on h^k, the block
+output before `shared_head.norm`.
 
 Training runs a module over whole sequences (losses.mtp_loss). Drafting for speculative decoding runs it
 on the positions the main model has just committed, with the main model's cache: right after a main
@@ -75,6 +79,40 @@ def build_mtp_layers(config: DeepseekV3Config, enabled: bool | None = None) -> n
     if enabled is False or config.num_mtp_layers == 0:
         return None
     return nn.ModuleList(MTPLayer(config, k) for k in range(config.num_mtp_layers))
+
+
+def mtp_weight_pairs(model: nn.Module) -> list[tuple[str, nn.Module, nn.Module]]:
+    """(name, MTP module, main module) for every MTP embedding and output head: the pairs DeepSeek-V3 shares."""
+    pairs: list[tuple[str, nn.Module, nn.Module]] = []
+    for k, layer in enumerate(getattr(model, "mtp", None) or []):
+        pairs.append((f"mtp.{k}.embed_tokens", layer.embed_tokens, model.model.embed_tokens))  # type: ignore[attr-defined]
+        pairs.append((f"mtp.{k}.shared_head.head", layer.shared_head.head, model.lm_head))  # type: ignore[attr-defined]
+    return pairs
+
+
+def shares_main_weights(model: nn.Module) -> bool:
+    """True when every MTP embedding and output head is the main model's Parameter (and there is MTP)."""
+    pairs = mtp_weight_pairs(model)
+    return bool(pairs) and all(mtp.weight is main.weight for _, mtp, main in pairs)
+
+
+@torch.no_grad()
+def main_weight_difference(model: nn.Module) -> float:
+    """max |MTP copy - main| over the embeddings and output heads (0.0 when shared or equal)."""
+    diffs = [float((mtp.weight.float() - main.weight.float()).abs().max()) for _, mtp, main in
+             mtp_weight_pairs(model) if mtp.weight is not main.weight]
+    return max(diffs, default=0.0)
+
+
+def share_main_weights(model: nn.Module, shared: bool = True) -> None:
+    """shared=True: each MTP module uses the main model's embedding and output head (the same Parameters,
+    so both losses train one tensor); its own copies are dropped. shared=False: give each MTP module its own
+    copy of the tensors it holds now (a tied model becomes an untied one with equal values)."""
+    for _, mtp, main in mtp_weight_pairs(model):
+        if shared:
+            mtp.weight = main.weight
+        elif mtp.weight is main.weight:
+            mtp.weight = nn.Parameter(main.weight.detach().clone(), requires_grad=main.weight.requires_grad)
 
 
 def mtp_forward(model: nn.Module, hidden: torch.Tensor, next_ids: torch.Tensor,

@@ -1,14 +1,27 @@
-"""Rotary position embedding in DeepSeek's original form: complex multiplication, with YaRN.
+"""Rotary position embedding in DeepSeek's original form: complex multiplication, with YaRN, linear and
+dynamic-NTK scaling (the numerics of transformers 5.23's modeling_rope_utils).
 
-Symbols (V3 sizes): dr = qk_rope_head_dim (64), θ = rope_theta (10000), s = YaRN factor (40),
-L0 = original_max_position_embeddings (4096).
+Symbols (V3 sizes): dr = qk_rope_head_dim (64), θ = rope_theta (10000), s = scaling factor (40),
+L0 = original_max_position_embeddings (4096), Lmax = max_position_embeddings.
 
     inv_freq_i = θ^(-2i/dr),  i = 0 .. dr/2-1
     YaRN:  corr(n) = dr·ln(L0 / (2πn)) / (2 ln θ)
            low = max(floor(corr(beta_fast)), 0),  high = min(ceil(corr(beta_slow)), dr-1)
            ramp_i = clamp((i - low) / (high - low), 0, 1)
            inv_freq_i ← inv_freq_i·(1 - ramp_i) + inv_freq_i/s·ramp_i
-    freqs_cis[p, i] = m · exp(i·p·inv_freq_i),   m = mscale(s, mscale) / mscale(s, mscale_all_dim)
+    linear:  inv_freq_i ← inv_freq_i / s          (positions divided by s)
+    dynamic: L = max(position_ids) + 1 over the whole call; when L > Lmax
+             θ' = θ·(s·L/Lmax - (s-1))^(dr/(dr-2)),  inv_freq_i = θ'^(-2i/dr)   (else unchanged)
+    freqs_cis[p, i] = m · exp(i·p·inv_freq_i),   m = mscale(s, mscale) / mscale(s, mscale_all_dim) (YaRN)
+
+Dynamic NTK depends on the call: every token of a forward pass is rotated with the base of that pass's
+longest position. With a cache, keys keep the rotation they were stored with, so a prompt decoded token by
+token past Lmax gives other logits than one uncached forward over the same tokens — transformers does the
+same (its DeepseekV3RotaryEmbedding recomputes inv_freq whenever a call reaches a longer position). Unlike
+transformers, which keeps the longest length seen in module state until a call shorter than Lmax resets it,
+dsv3 derives the base from each call's positions alone: same inputs, same outputs, whatever ran before,
+and equal to transformers on a freshly loaded model. The base is computed on the device (no host sync),
+so a compiled or CUDA-graph decode step keeps working.
 
 A rope vector x of dr values is dr/2 complex numbers and is rotated by x·freqs_cis. With
 `rope_interleave=True` (the released weights) the pairs are adjacent, (x0,x1),(x2,x3),...; with
@@ -35,9 +48,11 @@ def rope_inv_freq(config: DeepseekV3Config) -> tuple[torch.Tensor, float]:
     dim, base = config.qk_rope_head_dim, float(config.rope_theta)
     inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
     rs = config.rope_scaling
-    if rs is None or rs["rope_type"] == "default":
+    if rs is None or rs["rope_type"] in ("default", "dynamic"):   # dynamic: unscaled up to Lmax (see forward)
         return inv_freq, 1.0
     factor = float(rs["factor"])
+    if rs["rope_type"] == "linear":
+        return inv_freq / factor, 1.0
     l0 = int(rs["original_max_position_embeddings"])
     beta_fast = float(rs.get("beta_fast") or 32)
     beta_slow = float(rs.get("beta_slow") or 1)
@@ -56,6 +71,15 @@ def rope_inv_freq(config: DeepseekV3Config) -> tuple[torch.Tensor, float]:
     return inv_freq, magnitude
 
 
+def dynamic_ntk_inv_freq(seq_len: torch.Tensor, dim: int, base: float, factor: float,
+                         max_position_embeddings: int) -> torch.Tensor:
+    """Dynamic NTK inverse frequencies [dr/2] (fp32) for a 0-dim integer seq_len ≥ max_position_embeddings,
+    op for op as transformers computes them (fp32 tensors, so the parity is exact)."""
+    scaled = base * ((factor * seq_len / max_position_embeddings) - (factor - 1)) ** (dim / (dim - 2))
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=seq_len.device).float() / dim
+    return 1.0 / (scaled ** exponents)
+
+
 class RotaryEmbedding(torch.nn.Module):
     """Turns position ids into complex rotations; holds no per-position table (V3 allows 163840)."""
 
@@ -64,10 +88,21 @@ class RotaryEmbedding(torch.nn.Module):
         inv_freq, magnitude = rope_inv_freq(config)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.magnitude = magnitude
+        rs = config.rope_scaling
+        # Dynamic NTK: (factor, base, Lmax); the base is recomputed per call from its positions.
+        self.dynamic: tuple[float, float, int] | None = None
+        if rs is not None and rs["rope_type"] == "dynamic":
+            self.dynamic = (float(rs["factor"]), float(config.rope_theta), config.max_position_embeddings)
 
     def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
         """position_ids [B, S] -> freqs_cis [B, S, dr/2] complex64."""
-        angles = position_ids.to(torch.float32)[..., None] * self.inv_freq.float()
+        inv_freq = self.inv_freq.float()
+        if self.dynamic is not None and position_ids.numel() > 0:
+            factor, base, max_pos = self.dynamic
+            seq_len = position_ids.max() + 1                        # [] int, stays on the device
+            longer = dynamic_ntk_inv_freq(seq_len.clamp(min=max_pos), 2 * inv_freq.shape[0], base, factor, max_pos)
+            inv_freq = torch.where(seq_len > max_pos, longer, inv_freq)
+        angles = position_ids.to(torch.float32)[..., None] * inv_freq
         return torch.polar(torch.full_like(angles, self.magnitude), angles)
 
 

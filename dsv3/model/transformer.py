@@ -218,9 +218,11 @@ class DeepseekV3Model(PreTrainedMixin, nn.Module):
             step = cache.plan(b, s, device, cache_position)
         else:
             step = CacheStep(s, 0, s)
-        if step.span > self.config.max_position_embeddings:
-            raise ValueError(f"{step.span - s} cached + {s} new tokens exceed max_position_embeddings="
-                             f"{self.config.max_position_embeddings}; shorten the prompt or max_new_tokens")
+        if step.span > self.config.max_context_length:
+            raise ValueError(f"{step.span - s} cached + {s} new tokens exceed the context of "
+                             f"{self.config.max_context_length} positions (max_position_embeddings="
+                             f"{self.config.max_position_embeddings}, rope_type={self.config.rope_type!r}); shorten "
+                             "the prompt or max_new_tokens")
         if position_ids is None:
             position_ids = cache_position if cache_position is not None else step.slots(b, device)
         if position_ids.dim() == 1:

@@ -56,10 +56,15 @@ def tokenize_files(paths: Sequence[str | os.PathLike], tokenizer: Any, eos_token
     stream: list[int] = []
     for path in paths:
         path = Path(path)
+        if path.is_dir():
+            raise ValueError(f"{path} is a directory; training data are UTF-8 text files (pass the files in it)")
         try:
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
             raise FileNotFoundError(f"{path}: no such training text file") from None
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}): "
+                             "training data must be UTF-8 text files; is it a binary file?") from None
         stream.extend(encode_text(tokenizer, text))
         stream.append(int(eos_token_id))
     return torch.tensor(stream, dtype=torch.long)

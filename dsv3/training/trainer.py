@@ -11,6 +11,14 @@ Weight decay applies to matrices only (not to norms). Router biases are buffers,
 A checkpoint directory is a normal model directory (save_pretrained, loadable with from_pretrained) plus
 `trainer_state.pt` (optimizer, scheduler, step, data-generator and torch RNG states). It is written under
 a temporary name and renamed into place when complete; `output_dir/latest` names the newest one.
+Before step 1 the output directory must be a writable directory; a new run (step 0) refuses one that
+holds another run (`latest`, `checkpoint-*`) unless overwrite_output_dir says to replace it.
+
+MTP embedding and output head (mtp_embeddings): DeepSeek-V3 trains its MTP modules with the main model's
+embedding and output head. "shared" ties them (one Parameter each, trained by both losses); "separate"
+trains the module's own copies; "auto" (default) ties them when the copies already equal the main ones
+(a new model built by `dsv3 train`, a checkpoint of a tied run, the published V3 layout) and otherwise
+keeps them separate with a warning, so a checkpoint whose copies differ keeps its behaviour.
 """
 
 from __future__ import annotations
@@ -21,8 +29,10 @@ import io
 import logging
 import math
 import os
+import pickle
 import shutil
 import sys
+import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -34,6 +44,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dsv3.checkpoint.atomic import atomic_write_bytes, atomic_write_text
+from dsv3.checkpoint.errors import CheckpointError
 from dsv3.training.balance import ExpertLoadBalancer
 from dsv3.training.data import TokenBlocks
 from dsv3.training.losses import TrainingLosses, training_losses
@@ -41,6 +52,8 @@ from dsv3.training.losses import TrainingLosses, training_losses
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.pt"
+MTP_EMBEDDINGS = ("auto", "shared", "separate")
+STATE_KEYS = ("step", "optimizer", "scheduler", "generator", "torch_rng")
 
 
 @dataclass
@@ -68,6 +81,8 @@ class TrainingArguments:
     log_every: int = 10
     seed: int = 0
     progress: bool | None = None         # a tqdm bar; default: when stderr is a terminal
+    mtp_embeddings: str = "auto"         # auto, shared or separate: see the module docstring
+    overwrite_output_dir: bool = False   # a new run may replace the run that output_dir holds
 
     def validate(self) -> None:
         for name in ("max_steps", "batch_size", "grad_accum_steps", "log_every", "eval_batches"):
@@ -80,6 +95,8 @@ class TrainingArguments:
                      "max_grad_norm", "weight_decay"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 0")
+        if self.mtp_embeddings not in MTP_EMBEDDINGS:
+            raise ValueError(f"mtp_embeddings={self.mtp_embeddings!r}: expected one of {MTP_EMBEDDINGS}")
 
 
 def lr_factor(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
@@ -106,6 +123,7 @@ class Trainer:
         self.model, self.args = model, args
         self.train_data, self.eval_data = train_data, eval_data
         model.gradient_checkpointing_enable(args.gradient_checkpointing)  # type: ignore[operator]
+        self.mtp_shared = apply_mtp_embeddings(model, args.mtp_embeddings)   # before the optimizer sees them
         self.optimizer = build_optimizer(model, args)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, args.warmup_steps, args.max_steps, args.min_lr_ratio))
@@ -181,6 +199,11 @@ class Trainer:
     def train(self) -> list[dict[str, float]]:
         """Run until max_steps (from the current step, e.g. after `load_state`); returns the history."""
         args = self.args
+        if self.step >= args.max_steps:
+            raise ValueError(f"the run is at step {self.step} and max_steps={args.max_steps}: nothing to train; "
+                             f"pass a larger max_steps (dsv3 train --steps N with N > {self.step})")
+        if args.output_dir:
+            check_output_dir(args.output_dir, overwrite=args.overwrite_output_dir, continuing=self.step > 0)
         progress = sys.stderr.isatty() if args.progress is None else args.progress
         bar = tqdm(total=args.max_steps, initial=self.step, desc="train", unit="step", disable=not progress)
         try:
@@ -218,6 +241,27 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"])
         self.step = int(state["step"])
 
+    def _load_checked(self, path: Path) -> None:
+        """load_state_dict from the file `path`, every way it can be unreadable a CheckpointError naming it."""
+        fix = ("resume from another checkpoint of the run (output_dir/checkpoint-NNNNNN) or start a new run "
+               "with --overwrite")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, OSError, AttributeError,
+                ImportError, IndexError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{path}: the trainer state is unreadable ({_reason(e)}): the file is truncated, "
+                                  f"corrupt or not written by dsv3's Trainer; {fix}") from None
+        if not isinstance(state, dict) or any(k not in state for k in STATE_KEYS):
+            found = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise CheckpointError(f"{path}: the trainer state has {found}; expected the keys {list(STATE_KEYS)} "
+                                  f"(written by dsv3's Trainer); {fix}")
+        try:
+            self.load_state_dict(state)
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise CheckpointError(f"{path}: the trainer state does not fit this model and trainer ({_reason(e)}); "
+                                  "resume with the settings of the run that wrote it (e.g. the same --no-mtp "
+                                  f"and --mtp-embeddings), or {fix}") from None
+
     def save_checkpoint(self, directory: str | os.PathLike | None = None) -> Path:
         """Write model + trainer state to `directory` (default output_dir/checkpoint-STEP), atomically."""
         if directory is None:
@@ -250,7 +294,7 @@ class Trainer:
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no trainer state; resume from a directory written by "
                                     "Trainer.save_checkpoint (output_dir/checkpoint-NNNNNN)")
-        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        self._load_checked(path)
 
     @classmethod
     def from_checkpoint(cls, directory: str | os.PathLike, args: TrainingArguments, train_data: TokenBlocks,
@@ -263,6 +307,82 @@ class Trainer:
         trainer = cls(model, args, train_data, eval_data)
         trainer.load_state(directory)
         return trainer
+
+
+def apply_mtp_embeddings(model: nn.Module, choice: str = "auto") -> bool:
+    """Tie (or untie) the MTP modules' embedding and output head to the main model's, as `choice` says
+    (auto, shared, separate; see the module docstring). Returns whether they are shared now."""
+    from dsv3.model.mtp import main_weight_difference, mtp_weight_pairs, share_main_weights, shares_main_weights
+
+    if choice not in MTP_EMBEDDINGS:
+        raise ValueError(f"mtp_embeddings={choice!r}: expected one of {MTP_EMBEDDINGS}")
+    if not mtp_weight_pairs(model):
+        return False
+    if choice == "separate":
+        share_main_weights(model, shared=False)
+        return False
+    if shares_main_weights(model):
+        return True
+    diff = main_weight_difference(model)
+    if diff == 0.0:
+        share_main_weights(model)
+        logger.info("MTP modules share the main embedding and output head (their copies were equal)")
+        return True
+    if choice == "shared":
+        logger.warning("mtp_embeddings='shared': the MTP modules' own embedding/output head (max |difference| "
+                       "from the main ones %.3g) are replaced by the main model's; their predictions change", diff)
+        share_main_weights(model)
+        return True
+    logger.warning("the MTP modules' embedding/output head differ from the main model's (max |difference| %.3g): "
+                   "training them as separate copies to keep the model's behaviour; pass mtp_embeddings='shared' "
+                   "(dsv3 train --mtp-embeddings shared) to tie them as DeepSeek-V3 does", diff)
+    return False
+
+
+def run_files(directory: Path) -> list[str]:
+    """The names in `directory` that belong to a training run (checkpoint-*, latest), sorted."""
+    if not directory.is_dir():
+        return []
+    return sorted(p.name for p in directory.iterdir()
+                  if p.name == "latest" or (p.name.startswith("checkpoint-") and p.is_dir()))
+
+
+def check_output_dir(output_dir: str | os.PathLike, overwrite: bool = False, continuing: bool = False) -> None:
+    """Make sure checkpoints can be written to `output_dir` before any training step: it is (or can be made)
+    a writable directory, and unless `continuing` its run or `overwrite`, it holds no other run.
+    With overwrite (and not continuing) the other run's checkpoints are removed."""
+    path = Path(output_dir)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"output directory {path} is a file, not a directory; pass a directory (--output-dir)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise ValueError(f"output directory {path} is not writable ({e.strerror or e}); pass a directory you can "
+                         "write to (--output-dir)") from None
+    other = run_files(path)
+    if not other or continuing:
+        return
+    if not overwrite:
+        shown = ", ".join(other[:3]) + (", ..." if len(other) > 3 else "")
+        raise ValueError(f"output directory {path} holds another run ({shown}); pass --resume {path} to continue "
+                         "it, --overwrite to replace it, or another --output-dir")
+    logger.warning("overwrite: removing the previous run in %s (%s)", path, ", ".join(other))
+    for name in other:
+        target = path / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        else:
+            target.unlink()
+
+
+def _reason(e: BaseException) -> str:
+    """The exception's type and first line, without torch's advice to load with weights_only=False."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    if not text or "weights_only" in str(e):
+        return type(e).__name__
+    return f"{type(e).__name__}: {text}"
 
 
 def resolve_checkpoint(directory: str | os.PathLike) -> Path:
@@ -321,28 +441,54 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-fraction", type=float, default=0.05, help="share of blocks held out for evaluation")
     p.add_argument("--no-mtp", action="store_true", help="train without the MTP modules")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch")
     flags = {"max_steps": "--steps", "learning_rate": "--lr", "warmup_steps": "--warmup",
-             "max_grad_norm": "--grad-clip", "grad_accum_steps": "--grad-accum"}
+             "max_grad_norm": "--grad-clip", "grad_accum_steps": "--grad-accum", "overwrite_output_dir": "--overwrite"}
+    helps = {"overwrite_output_dir": "replace the run that --output-dir holds (its checkpoints are removed)",
+             "mtp_embeddings": "MTP embedding/output head: shared with the main model (DeepSeek-V3), separate "
+                               "copies, or auto (shared when equal; a new model starts shared)"}
     for f in dataclasses.fields(TrainingArguments):
         if f.name in ("output_dir", "progress"):
             continue
         flag = flags.get(f.name, "--" + f.name.replace("_", "-"))
         default = getattr(d, f.name)
         if isinstance(default, bool):
-            p.add_argument(flag, dest=f.name, action="store_true")
+            p.add_argument(flag, dest=f.name, action="store_true", help=helps.get(f.name))
+        elif f.name == "mtp_embeddings":
+            p.add_argument(flag, dest=f.name, choices=MTP_EMBEDDINGS, default=default, help=helps[f.name])
         else:
             p.add_argument(flag, dest=f.name, type=type(default), default=default, help=f"default {default}")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (e.g. --threads)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
+
+
+def _run_dir(resume: str | os.PathLike) -> Path:
+    """The output directory of the run that `resume` (a checkpoint or an output dir) belongs to."""
+    resume = Path(resume)
+    return resume if (resume / "latest").is_file() or not (resume / STATE_FILE).is_file() else resume.parent
 
 
 def run_train(args: argparse.Namespace) -> int:
     """`dsv3 train`: build or load the model, tokenize the data, train, save. Returns an exit code."""
     from dsv3.config import DeepseekV3Config
+    from dsv3.model.mtp import share_main_weights
     from dsv3.model.transformer import DeepseekV3ForCausalLM
     from dsv3.training.data import ByteTokenizer, load_text_dataset
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    # Fail on the output directory before reading data or models: a new run must not land on another run.
+    continuing = args.resume is not None and _run_dir(args.resume).resolve() == Path(args.output_dir).resolve()
+    check_output_dir(args.output_dir, overwrite=args.overwrite_output_dir, continuing=continuing)
     targs = TrainingArguments(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainingArguments)
                                  if hasattr(args, f.name) and f.name != "output_dir"}, output_dir=str(args.output_dir))
     model_dir = resolve_checkpoint(args.resume) if args.resume else args.model
@@ -373,6 +519,7 @@ def run_train(args: argparse.Namespace) -> int:
             else:
                 config = DeepseekV3Config.tiny(vocab_size=max(len(tokenizer), 256))
             model = DeepseekV3ForCausalLM(config, mtp=mtp).to(args.device)
+            share_main_weights(model)   # a new model: MTP starts on the main embedding and head (DeepSeek-V3)
         trainer = Trainer(model, targs, train_data, eval_data)
     vocab = trainer.model.config.vocab_size  # type: ignore[union-attr]
     top = int(train_data.blocks.max())

@@ -1,6 +1,6 @@
 """The recipe of the model that ships with dsv3: a small DeepSeek-V3 trained on Python's standard library.
 
-    python -m dsv3.training.pystd --output-dir dsv3/assets/dsv3-pystd --threads 2
+    python -m recipes.pystd --output-dir dsv3/assets/dsv3-pystd --threads 2
 
 runs every stage below and writes a complete checkpoint directory (config.json, model.safetensors in bf16,
 generation_config.json, tokenizer.json, tokenizer_config.json, TRAINING.md) that dsv3 and transformers load.
@@ -70,7 +70,7 @@ BOS, EOS = SPECIAL_TOKENS[0], SPECIAL_TOKENS[1]
 BOS_ID, EOS_ID = 0, 1           # the trainer adds the special tokens first, in this order
 HELD_OUT_EVERY = 20
 STDLIB_NAME = "lib/python{}.{}".format(*sys.version_info[:2])   # how the report names the default corpus
-DEFAULT_OUTPUT = Path(__file__).resolve().parents[1] / "assets" / "dsv3-pystd"
+DEFAULT_OUTPUT = Path(__file__).resolve().parents[1] / "dsv3" / "assets" / "dsv3-pystd"
 # What `dsv3 generate` (and transformers' generate) use unless told otherwise.
 GENERATION_DEFAULTS: dict[str, Any] = {"do_sample": True, "temperature": 0.7, "top_p": 0.95, "top_k": 0,
                                        "max_new_tokens": 64}
@@ -382,7 +382,8 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str
         min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay, mtp_weight=args.mtp_weight,
         balance_alpha=args.balance_alpha, bias_update_speed=args.bias_update_speed, eval_every=args.eval_every,
         eval_batches=8, save_every=args.save_every, output_dir=str(work / "checkpoints"), log_every=50,
-        seed=args.seed, progress=False)
+        seed=args.seed, progress=False,
+        mtp_embeddings="separate")   # the recipe of the shipped model, whose MTP module has its own copies
     if args.resume:
         trainer = Trainer.from_checkpoint(args.resume, targs, train_blocks, TokenBlocks(held_blocks))
         logger.info("resumed at step %d", trainer.step)
@@ -427,7 +428,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str
     evals = [(int(h["step"]), h["eval_lm_loss"]) for h in history if "eval_lm_loss" in h]
     window = history[-50:]
     summary: dict[str, Any] = {
-        "command": "python -m dsv3.training.pystd "
+        "command": "python -m recipes.pystd "
                    + shlex.join(_public_argv(argv if argv is not None else sys.argv[1:])),
         "python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
         "corpus": {"root": str(args.stdlib) if args.stdlib else STDLIB_NAME, "train_files": len(train_files),
@@ -585,7 +586,7 @@ def training_report(s: dict[str, Any], directory: Path) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dsv3.training.pystd",
+    p = argparse.ArgumentParser(prog="python -m recipes.pystd",
                                 description="Train the shipped dsv3 model on the Python standard library")
     add_arguments(p)
     return p
