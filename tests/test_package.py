@@ -6,10 +6,10 @@ from __future__ import annotations
 import ast
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,7 +88,8 @@ chat = [
     {{"role": "assistant", "content": "I'm doing great. How can I help you today?"}},
     {{"role": "user", "content": "I'd like to show off how chat templating works!"}},
 ]
-inputs = tokenizer.apply_chat_template(chat, tokenize=True, add_generation_prompt=True, return_tensors="pt").to(model.device)
+inputs = tokenizer.apply_chat_template(chat, tokenize=True, add_generation_prompt=True,
+                                       return_tensors="pt").to(model.device)
 outputs = model.generate(inputs, max_new_tokens=20, do_sample=False)
 print(tokenizer.batch_decode(outputs))
 '''
