@@ -84,6 +84,7 @@ class OutputParser:
         self.buf = ""
         self.calls: list[ToolCall] = []
         self.content_started = False
+        self.thought = False                # a </think> was read: the answer's leading newlines are dropped
 
     def feed(self, text: str) -> ParsedDelta:
         self.buf += text
@@ -112,7 +113,7 @@ class OutputParser:
 
     def _content(self, out: ParsedDelta, text: str) -> None:
         if not self.content_started:
-            text = text.lstrip("\n") if self.reasoning else text
+            text = text.lstrip("\n") if self.thought else text
             self.content_started = bool(text)
         out.content += text
 
@@ -128,7 +129,7 @@ class OutputParser:
             i = b.find(THINK_END)
             if i >= 0:
                 out.reasoning += b[:i]
-                self.buf, self.state = b[i + len(THINK_END):], "content"
+                self.buf, self.state, self.thought = b[i + len(THINK_END):], "content", True
             else:
                 keep = 0 if final else _held(b, THINK_END)
                 out.reasoning += b[: len(b) - keep]

@@ -1,14 +1,16 @@
 """`dsv3 serve`: load a checkpoint, start the engine loop, serve the OpenAI API with uvicorn.
 
 SIGINT/SIGTERM (uvicorn's handlers) stop accepting connections and wait for the open requests to finish;
-the lifespan's end then drains the engine and stops its loop.
+the lifespan's end then drains the engine and stops its loop, and the process exits 0.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+import signal
+import threading
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,28 @@ async def _lifespan(app: Any) -> AsyncIterator[None]:
     yield
     logger.info("draining the engine")
     engine.stop(drain=True)
+
+
+def _server_class() -> type:
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        """uvicorn's graceful shutdown on SIGINT/SIGTERM, without re-raising the signal afterwards: a server that
+        drained its requests exits 0."""
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            original = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in original.items():
+                    signal.signal(sig, handler)
+
+    return DrainingServer
 
 
 def build_state(model: torch.nn.Module, tokenizer: Any, model_name: str, *, max_batch: int = 32,
@@ -61,4 +85,4 @@ def serve(model_dir: Path, *, host: str = "127.0.0.1", port: int = 8000, dtype: 
     app = create_app(state)
     app.router.lifespan_context = _lifespan
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_keep_alive=5)
-    uvicorn.Server(config).run()
+    _server_class()(config).run()
