@@ -185,3 +185,25 @@ def test_limits_are_checked_before_any_work(model_and_tokenizer):
     with pytest.raises(QueueFullError, match="max-queue"):
         engine.submit([5] * 3, SamplingOptions(max_tokens=2), lambda u: None)
     assert engine.steps == 0
+
+
+def test_chunked_prefill_does_not_stall_running_decodes(model_and_tokenizer):
+    """While a long prompt is prefilled in budget-sized chunks, the running sequence gets a token every step."""
+    model, tok = model_and_tokenizer
+    engine = Engine(model, tok, max_batch=4, block_size=4, token_budget=8)
+    running: list = []
+    engine.submit(tok(TEXTS[0])["input_ids"], SamplingOptions(max_tokens=30, temperature=0.0, ignore_eos=True),
+                  running.append)
+    engine.step()                                           # its prefill (6 tokens) and first token
+    assert len(running) == 1
+    long: list = []
+    long_ids = tok(TEXTS[2] * 2)["input_ids"]
+    assert len(long_ids) > 5 * 7
+    engine.submit(long_ids, SamplingOptions(max_tokens=1, temperature=0.0, ignore_eos=True), long.append)
+    steps = 0
+    while not long:
+        before = len(running)
+        engine.step()
+        steps += 1
+        assert len(running) == before + 1                   # one decode token per step, prefill or not
+    assert steps >= len(long_ids) // 7                      # the prompt took several chunked steps

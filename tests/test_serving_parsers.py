@@ -97,3 +97,79 @@ def test_tools_prompt_names_every_tool_and_the_call_format():
     text = tools_system_prompt(tools)
     assert "### get_weather" in text and "Weather of a city" in text and '"city"' in text
     assert "<｜tool▁call▁begin｜>function<｜tool▁sep｜>" in text
+
+
+class _FakeEngine:
+    max_context = 4096
+    cancelled: list = []
+
+    def cancel(self, rid):
+        self.cancelled.append(rid)
+
+
+def _job(tok, stream: bool, tools: bool = True):
+    from types import SimpleNamespace
+
+    from dsv3.serving.app import _Job
+    from dsv3.serving.engine import SamplingOptions
+    from dsv3.serving.protocol import ChatCompletionRequest
+
+    state = SimpleNamespace(engine=_FakeEngine(), tokenizer=tok, model_name="m", reasoning=True)
+    req = ChatCompletionRequest.model_validate({
+        "model": "m", "messages": [{"role": "user", "content": "weather?"}], "stream": stream,
+        "stream_options": {"include_usage": True} if stream else None,
+        "tools": [{"type": "function", "function": {"name": "get_weather"}}] if tools else None})
+    return _Job(state, req, "chat", "chatcmpl-x", ["chatcmpl-x-0"], [[1, 2, 3]], SamplingOptions(), False, tools)
+
+
+def _updates(tok, text: str):
+    """The engine's updates for an output whose tokens are tok(text), one token each, then eos."""
+    from dsv3.serving.engine import SequenceUpdate
+
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    ups = [SequenceUpdate("chatcmpl-x-0", 0, [t], tok.decode(ids[: i + 1])[len(tok.decode(ids[:i])):], [], None, 3,
+                          i + 1) for i, t in enumerate(ids)]
+    ups.append(SequenceUpdate("chatcmpl-x-0", 0, [1], "", [], "stop", 3, len(ids) + 1))
+    return ups
+
+
+def test_chat_response_with_reasoning_and_tool_calls(tok):
+    job = _job(tok, stream=False)
+    for u in _updates(tok, "<think>check the weather</think>" + CALL_V3):
+        job.absorb(u)
+    out = job.final()
+    choice = out["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    assert choice["message"]["reasoning_content"] == "check the weather"
+    assert choice["message"]["content"] is None
+    calls = choice["message"]["tool_calls"]
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [
+        ("get_weather", {"city": "Paris", "unit": "C"}), ("get_time", {"tz": "CET"})]
+    assert all(c["type"] == "function" and c["id"].startswith("call_") for c in calls)
+    assert out["usage"]["completion_tokens"] == len(tok("<think>check the weather</think>" + CALL_V3,
+                                                        add_special_tokens=False)["input_ids"]) + 1
+
+
+def test_chat_stream_with_reasoning_and_tool_calls(tok):
+    import asyncio
+
+    job = _job(tok, stream=True)
+
+    async def run():
+        q: asyncio.Queue = asyncio.Queue()
+        for u in _updates(tok, "<think>hm</think>\n\nSure." + CALL_V3):
+            q.put_nowait(u)
+        return [c async for c in job.stream(q)]
+
+    chunks = asyncio.run(run())
+    assert chunks[-1] == "data: [DONE]\n\n"
+    bodies = [json.loads(c[6:]) for c in chunks[:-1]]
+    assert bodies[-1]["choices"] == [] and bodies[-1]["usage"]["prompt_tokens"] == 3       # include_usage
+    deltas = [b["choices"][0]["delta"] for b in bodies[:-1]]
+    assert deltas[0] == {"role": "assistant", "content": ""}
+    assert "".join(d.get("reasoning_content", "") for d in deltas) == "hm"
+    assert "".join(d.get("content", "") for d in deltas) == "Sure."
+    calls = [c for d in deltas for c in d.get("tool_calls", [])]
+    assert [(c["index"], c["function"]["name"]) for c in calls] == [(0, "get_weather"), (1, "get_time")]
+    assert bodies[-2]["choices"][0]["finish_reason"] == "tool_calls"
+    assert not any("<｜" in d.get("content", "") + d.get("reasoning_content", "") for d in deltas)
