@@ -207,3 +207,33 @@ def test_chunked_prefill_does_not_stall_running_decodes(model_and_tokenizer):
         steps += 1
         assert len(running) == before + 1                   # one decode token per step, prefill or not
     assert steps >= len(long_ids) // 7                      # the prompt took several chunked steps
+
+
+def test_mtp_speculation_in_the_batch_equals_plain_greedy(model_and_tokenizer, references):
+    """--speculative mtp: greedy rows verify an MTP draft per step (rows accept different counts, so their
+    lengths diverge inside one batch); the answers equal offline generate, and drafts were accepted."""
+    model, tok = model_and_tokenizer
+    assert model.mtp is not None
+    engine = Engine(model, tok, max_batch=8, block_size=4, token_budget=9, speculative="mtp")
+    greedy = SamplingOptions(max_tokens=NEW, temperature=0.0, ignore_eos=True)
+    sampled: list = []
+    results: dict[str, list] = {t: [] for t in TEXTS}
+    for text in TEXTS[:3]:
+        engine.submit(tok(text)["input_ids"], greedy, results[text].append)
+    engine.submit(tok(TEXTS[0])["input_ids"], SamplingOptions(max_tokens=NEW, temperature=1.0, seed=3,
+                                                               ignore_eos=True), sampled.append)
+    engine.step()
+    engine.step()
+    for text in TEXTS[3:]:
+        engine.submit(tok(text)["input_ids"], greedy, results[text].append)
+    while engine.has_work:
+        engine.step()
+    for text in TEXTS:
+        assert tokens(results[text]) == references[text], text
+    stats = engine.stats()
+    assert 0 < stats.accepted_drafts <= stats.drafts
+    assert len(tokens(sampled)) == NEW and stats.blocks_in_use == 0
+    assert stats.drafts <= len(TEXTS) * NEW                     # only greedy rows speculate
+    with pytest.raises(ValueError, match="MTP module"):
+        no_mtp = AutoModelForCausalLM.from_pretrained(SHIPPED, torch_dtype=torch.float32, load_mtp=False)
+        Engine(no_mtp, tok, speculative="mtp")

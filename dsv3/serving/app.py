@@ -432,7 +432,9 @@ def render_metrics(state: ServerState) -> str:
               ("dsv3_cache_blocks_total", "gauge", "Latent-cache blocks in the pool.", s.num_blocks),
               ("dsv3_prefix_cache_reused_blocks_total", "counter", "Cache blocks reused from earlier prompts.",
                s.reused_blocks),
-              ("dsv3_engine_steps_total", "counter", "Engine steps run.", s.steps)]
+              ("dsv3_engine_steps_total", "counter", "Engine steps run.", s.steps),
+              ("dsv3_spec_decode_drafts_total", "counter", "MTP draft tokens verified.", s.drafts),
+              ("dsv3_spec_decode_accepted_total", "counter", "MTP draft tokens accepted.", s.accepted_drafts)]
     for name, kind, help, value in gauges:
         lines += [f"# HELP {name} {help}", f"# TYPE {name} {kind}", f"{name} {value}"]
     lines += ["# HELP dsv3_http_errors_total Requests answered with an error status.",

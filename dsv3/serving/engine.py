@@ -221,6 +221,7 @@ class _Sequence:
         self.parent_key = b""
         self.cached_tokens = 0
         self.counts: dict[int, int] = {}            # generated token -> count (penalties)
+        self.draft: int | None = None               # MTP's guess of the token after tokens[-1] (greedy rows)
         self.finished: str | None = None
         self.last_token_time: float | None = None
         # detokenisation state (incremental, as vLLM): text of generated tokens, emitted prefix
@@ -249,6 +250,8 @@ class EngineStats:
     num_blocks: int
     reused_blocks: int
     steps: int
+    drafts: int = 0                                # MTP drafts verified
+    accepted_drafts: int = 0
 
 
 class Engine:
@@ -257,8 +260,8 @@ class Engine:
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, *, max_batch: int = 32, max_queue: int = 256,
                  block_size: int = 16, num_blocks: int | None = None, token_budget: int = 256,
-                 prefix_caching: bool = True, mla_path: str = "auto", eos_token_ids: Sequence[int] | None = None
-                 ) -> None:
+                 prefix_caching: bool = True, mla_path: str = "auto", eos_token_ids: Sequence[int] | None = None,
+                 speculative: str | None = None) -> None:
         if max_batch < 1 or max_queue < 0 or block_size < 1 or token_budget < 1:
             raise ValueError(f"max_batch={max_batch}, max_queue={max_queue}, block_size={block_size}, "
                              f"token_budget={token_budget}: max_batch, block_size and token_budget must be >= 1, "
@@ -268,10 +271,18 @@ class Engine:
         self.max_context = config.max_context_length
         self.max_batch, self.max_queue, self.token_budget = max_batch, max_queue, token_budget
         self.prefix_caching, self.mla_path = prefix_caching, mla_path
+        if speculative not in (None, "mtp"):
+            raise ValueError(f"speculative={speculative!r}: expected None or 'mtp'")
+        if speculative == "mtp" and getattr(model, "mtp", None) is None:
+            raise ValueError("speculative='mtp' needs a model with an MTP module (num_nextn_predict_layers > 0, "
+                             "loaded with load_mtp=True)")
+        self.speculative = speculative == "mtp"
+        self.drafts = self.accepted_drafts = 0
         if num_blocks is None:
             num_blocks = max_batch * math.ceil(self.max_context / block_size)
         self.pool = PagedLatentCache(config, 1, num_blocks, block_size, dtype=model.dtype, device=model.device,
-                                     num_layers=config.num_hidden_layers, max_blocks_per_seq=1)
+                                     num_layers=model.num_cache_layers if self.speculative else
+                                     config.num_hidden_layers, max_blocks_per_seq=1)
         self.blocks = BlockManager(num_blocks, block_size)
         if eos_token_ids is None:
             gen = getattr(model, "generation_config", None)
@@ -351,7 +362,7 @@ class Engine:
             waiting = sum(len(r.seqs) for r in self._waiting)
         return EngineStats(dict(self.finished), self.prompt_tokens, self.generation_tokens, len(self._running),
                            waiting, self.blocks.in_use, self.blocks.num_blocks, self.blocks.reused_blocks,
-                           self.steps)
+                           self.steps, self.drafts, self.accepted_drafts)
 
     @property
     def has_work(self) -> bool:
@@ -405,35 +416,86 @@ class Engine:
         if not chunks and not decodes:   # every prefill waits on a full budget: run the oldest one anyway
             s = next(s for s in self._running if s.pending > 1)
             chunks.append((s, min(s.pending, self.token_budget)))
-        sampled: list[tuple[_Sequence, torch.Tensor]] = []
-        if decodes:
-            logits = self._forward(decodes, 1)                       # [b, V]
-            sampled += [(s, logits[i]) for i, s in enumerate(decodes)]
+        now = time.perf_counter()
+        verify = [s for s in decodes if s.draft is not None]
+        plain = [s for s in decodes if s.draft is None]
+        if plain:
+            self._run(plain, 1, now)
+        if verify:
+            self._verify(verify, now)
         for s, c in chunks:
-            logits = self._forward([s], c)
-            if s.pending == 0:                                       # reached the end of its input
-                sampled.append((s, logits[0]))
-        for s, _ in chunks:
+            self._run([s], c, now)
+        for s in self._running:
             self._register_blocks(s)
-        for s in decodes:
-            self._register_blocks(s)
-        self._sample_and_emit(sampled)
+        for s in [s for s in self._running if s.finished is not None]:
+            self._finish(s, s.finished)
 
-    def _forward(self, seqs: list[_Sequence], s: int) -> torch.Tensor:
-        """Feed the next s tokens of every sequence; returns the last position's logits [b, V] (fp32)."""
+    def _forward(self, seqs: list[_Sequence], ids: list[list[int]], keep: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, _BatchCache]:
+        """Feed ids [b][s] at each sequence's next positions: (logits of the last `keep` positions [b, keep, V]
+        fp32, final hidden states [b, s, D], the step's cache view). Does not move `computed`."""
         device = self.model.device
-        ids = torch.tensor([q.tokens[q.computed: q.computed + s] for q in seqs], dtype=torch.long, device=device)
+        s = len(ids[0])
+        x = torch.tensor(ids, dtype=torch.long, device=device)                           # [b, s]
         start = torch.tensor([q.computed for q in seqs], dtype=torch.long, device=device)
-        pos = start[:, None] + torch.arange(s, device=device)                          # [b, s]
+        pos = start[:, None] + torch.arange(s, device=device)                           # [b, s]
         width = max(math.ceil((q.computed + s) / self.blocks.block_size) for q in seqs)
         table = torch.tensor([q.blocks[:width] + [q.blocks[0]] * (width - min(width, len(q.blocks)))
-                              for q in seqs], dtype=torch.long, device=device)         # [b, nb]
+                              for q in seqs], dtype=torch.long, device=device)          # [b, nb]
         cache = _BatchCache(self.pool, table)
-        out = self.model(ids, past_key_values=cache, cache_position=pos, use_cache=True, logits_to_keep=1,
+        out = self.model(x, past_key_values=cache, cache_position=pos, use_cache=True, logits_to_keep=keep,
                          mla_path=self.mla_path, check_inputs=False)
+        return out.logits.float(), out.last_hidden_state, cache
+
+    def _run(self, seqs: list[_Sequence], s: int, now: float) -> None:
+        """Feed the next s tokens of every sequence; sample those that reach the end of their input; with MTP,
+        run the draft module over the same positions (its cache slot must cover every position)."""
+        ids = [q.tokens[q.computed: q.computed + s] for q in seqs]
+        logits, hidden, cache = self._forward(seqs, ids, 1)
         for q in seqs:
             q.computed += s
-        return out.logits[:, -1].float()                                                # [b, V]
+        for i, q in enumerate(seqs):
+            if q.pending == 0:                                           # reached the end of its input
+                self._accept(q, logits[i, -1], now)
+        if self.speculative:
+            # MTP at position p reads t_{p+1}: the next input token, or the one just sampled
+            nxt = [q.tokens[q.computed - s + 1: q.computed + 1] for q in seqs]
+            self._draft(seqs, hidden, nxt, cache, [s - 1] * len(seqs))
+
+    def _verify(self, seqs: list[_Sequence], now: float) -> None:
+        """Greedy MTP speculation: feed [last token, draft] per row; keep the draft where the model agrees,
+        then one more token from the position after it. Rejected slots are simply overwritten later."""
+        ids = [[q.tokens[-1], q.draft] for q in seqs]
+        logits, hidden, cache = self._forward(seqs, ids, 2)            # [b, 2, V]
+        accepted = []
+        for i, q in enumerate(seqs):
+            draft, q.draft = q.draft, None
+            q.computed += 1
+            token = self._accept(q, logits[i, 0], now)
+            ok = token == draft and q.finished is None
+            if ok:
+                q.computed += 1
+                self._accept(q, logits[i, 1], now)
+                self.accepted_drafts += 1
+            self.drafts += 1
+            accepted.append(ok)
+        # MTP at the fed positions: after an accepted draft its last position predicts the next draft; after a
+        # rejection only the first position is real (the second, fed the draft, is overwritten next step)
+        nxt = [[q.tokens[-2], q.tokens[-1]] if ok else [q.tokens[-1], q.tokens[-1]]
+               for q, ok in zip(seqs, accepted, strict=True)]
+        self._draft(seqs, hidden, nxt, cache, [1 if ok else 0 for ok in accepted])
+
+    def _draft(self, seqs: list[_Sequence], hidden: torch.Tensor, next_ids: list[list[int]], cache: _BatchCache,
+               at: list[int]) -> None:
+        """MTP module 0 over the positions just fed (writing its cache slot); row i's draft is its greedy
+        prediction at position index at[i]. Only greedy rows speculate."""
+        x = torch.tensor(next_ids, dtype=torch.long, device=hidden.device)               # [b, s]
+        logits, _ = self.model.mtp_forward(hidden, x, cache=cache, mla_path=self.mla_path)  # [b, s, V]
+        rows = torch.arange(len(seqs), device=hidden.device)
+        drafts = logits[rows, torch.tensor(at, device=hidden.device)].argmax(-1).tolist()
+        for q, d in zip(seqs, drafts, strict=True):
+            if q.pending == 1 and q.finished is None and q.request.options.greedy:
+                q.draft = int(d)
 
     def _register_blocks(self, s: _Sequence) -> None:
         """Enter every block that is now full of computed tokens in the prefix table."""
@@ -514,42 +576,40 @@ class Engine:
             self._finish(s, "abort")
 
     # ----------------------------------------------------------------------------- sampling and output
-    def _sample_and_emit(self, sampled: list[tuple[_Sequence, torch.Tensor]]) -> None:
-        now = time.perf_counter()
-        for s, logits in sampled:
-            opt = s.request.options
-            token, lp = self._sample(s, logits, opt)
-            s.tokens.append(token)
-            s.counts[token] = s.counts.get(token, 0) + 1
-            self.generation_tokens += 1
-            req = s.request
-            if s.generated == 1:
-                if req.first_token_time is None:
-                    req.first_token_time = now
-                    for obs in self.observers:
-                        obs("ttft", now - req.arrival)
-            elif s.last_token_time is not None:
+    def _accept(self, s: _Sequence, logits: torch.Tensor, now: float) -> int:
+        """Sample s's next token from logits [V], append it, emit its text; mark (not free) a finished row."""
+        opt = s.request.options
+        token, lp = self._sample(s, logits, opt)
+        s.tokens.append(token)
+        s.counts[token] = s.counts.get(token, 0) + 1
+        self.generation_tokens += 1
+        req = s.request
+        if s.generated == 1:
+            if req.first_token_time is None:
+                req.first_token_time = now
                 for obs in self.observers:
-                    obs("token", now - s.last_token_time)
-            s.last_token_time = now
-            stop_ids = [] if opt.ignore_eos else self.eos_token_ids
-            reason = None
-            if token in stop_ids or token in opt.stop_token_ids:
-                reason = "stop"
-                text = ""
-            else:
-                text = self._detokenize(s)
-            delta, stopped = self._stop_strings(s, text, opt.stop)
-            if stopped:
-                reason = "stop"
-            elif reason is None and s.generated >= opt.max_tokens:
-                reason = "length"
-            if reason is not None and not stopped:
-                delta += s.text[s.emitted:]                           # flush what was held back
-                s.emitted = len(s.text)
-            self._emit(s, [token], [lp] if lp is not None else [], reason, delta)
-            if reason is not None:
-                self._finish(s, reason)
+                    obs("ttft", now - req.arrival)
+        elif s.last_token_time is not None:
+            for obs in self.observers:
+                obs("token", now - s.last_token_time)
+        s.last_token_time = now
+        stop_ids = [] if opt.ignore_eos else self.eos_token_ids
+        reason = None
+        if token in stop_ids or token in opt.stop_token_ids:
+            reason = "stop"
+        else:
+            self._detokenize(s)
+        delta, stopped = self._stop_strings(s, s.text, opt.stop)
+        if stopped:
+            reason = "stop"
+        elif reason is None and s.generated >= opt.max_tokens:
+            reason = "length"
+        if reason is not None and not stopped:
+            delta += s.text[s.emitted:]                               # flush what was held back
+            s.emitted = len(s.text)
+        self._emit(s, [token], [lp] if lp is not None else [], reason, delta)
+        s.finished = reason
+        return token
 
     def _sample(self, s: _Sequence, logits: torch.Tensor, opt: SamplingOptions
                 ) -> tuple[int, TokenLogprob | None]:
