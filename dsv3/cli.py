@@ -350,6 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cache blocks (default: max-batch full contexts)")
     s.add_argument("--token-budget", type=positive_int, default=256, help="tokens per engine step (prefill chunks)")
     s.add_argument("--no-prefix-caching", action="store_true")
+    s.add_argument("--speculative", choices=["mtp"], default=None,
+                   help="MTP speculative decoding for greedy requests (needs a checkpoint with an MTP layer)")
     s.set_defaults(func=cmd_serve)
     return parser
 
@@ -361,7 +363,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
           max_batch=args.max_batch, max_queue=args.max_queue, api_key=args.api_key,
           served_model_name=args.served_model_name or ("dsv3-pystd" if args.model is None else None),
           block_size=args.block_size, num_blocks=args.num_blocks, token_budget=args.token_budget,
-          prefix_caching=not args.no_prefix_caching, log_level="info" if args.verbose else "warning")
+          prefix_caching=not args.no_prefix_caching, speculative=args.speculative,
+          log_level="info" if args.verbose else "warning")
     return 0
 
 

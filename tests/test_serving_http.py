@@ -308,9 +308,15 @@ def test_metrics_text(server):
     assert server.metric("dsv3_time_to_first_token_seconds_count") > 0
 
 
-def test_api_key_queue_limit_and_drain_on_sigterm():
-    s = Server("--max-batch", "1", "--max-queue", "1", "--api-key", "sekret", "--served-model-name", "m")
+def test_api_key_queue_limit_speculation_and_drain_on_sigterm(offline):
+    s = Server("--max-batch", "1", "--max-queue", "1", "--api-key", "sekret", "--served-model-name", "m",
+               "--speculative", "mtp")
     try:
+        # MTP speculation: greedy answers unchanged, drafts accepted
+        r = s.client("sekret").completions.create(model="m", prompt=PROMPTS[1], max_tokens=NEW, temperature=0,
+                                                  extra_body={"ignore_eos": True})
+        assert r.choices[0].text == offline[2][PROMPTS[1]]
+        assert s.metric("dsv3_spec_decode_accepted_total") > 0
         st, _, raw = s.post("/v1/completions", {"model": "m", "prompt": "a", "max_tokens": 1})
         assert_error(st, raw, 401)
         st, _, raw = s.post("/v1/completions", {"model": "m", "prompt": "a"}, {"Authorization": "Bearer wrong"})

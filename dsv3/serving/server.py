@@ -57,17 +57,19 @@ def _server_class() -> type:
 
 def build_state(model: torch.nn.Module, tokenizer: Any, model_name: str, *, max_batch: int = 32,
                 max_queue: int = 256, api_key: str | None = None, block_size: int = 16,
-                num_blocks: int | None = None, token_budget: int = 256, prefix_caching: bool = True
-                ) -> ServerState:
+                num_blocks: int | None = None, token_budget: int = 256, prefix_caching: bool = True,
+                speculative: str | None = None) -> ServerState:
     engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, block_size=block_size,
-                    num_blocks=num_blocks, token_budget=token_budget, prefix_caching=prefix_caching)
+                    num_blocks=num_blocks, token_budget=token_budget, prefix_caching=prefix_caching,
+                    speculative=speculative)
     return ServerState(engine, tokenizer, model_name, api_key)
 
 
 def serve(model_dir: Path, *, host: str = "127.0.0.1", port: int = 8000, dtype: str = "auto",
           device: str = "auto", max_batch: int = 32, max_queue: int = 256, api_key: str | None = None,
           served_model_name: str | None = None, block_size: int = 16, num_blocks: int | None = None,
-          token_budget: int = 256, prefix_caching: bool = True, log_level: str = "info") -> None:
+          token_budget: int = 256, prefix_caching: bool = True, speculative: str | None = None,
+          log_level: str = "info") -> None:
     """Serve model_dir until SIGINT/SIGTERM (blocks)."""
     import uvicorn
 
@@ -77,11 +79,11 @@ def serve(model_dir: Path, *, host: str = "127.0.0.1", port: int = 8000, dtype: 
     if not (model_dir / "config.json").is_file():
         raise ValueError(f"{model_dir} is not a checkpoint directory (no config.json); pass --model DIR")
     model = DeepseekV3ForCausalLM.from_pretrained(model_dir, torch_dtype=dtype, device_map=device,
-                                                  load_mtp=False).eval()
+                                                  load_mtp=speculative == "mtp").eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir if (model_dir / "tokenizer.json").is_file() else None)
     state = build_state(model, tokenizer, served_model_name or model_dir.name, max_batch=max_batch,
                         max_queue=max_queue, api_key=api_key, block_size=block_size, num_blocks=num_blocks,
-                        token_budget=token_budget, prefix_caching=prefix_caching)
+                        token_budget=token_budget, prefix_caching=prefix_caching, speculative=speculative)
     app = create_app(state)
     app.router.lifespan_context = _lifespan
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_keep_alive=5)
