@@ -177,6 +177,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--requests-per-client", type=int, default=2)
     ap.add_argument("--no-transformers", action="store_true", help="skip `transformers serve`")
+    ap.add_argument("--serve-args", default="", help="extra `dsv3 serve` flags, e.g. '--speculative mtp'")
     ap.add_argument("--no-prefix", action="store_true", help="skip the prefix-reuse measurement")
     ap.add_argument("--transformers-cb", action="store_true",
                     help="run transformers serve with --continuous-batching (5.23 fails on MLA's head dims)")
@@ -186,7 +187,8 @@ def main() -> None:
     levels = [int(x) for x in args.levels.split(",")]
     name = "bench-model"
     py = [sys.executable, "-m", "dsv3", "serve", "--model", str(args.model), "--dtype", args.dtype,
-          "--served-model-name", name, "--host", "127.0.0.1", "--max-batch", str(max(levels))]
+          "--served-model-name", name, "--host", "127.0.0.1", "--max-batch", str(max(levels)),
+          *args.serve_args.split()]
     env = {"PYTHONPATH": str(ROOT)}
     report: dict = {"model": str(args.model), "dtype": args.dtype, "max_tokens": args.max_tokens}
 

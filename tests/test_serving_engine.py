@@ -237,3 +237,26 @@ def test_mtp_speculation_in_the_batch_equals_plain_greedy(model_and_tokenizer, r
     with pytest.raises(ValueError, match="MTP module"):
         no_mtp = AutoModelForCausalLM.from_pretrained(SHIPPED, torch_dtype=torch.float32, load_mtp=False)
         Engine(no_mtp, tok, speculative="mtp")
+
+
+def test_padded_prefill_never_runs_past_the_context(model_and_tokenizer):
+    """Prefill chunks share a right-padded forward; a chunk that ends at the context limit must not be padded
+    beyond it by a longer chunk of another sequence (the model would refuse the positions)."""
+    model, tok = model_and_tokenizer
+    ctx = model.config.max_context_length
+    budget = 409
+    assert (ctx - 2) % budget < 20                             # the near prompt's last chunk is short
+    engine = Engine(model, tok, max_batch=4, block_size=64, token_budget=budget)
+    greedy = SamplingOptions(max_tokens=2, temperature=0.0, ignore_eos=True)
+    near: list = []
+    engine.submit([5 + i % 50 for i in range(ctx - 2)], greedy, near.append)
+    while engine._running[0].pending > 100 if engine._running else True:
+        engine.step()
+    other: list = []
+    assert engine._running[0].pending < 20
+    engine.submit(tok(TEXTS[2] * 4)["input_ids"], greedy, other.append)   # its chunk pads the near one's
+    while engine.has_work:
+        engine.step()
+    assert near[-1].finish_reason == "length" and len(tokens(near)) == 2
+    alone = collect(Engine(model, tok, block_size=64), [tok(TEXTS[2] * 4)["input_ids"]], greedy)[0]
+    assert tokens(other) == tokens(alone)

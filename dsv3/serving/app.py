@@ -109,7 +109,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/health")
     async def health() -> Response:
-        alive = state.engine._thread is not None and state.engine._thread.is_alive()
+        alive = state.engine.alive
         return PlainTextResponse("ok" if alive else "engine stopped", status_code=200 if alive else 503)
 
     @app.get("/metrics")

@@ -280,7 +280,9 @@ class Engine:
         self.drafts = self.accepted_drafts = 0
         if num_blocks is None:
             num_blocks = max_batch * math.ceil(self.max_context / block_size)
-        self.pool = PagedLatentCache(config, 1, num_blocks, block_size, dtype=model.dtype, device=model.device,
+        # one block more than the manager hands out: the scratch block that padded positions write to
+        self.scratch = num_blocks
+        self.pool = PagedLatentCache(config, 1, num_blocks + 1, block_size, dtype=model.dtype, device=model.device,
                                      num_layers=model.num_cache_layers if self.speculative else
                                      config.num_hidden_layers, max_blocks_per_seq=1)
         self.blocks = BlockManager(num_blocks, block_size)
@@ -365,6 +367,11 @@ class Engine:
                            self.steps, self.drafts, self.accepted_drafts)
 
     @property
+    def alive(self) -> bool:
+        """The loop thread is running."""
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
     def has_work(self) -> bool:
         return bool(self._running or self._waiting or self._cancelled)
 
@@ -420,53 +427,71 @@ class Engine:
         verify = [s for s in decodes if s.draft is not None]
         plain = [s for s in decodes if s.draft is None]
         if plain:
-            self._run(plain, 1, now)
+            self._run(plain, [1] * len(plain), now)
         if verify:
             self._verify(verify, now)
-        for s, c in chunks:
-            self._run([s], c, now)
+        if chunks:   # the prefill chunks in one forward, right-padded to the longest ...
+            longest = max(c for _, c in chunks)
+            fits = [(s, c) for s, c in chunks if s.computed + longest <= self.max_context]
+            alone = [(s, c) for s, c in chunks if s.computed + longest > self.max_context]
+            if fits:
+                self._run([s for s, _ in fits], [c for _, c in fits], now)
+            for s, c in alone:       # ... but padding may not run past the context: such a chunk runs alone
+                self._run([s], [c], now)
         for s in self._running:
             self._register_blocks(s)
         for s in [s for s in self._running if s.finished is not None]:
             self._finish(s, s.finished)
 
-    def _forward(self, seqs: list[_Sequence], ids: list[list[int]], keep: int
-                 ) -> tuple[torch.Tensor, torch.Tensor, _BatchCache]:
-        """Feed ids [b][s] at each sequence's next positions: (logits of the last `keep` positions [b, keep, V]
-        fp32, final hidden states [b, s, D], the step's cache view). Does not move `computed`."""
+    def _forward(self, seqs: list[_Sequence], ids: list[list[int]]) -> tuple[torch.Tensor, _BatchCache]:
+        """Feed ids[i] (rows of different lengths) at each sequence's next positions; returns the final hidden
+        states [b, S, D] (S = the longest row) and the step's cache view. Does not move `computed`.
+
+        A shorter row is right-padded: its padding sits at positions after its real tokens, so no real query
+        sees it (causal mask over slots); it writes either to the row's own not-yet-filled slots (overwritten
+        before they are read) or, past the row's blocks, to the scratch block."""
         device = self.model.device
-        s = len(ids[0])
-        x = torch.tensor(ids, dtype=torch.long, device=device)                           # [b, s]
+        s = max(len(r) for r in ids)
+        bs = self.blocks.block_size
+        x = torch.tensor([r + [0] * (s - len(r)) for r in ids], dtype=torch.long, device=device)   # [b, S]
         start = torch.tensor([q.computed for q in seqs], dtype=torch.long, device=device)
-        pos = start[:, None] + torch.arange(s, device=device)                           # [b, s]
-        width = max(math.ceil((q.computed + s) / self.blocks.block_size) for q in seqs)
-        table = torch.tensor([q.blocks[:width] + [q.blocks[0]] * (width - min(width, len(q.blocks)))
+        pos = start[:, None] + torch.arange(s, device=device)                           # [b, S]
+        width = max(math.ceil((q.computed + s) / bs) for q in seqs)
+        table = torch.tensor([q.blocks[:width] + [self.scratch] * (width - min(width, len(q.blocks)))
                               for q in seqs], dtype=torch.long, device=device)          # [b, nb]
         cache = _BatchCache(self.pool, table)
-        out = self.model(x, past_key_values=cache, cache_position=pos, use_cache=True, logits_to_keep=keep,
+        out = self.model(x, past_key_values=cache, cache_position=pos, use_cache=True, logits_to_keep=1,
                          mla_path=self.mla_path, check_inputs=False)
-        return out.logits.float(), out.last_hidden_state, cache
+        return out.last_hidden_state, cache
 
-    def _run(self, seqs: list[_Sequence], s: int, now: float) -> None:
-        """Feed the next s tokens of every sequence; sample those that reach the end of their input; with MTP,
-        run the draft module over the same positions (its cache slot must cover every position)."""
-        ids = [q.tokens[q.computed: q.computed + s] for q in seqs]
-        logits, hidden, cache = self._forward(seqs, ids, 1)
-        for q in seqs:
-            q.computed += s
+    def _logits(self, hidden: torch.Tensor, at: list[int]) -> torch.Tensor:
+        """fp32 logits [b, V] of row i's position at[i] (hidden [b, S, D])."""
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        return self.model.lm_head(hidden[rows, torch.tensor(at, device=hidden.device)]).float()
+
+    def _run(self, seqs: list[_Sequence], counts: list[int], now: float) -> None:
+        """Feed the next counts[i] tokens of sequence i; sample those that reach the end of their input; with
+        MTP, run the draft module over the same positions (its cache slot must cover every position)."""
+        ids = [q.tokens[q.computed: q.computed + c] for q, c in zip(seqs, counts, strict=True)]
+        hidden, cache = self._forward(seqs, ids)
+        logits = self._logits(hidden, [c - 1 for c in counts])                          # [b, V]
+        for q, c in zip(seqs, counts, strict=True):
+            q.computed += c
         for i, q in enumerate(seqs):
             if q.pending == 0:                                           # reached the end of its input
-                self._accept(q, logits[i, -1], now)
+                self._accept(q, logits[i], now)
         if self.speculative:
-            # MTP at position p reads t_{p+1}: the next input token, or the one just sampled
-            nxt = [q.tokens[q.computed - s + 1: q.computed + 1] for q in seqs]
-            self._draft(seqs, hidden, nxt, cache, [s - 1] * len(seqs))
+            # MTP at position p reads t_{p+1}: the next input token, or the one just sampled (0 for padding)
+            s = hidden.shape[1]
+            nxt = [q.tokens[q.computed - c + 1: q.computed + 1] for q, c in zip(seqs, counts, strict=True)]
+            self._draft(seqs, hidden, [n + [0] * (s - len(n)) for n in nxt], cache, [c - 1 for c in counts])
 
     def _verify(self, seqs: list[_Sequence], now: float) -> None:
         """Greedy MTP speculation: feed [last token, draft] per row; keep the draft where the model agrees,
         then one more token from the position after it. Rejected slots are simply overwritten later."""
         ids = [[q.tokens[-1], q.draft] for q in seqs]
-        logits, hidden, cache = self._forward(seqs, ids, 2)            # [b, 2, V]
+        hidden, cache = self._forward(seqs, ids)                         # [b, 2, D]
+        logits = torch.stack([self._logits(hidden, [0] * len(seqs)), self._logits(hidden, [1] * len(seqs))], 1)
         accepted = []
         for i, q in enumerate(seqs):
             draft, q.draft = q.draft, None
