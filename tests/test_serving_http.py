@@ -300,6 +300,34 @@ def test_dropped_stream_frees_its_blocks(server):
     assert server.get("/health")[0] == 200
 
 
+def test_dropped_non_streaming_request_is_cancelled(server):
+    aborted = server.metric('dsv3_requests_total{finish_reason="abort"}')
+    c = server.conn()
+    c.request("POST", "/v1/completions", body=json.dumps(
+        {"model": NAME, "prompt": PROMPTS[2], "max_tokens": 3000, "temperature": 0, "ignore_eos": True}),
+        headers={"Content-Type": "application/json"})
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and server.metric("dsv3_cache_blocks_in_use") == 0:
+        time.sleep(0.05)
+    assert server.metric("dsv3_cache_blocks_in_use") > 0
+    c.sock.shutdown(socket.SHUT_RDWR)
+    c.close()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and server.metric("dsv3_cache_blocks_in_use") > 0:
+        time.sleep(0.2)
+    assert server.metric("dsv3_cache_blocks_in_use") == 0
+    assert server.metric('dsv3_requests_total{finish_reason="abort"}') == aborted + 1
+
+
+def test_several_prompts_in_one_completion(server, offline):
+    _, _, refs = offline
+    r = server.client().completions.create(model=NAME, prompt=PROMPTS[:3], max_tokens=NEW, temperature=0,
+                                           extra_body={"ignore_eos": True})
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    assert [c.text for c in r.choices] == [refs[p] for p in PROMPTS[:3]]
+    assert r.usage.completion_tokens == 3 * NEW
+
+
 def test_metrics_text(server):
     text = server.get("/metrics")[2].decode()
     for name in ["dsv3_prompt_tokens_total", "dsv3_generation_tokens_total", "dsv3_num_requests_waiting",

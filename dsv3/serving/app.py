@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import jinja2
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import ValidationError
@@ -203,7 +204,7 @@ def chat_prompt(state: ServerState, req: ChatCompletionRequest) -> tuple[list[in
         tools = None
     try:
         text = state.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
-    except Exception as exc:   # noqa: BLE001 - a template error is the request's fault: answer 400 naming it
+    except (jinja2.TemplateError, ValueError, TypeError, KeyError) as exc:   # the messages' fault: a 400
         raise APIError(400, f"the chat template cannot render these messages: {type(exc).__name__}: {exc}",
                        param="messages") from None
     ids = state.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -250,10 +251,14 @@ async def run(request: Request, state: ServerState, req: Any, prompts: list[list
         return StreamingResponse(job.stream(queue), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
     try:
+        checked = time.monotonic()
         while not job.done:
             try:
                 job.absorb(await asyncio.wait_for(queue.get(), timeout=0.5))
             except TimeoutError:
+                pass
+            if time.monotonic() - checked > 0.5:          # tokens may arrive faster than any timeout
+                checked = time.monotonic()
                 if await request.is_disconnected():
                     job.cancel()
                     return Response(status_code=499)

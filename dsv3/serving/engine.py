@@ -706,8 +706,8 @@ class Engine:
                                 s.cached_tokens, error)
         try:
             req.sink(update)
-        except Exception:   # noqa: BLE001 - a broken sink (client gone) must not stop the other requests
-            logger.exception("request %s: its output sink failed; cancelling it", req.id)
+        except RuntimeError:   # the HTTP side's event loop is closed (shutting down): nobody is listening
+            logger.warning("request %s: its output sink is closed; cancelling it", req.id)
             self.cancel(req.id)
 
 
