@@ -181,6 +181,10 @@ def test_limits_are_checked_before_any_work(model_and_tokenizer):
         engine.submit([5] * ctx, SamplingOptions(max_tokens=1), lambda u: None)
     with pytest.raises(RequestTooLargeError, match="cache blocks"):
         engine.submit([5] * 30, SamplingOptions(max_tokens=10), lambda u: None)
+    engine.check_request(3, 10, n=1)
+    with pytest.raises(RequestTooLargeError, match="n=3"):        # n choices reserve n times the blocks
+        engine.check_request(3, 10, n=3)
+    assert engine.default_max_tokens(3) == 4 * 8 // 2 - 3        # one sequence's share of the cache
     engine.submit([5] * 3, SamplingOptions(max_tokens=2), lambda u: None)
     with pytest.raises(QueueFullError, match="max-queue"):
         engine.submit([5] * 3, SamplingOptions(max_tokens=2), lambda u: None)

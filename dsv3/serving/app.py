@@ -215,7 +215,7 @@ def sampling_options(state: ServerState, req: Any, max_tokens: int | None, logpr
                      prompts: list[list[int]]) -> SamplingOptions:
     longest = max(len(p) for p in prompts)
     if max_tokens is None:
-        max_tokens = max(1, state.engine.max_context - longest)
+        max_tokens = state.engine.default_max_tokens(longest)
     opts = SamplingOptions(
         max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
         top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0, seed=req.seed,

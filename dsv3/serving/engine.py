@@ -278,8 +278,8 @@ class Engine:
                              "loaded with load_mtp=True)")
         self.speculative = speculative == "mtp"
         self.drafts = self.accepted_drafts = 0
-        if num_blocks is None:
-            num_blocks = max_batch * math.ceil(self.max_context / block_size)
+        if num_blocks is None:   # room for max_batch sequences of the whole context, up to 8192 tokens each
+            num_blocks = max_batch * math.ceil(min(self.max_context, 8192) / block_size)
         # one block more than the manager hands out: the scratch block that padded positions write to
         self.scratch = num_blocks
         self.pool = PagedLatentCache(config, 1, num_blocks + 1, block_size, dtype=model.dtype, device=model.device,
@@ -314,12 +314,18 @@ class Engine:
                 f"this model's maximum context length is {self.max_context} tokens; the request has "
                 f"{prompt_len} prompt tokens and max_tokens={max_tokens} ({prompt_len + max_tokens} in all): "
                 "shorten the prompt or lower max_tokens")
-        need = math.ceil((prompt_len + max_tokens) / self.blocks.block_size)
+        need = n * math.ceil((prompt_len + max_tokens) / self.blocks.block_size)
         if need > self.blocks.num_blocks:
             raise RequestTooLargeError(
-                f"the request needs {need} cache blocks ({prompt_len} prompt tokens + max_tokens={max_tokens}) "
-                f"but the cache holds {self.blocks.num_blocks}: lower max_tokens or start the server with more "
-                "cache blocks")
+                f"the request needs {need} cache blocks (n={n} x ({prompt_len} prompt tokens + max_tokens="
+                f"{max_tokens})) but the cache holds {self.blocks.num_blocks}: lower max_tokens or n, or start the "
+                "server with more cache blocks (--num-blocks)")
+
+    def default_max_tokens(self, prompt_len: int) -> int:
+        """max_tokens for a request that names none: the rest of the context, within one sequence's share of
+        the cache (blocks are reserved for prompt + max_tokens on admission)."""
+        share = self.blocks.num_blocks * self.blocks.block_size // self.max_batch
+        return max(1, min(self.max_context, share) - prompt_len)
 
     def submit(self, prompt: Sequence[int], options: SamplingOptions, sink: Sink, n: int = 1,
                request_id: str | None = None) -> str:
