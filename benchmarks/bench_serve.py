@@ -24,6 +24,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -48,7 +49,7 @@ class Proc:
     def __init__(self, cmd: list[str], port: int, env: dict[str, str] | None = None, ready_path: str = "/health",
                  timeout: float = 600) -> None:
         self.port = port
-        self.log = open(f"/tmp/bench_serve_{port}.log", "w")  # noqa: SIM115 - closed in stop()
+        self.log = open(Path(tempfile.gettempdir()) / f"bench_serve_{port}.log", "w")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=self.log,
                                      stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
@@ -190,7 +191,7 @@ def main() -> None:
           "--served-model-name", name, "--host", "127.0.0.1", "--max-batch", str(max(levels)),
           *args.serve_args.split()]
     env = {"PYTHONPATH": str(ROOT)}
-    report: dict = {"model": str(args.model), "dtype": args.dtype, "max_tokens": args.max_tokens}
+    report: dict = {"model": args.model.name, "dtype": args.dtype, "max_tokens": args.max_tokens}
 
     port = free_port()
     srv = Proc(py + ["--port", str(port)], port, env)
