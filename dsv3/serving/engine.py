@@ -2,7 +2,8 @@
 
     submit(prompt ids, SamplingOptions, n)  ->  waiting queue  ->  admitted (blocks reserved)  ->  running
     every step:  decodes (1 token per running sequence)  +  prefill chunks (FCFS) within `token_budget`
-                 one forward [b, 1] for the decodes, one forward [1, chunk] per prefill chunk
+                 one forward [b, 1] for the decodes (or [b, 2] = [last token, MTP draft] with speculation),
+                 one forward [c, longest chunk] for the prefill chunks, right-padded
                  sample the rows that reached the end of their input; detokenise; stop; free finished rows
 
 Sequences join and leave between steps. Each one owns a list of cache blocks (`block_size` slots of
@@ -17,6 +18,12 @@ the key names the whole prefix, as vLLM's. An admitted sequence takes the longes
 blocks (reference-counted, never written again) and prefills only the rest, at least its last token
 (whose logits start the answer). A block whose count drops to 0 stays findable until it is handed out
 again (least recently freed first).
+
+MTP speculation (`speculative="mtp"`, greedy rows): after every main pass the MTP module runs over the same
+positions (so its cache slot covers every position) and drafts the next token; the next step feeds
+[last token, draft] and keeps the draft where the model's argmax agrees, plus the token after it. Rows accept
+different counts, so their lengths diverge inside the batch — explicit positions make that free; a rejected
+draft's slot is overwritten by the next pass. Greedy output is unchanged.
 
 Sampling per sequence (`SamplingOptions`): OpenAI presence/frequency penalties on the generated tokens,
 then temperature 0 = greedy (argmax of the fp32 logits), else temperature, top_k, top_p as transformers'
