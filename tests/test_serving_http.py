@@ -382,3 +382,12 @@ def test_api_key_queue_limit_speculation_and_drain_on_sigterm(offline):
         assert s.proc.wait(120) == 0
     finally:
         s.stop()
+
+
+def test_serve_cli_bad_model_dir_is_one_error_line(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-m", "dsv3", "serve", "--model", str(tmp_path), "--port", str(free_port())],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [f"error: {tmp_path} is not a checkpoint directory (no config.json); "
+                                             "pass --model DIR"]
