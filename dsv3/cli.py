@@ -4,6 +4,7 @@
     dsv3 chat                         interactive chat with history; /reset, /exit
     dsv3 convert SRC DST              FP8 -> bf16 and (re)sharding
     dsv3 train ...                    train with next-token + MTP losses and aux-loss-free balancing
+    dsv3 serve                        OpenAI-compatible HTTP server (dsv3.serving)
 
 Without --model, generate and chat use the model that ships with dsv3 (--preset tiny builds a
 random tiny model instead, for smoke tests). `python -m dsv3 ...` runs the same command (e.g. under torchrun).
@@ -333,7 +334,37 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train with next-token + MTP losses and aux-loss-free balancing")
     add_train_arguments(t)
     t.set_defaults(func=run_train)
+    s = sub.add_parser("serve", help="OpenAI-compatible server (continuous batching, paged latent cache)")
+    s.add_argument("--model", type=Path, default=None, help="checkpoint directory; default: the shipped model")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--max-batch", type=positive_int, default=32, help="most sequences in the running batch")
+    s.add_argument("--max-queue", type=int, default=256, help="most waiting requests; more get 429")
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    s.add_argument("--served-model-name", default=None, help="the model id clients name (default: the directory)")
+    s.add_argument("--block-size", type=positive_int, default=16, help="tokens per latent-cache block")
+    s.add_argument("--num-blocks", type=positive_int, default=None,
+                   help="cache blocks (default: max-batch full contexts)")
+    s.add_argument("--token-budget", type=positive_int, default=256, help="tokens per engine step (prefill chunks)")
+    s.add_argument("--no-prefix-caching", action="store_true")
+    s.add_argument("--speculative", choices=["mtp"], default=None,
+                   help="MTP speculative decoding for greedy requests (needs a checkpoint with an MTP layer)")
+    s.set_defaults(func=cmd_serve)
     return parser
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from dsv3.serving.server import serve
+
+    serve(args.model or SHIPPED_MODEL, host=args.host, port=args.port, dtype=args.dtype, device=args.device,
+          max_batch=args.max_batch, max_queue=args.max_queue, api_key=args.api_key,
+          served_model_name=args.served_model_name or ("dsv3-pystd" if args.model is None else None),
+          block_size=args.block_size, num_blocks=args.num_blocks, token_budget=args.token_budget,
+          prefix_caching=not args.no_prefix_caching, speculative=args.speculative,
+          log_level="info" if args.verbose else "warning")
+    return 0
 
 
 def _one_line(e: BaseException) -> str:
