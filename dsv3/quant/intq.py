@@ -9,7 +9,9 @@
 int4 scale search (`search=True`, calibration-free): round-to-nearest over [min, max] spends levels on
 outliers; per group we also try the range shrunk about its middle by α in SEARCH_SHRINK (clipping the
 extremes) and keep the one with the least squared error of the group — the idea of llama.cpp's make_qkx
-and HQQ's range search, without data.
+and HQQ's range search, without data. On the shipped model it lowers the weights' squared error but not the
+held-out perplexity (bf16 68.06; int4 round-to-nearest 68.17, with the search 68.28), so formats default to
+round-to-nearest and keep the search as an option (`Int4Grouped(search=True)`).
 
 Two packings of the int4 codes, both [rows, cols/2] uint8:
     "rows"  portable: byte j of a row holds columns 2j (low nibble) and 2j+1 (high nibble)
