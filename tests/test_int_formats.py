@@ -162,3 +162,16 @@ def test_int_formats_keep_their_dtypes_under_model_casts() -> None:
     layer.to(torch.bfloat16)
     assert layer.weight.dtype == torch.int8 and layer.weight_scale.dtype == torch.float32
     assert_close(layer(x.bfloat16()).float(), want, 3e-2, "after .to(bf16)")
+
+
+@pytest.mark.parametrize("cols", [72, 200, 48])
+def test_int8_pack_path_with_input_widths_off_multiples_of_16(cols: int) -> None:
+    """PyTorch's bf16 `_weight_int8pack_mm` is wrong when in_features % 16 != 0 (72, 200); the format multiplies
+    in fp32 there. Few rows (the pack path) against the dense product."""
+    torch.manual_seed(4)
+    layer = Linear.from_linear(torch.nn.Linear(cols, 40, bias=False), Int8PerChannel())
+    x = torch.randn(3, cols).bfloat16()
+    with torch.no_grad():
+        got = layer(x)
+    want = x.double() @ layer.matrix(torch.float64).t()
+    assert_close(got.float(), want.float(), 3e-2, f"int8 bf16, in={cols}")

@@ -185,8 +185,9 @@ class Int8PerChannel(_IntFormat):
             q, s = q[expert], s[expert]
         if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
             return None
-        if torch.compiler.is_compiling() and s.dtype != x.dtype:
-            # inductor lowers this op only with its scale as stored (a cast scale fails): multiply in fp32
+        if (torch.compiler.is_compiling() and s.dtype != x.dtype) or (x.dtype != torch.float32 and x.shape[1] % 16):
+            # inductor lowers this op only with its scale as stored (a cast scale fails); and its bf16 kernel
+            # (torch 2.13, CPU) returns garbage when in_features % 16 != 0 (tests/test_int_formats.py): fp32
             return torch.ops.aten._weight_int8pack_mm(x.float().contiguous(), q, s).to(x.dtype)
         return torch.ops.aten._weight_int8pack_mm(x.contiguous(), q, s.to(x.dtype))
 
