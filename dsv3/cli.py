@@ -54,6 +54,9 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch")
     p.add_argument("--kernels", choices=["auto", "on", "off"], default="auto",
                    help="C++ CPU decode kernels for bf16 weights (auto: when on CPU in bf16 and they build)")
+    p.add_argument("--quantization", choices=["int8", "int4"], default=None,
+                   help="quantise linear and expert weights while loading (weight-only; int8 per channel, int4 "
+                        "per group of 128 inputs)")
 
 
 def positive_int(text: str) -> int:
@@ -87,6 +90,8 @@ def load_model_and_tokenizer(args: argparse.Namespace) -> tuple[Any, Any]:
     if args.preset == "tiny":
         if args.model is not None:
             raise SystemExit("error: pass either --model or --preset, not both")
+        if args.quantization:
+            raise SystemExit("error: --quantization applies while loading a checkpoint; drop it with --preset tiny")
         torch.manual_seed(0)
         tokenizer = AutoTokenizer.from_pretrained()
         model = DeepseekV3ForCausalLM(DeepseekV3Config.tiny(vocab_size=129280)).eval()
@@ -97,7 +102,8 @@ def load_model_and_tokenizer(args: argparse.Namespace) -> tuple[Any, Any]:
         raise SystemExit(f"error: {path} is not a checkpoint directory (no config.json); {hint}")
     for name in ("config.json", "generation_config.json", "tokenizer_config.json"):
         _check_json_object(path / name)
-    model = DeepseekV3ForCausalLM.from_pretrained(path, torch_dtype=args.dtype, device_map=args.device)
+    model = DeepseekV3ForCausalLM.from_pretrained(path, torch_dtype=args.dtype, device_map=args.device,
+                                                  quantization=args.quantization)
     _maybe_use_kernels(model, args.kernels)
     tokenizer = tokenizer_for_model(path, model.config.vocab_size)   # falls back (with a warning) when it fits
     return model, tokenizer

@@ -29,7 +29,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
                                   DeepseekV3Model.from_pretrained])
 @pytest.mark.parametrize("kwargs, closest", [
     (dict(torch_dtpye="float32"), "torch_dtype"),
-    (dict(quantization="int8"), "quantization_config"),
+    (dict(quantisation="int8"), "quantization"),
     (dict(device="cpu"), "device_map"),
     (dict(load_mpt=False), "load_mtp"),
 ])

@@ -51,6 +51,7 @@ from dsv3.checkpoint.fp8 import (
     parse_quantization_config,
 )
 from dsv3.checkpoint.keys import SCALE_SUFFIX, LoadPlan, Source, is_mtp_key, piece_views, plan_load, to_checkpoint_name
+from dsv3.checkpoint.quantize import check_quantization, plan_quantization, quantize_loaded
 from dsv3.checkpoint.safetensors_io import CheckpointReader
 from dsv3.config import DeepseekV3Config, check_keyword_arguments
 from dsv3.model.moe import RoutedExperts
@@ -171,12 +172,14 @@ def prepare_load(cls: type, reader: CheckpointReader, config: DeepseekV3Config, 
 def load_pretrained(cls: type, path: str | os.PathLike, torch_dtype: Any = "auto", device_map: Any = None,
                     config: DeepseekV3Config | None = None, progress: bool | None = None, strict: bool = True,
                     fp8: str = "dequantize", load_mtp: bool | None = None, dtype: Any = None,
-                    **config_overrides: Any) -> nn.Module:
+                    quantization: str | None = None, **config_overrides: Any) -> nn.Module:
     """Load a HF checkpoint directory (single file or index + shards, bf16/fp16/fp32 or block FP8).
 
     torch_dtype: a dtype, "bfloat16"/"float16"/"float32", or "auto" (config.json's torch_dtype); `dtype` is the
     transformers-5 spelling. device_map: "auto" (GPU when present), "cpu", "cuda", "cuda:N", a device.
-    fp8: "dequantize" or "keep" (see module docstring). progress: a bar on stderr (default: when a tty).
+    fp8: "dequantize" or "keep" (see module docstring). quantization: None, "int8" or "int4" — weight-only
+    quantisation while loading, one tensor at a time (dsv3.checkpoint.quantize says which tensors).
+    progress: a bar on stderr (default: when a tty).
     Any other keyword must be a config field and overrides config.json (transformers semantics); an unknown
     one is an UnknownArgumentError naming the closest accepted name. `trust_remote_code` and
     `low_cpu_mem_usage` are accepted and have no effect (dsv3 runs its own code and always loads one copy).
@@ -199,12 +202,15 @@ def load_pretrained(cls: type, path: str | os.PathLike, torch_dtype: Any = "auto
         config = DeepseekV3Config.from_pretrained(path)
     if config_overrides:
         config = config.replace(**config_overrides)
+    check_quantization(quantization, fp8)
     target_dtype = resolve_dtype(torch_dtype, config)
     device = resolve_device(device_map)
     with CheckpointReader(path) as reader:
         prep = prepare_load(cls, reader, config, fp8, load_mtp, strict)
         model, plan = prep.model, prep.plan
-        dtypes = {name: _target_dtype(name, prep.targets[name], target_dtype) for name in plan.sources}
+        quantize = plan_quantization(model, quantization, device) if quantization else {}
+        dtypes = {name: torch.float32 if prep.names[name] in quantize else   # quantised from fp32, then dropped
+                  _target_dtype(name, prep.targets[name], target_dtype) for name in plan.sources}
         total = sum(_bytes_read(reader, k, dtypes[name], prep) for name, s in plan.sources.items() for k in s.keys())
         if progress is None:
             progress = sys.stderr.isatty()
@@ -221,6 +227,8 @@ def load_pretrained(cls: type, path: str | os.PathLike, torch_dtype: Any = "auto
                     owner._parameters[attr] = nn.Parameter(out, requires_grad=expected.requires_grad)
                 else:
                     owner._buffers[attr] = out
+                if prep.names[name] in quantize:
+                    quantize_loaded(model, prep.names[name], quantize[prep.names[name]])
                 del out
     _finish(model, prep.config, device)
     model.eval()

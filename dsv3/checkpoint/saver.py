@@ -23,6 +23,8 @@ from dsv3.checkpoint.fp8 import FP8_DTYPES
 from dsv3.checkpoint.keys import split_stacked, to_checkpoint_name
 from dsv3.checkpoint.safetensors_io import save_safetensors_sharded
 from dsv3.model.moe import RoutedExperts
+from dsv3.model.weights import Linear
+from dsv3.quant.int_formats import Int4Grouped, Int8PerChannel
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -70,6 +72,12 @@ def _generation_config_dict(model: nn.Module) -> dict | None:
 def save_pretrained(model: nn.Module, directory: str | os.PathLike, max_shard_size: int | str = "5GB",
                     progress: bool = False) -> list[str]:
     """Write `model` as a HF checkpoint directory; returns the safetensors files written."""
+    held = [f for m in model.modules() for f in ([m.format] if isinstance(m, Linear) else
+                                                 m.formats.values() if isinstance(m, RoutedExperts) else [])]
+    if any(isinstance(f, (Int8PerChannel, Int4Grouped)) for f in held):
+        raise ValueError("save_pretrained: this model holds int8/int4 weights (from_pretrained(quantization=...)), "
+                         "which dsv3 cannot write as a checkpoint yet; save the model loaded without quantization "
+                         "and pass quantization= when loading it")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     files = save_safetensors_sharded(export_tensors(model), directory, max_shard_bytes=parse_size(max_shard_size),

@@ -136,6 +136,15 @@ class RoutedExperts(nn.Module):
                 fmt.allocate(self, name, shape)
             self.formats[name] = fmt
 
+    def adopt_format(self, name: str, fmt: WeightFormat) -> None:
+        """Hold the loaded plain stack `name` in `fmt` from now on: `fmt.adopt` quantises it and the dense
+        tensor is dropped (quantisation while loading, one stack at a time)."""
+        if self.formats[name].storage() != PLAIN.storage() or getattr(self, name).is_meta:
+            raise ValueError(f"RoutedExperts.{name}: adopt_format needs loaded plain weights, not "
+                             f"{self.formats[name]} ({'empty' if getattr(self, name).is_meta else 'loaded'})")
+        fmt.adopt(self, name, getattr(self, name))
+        self.formats[name] = fmt
+
     @property
     def gate_up_parts(self) -> int:
         """Block grids per expert's gate_up rows: 1 when one grid spans gate and up (a fused checkpoint tensor,

@@ -15,7 +15,7 @@ object chosen at load time (`from_pretrained(..., fp8="keep")`) or by an explici
     Plain       w                                                                         model dtype
     Fp8Blocks   w float8 [.., out, in] + w_scale_inv fp32 [.., parts·ceil(out/parts/bo), ceil(in/bi)]
                                                                                           1 byte + 4/bo·bi
-    (issue 12)  int8 per output channel, int4 per group of input values: one class each, same methods.
+    Int8PerChannel, Int4Grouped   int8 per output channel, int4 per group of inputs (dsv3.quant.int_formats)
 
 Kernels are an explicit backend object handed to a format (`Kernels` below; `dsv3.kernels.CpuKernels`
 implements it for bf16 weights), never a global or a swapped class: `Plain()` runs stock PyTorch ops,

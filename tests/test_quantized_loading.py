@@ -1,0 +1,137 @@
+"""`from_pretrained(path, quantization="int8" | "int4")` (dsv3.checkpoint.quantize): which tensors are quantised,
+quantisation while loading from bf16 and FP8 checkpoints — equal to quantising the dense model, one dense
+tensor alive at a time — and clear errors."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from pathlib import Path
+
+import pytest
+import torch
+
+from dsv3 import DeepseekV3ForCausalLM
+from dsv3.checkpoint import loader
+from dsv3.model.moe import RoutedExperts, Router
+from dsv3.model.weights import Linear
+from dsv3.quant.int_formats import Int4Grouped, Int8PerChannel
+from tests.oracle import assert_close
+from tests.published import RAGGED_128, Published, build_published
+
+
+@pytest.fixture(scope="module")
+def fp8_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Published:
+    # hidden 160 (int4 groups of 32), dense intermediate 200 (no int4 group: int8), kv_a 144 rows ("rows" packing)
+    return build_published(tmp_path_factory.mktemp("q-fp8"), RAGGED_128, (128, 128), seed=5)
+
+
+@pytest.fixture(scope="module")
+def bf16_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Published:
+    return build_published(tmp_path_factory.mktemp("q-bf16"), RAGGED_128, None, seed=6)
+
+
+def _load(path: Path, **kw: object) -> DeepseekV3ForCausalLM:
+    return DeepseekV3ForCausalLM.from_pretrained(path, **{"torch_dtype": torch.float32, **kw})
+
+
+def _quantise_like_the_loader(model: DeepseekV3ForCausalLM, reference: DeepseekV3ForCausalLM) -> None:
+    """Quantise a dense model after loading with the formats the quantised load chose (the slow way: whole model)."""
+    for name, module in list(reference.named_modules()):
+        if isinstance(module, Linear):
+            owner, _, child = name.rpartition(".")
+            dense = model.get_submodule(name)
+            setattr(model.get_submodule(owner) if owner else model, child, Linear.from_linear(dense, module.format))
+        elif isinstance(module, RoutedExperts):
+            for stack, fmt in module.formats.items():
+                model.get_submodule(name).adopt_format(stack, fmt)
+
+
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+@pytest.mark.parametrize("source", ["bf16", "fp8"])
+def test_quantised_load_equals_quantising_the_dense_model(quantization: str, source: str, bf16_checkpoint: Published,
+                                                          fp8_checkpoint: Published) -> None:
+    path = (bf16_checkpoint if source == "bf16" else fp8_checkpoint).path
+    q = _load(path, quantization=quantization)
+    dense = _load(path)
+    cfg = q.config
+    ids = torch.randint(0, cfg.vocab_size, (2, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want_dense = dense(ids).logits
+    formats = {type(m.format) for m in q.modules() if isinstance(m, Linear)}
+    assert formats == ({Int8PerChannel} if quantization == "int8" else {Int8PerChannel, Int4Grouped})
+    assert type(q.lm_head.format) is Int8PerChannel                          # the head: int8 in both modes
+    assert q.model.layers[0].mlp.down_proj.format == Int8PerChannel()       # in=200: no int4 group divides it
+    if quantization == "int4":
+        attn = q.model.layers[0].self_attn
+        assert attn.q_a_proj.format.group_size == 32                         # hidden 160 = 5 groups of 32
+        assert attn.kv_a_proj_with_mqa.format.layout == "rows"               # 144 rows: not whole 64-row blocks
+    for m in q.modules():
+        if isinstance(m, Router):
+            assert m.weight.dtype == torch.float32 and m.e_score_correction_bias.dtype == torch.float32
+        if isinstance(m, RoutedExperts):                                      # down: in=48, no int4 group: int8
+            assert type(m.formats["gate_up_proj"]) is (Int8PerChannel if quantization == "int8" else Int4Grouped)
+            assert type(m.formats["down_proj"]) is Int8PerChannel
+    assert q.model.embed_tokens.weight.dtype == torch.float32                # embeddings as loaded
+    _quantise_like_the_loader(dense, q)
+    with torch.no_grad():
+        got, want = q(ids).logits, dense(ids).logits
+    assert torch.equal(got, want), f"max diff {(got - want).abs().max():.3e}"
+    assert_close(got, want_dense, 0.05 if quantization == "int8" else 0.5, f"{quantization} vs dense logits")
+
+
+def test_quantised_load_holds_one_dense_tensor_at_a_time(bf16_checkpoint: Published,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    alive: list[weakref.ref] = []
+    dense_dtypes: set[torch.dtype] = set()
+    original = loader.quantize_loaded
+
+    def spy(model: torch.nn.Module, name: str, fmt: object) -> None:
+        gc.collect()
+        assert all(ref() is None for ref in alive), f"{name}: an earlier dense tensor is still alive"
+        module_name, _, attr = name.rpartition(".")
+        tensor = getattr(model.get_submodule(module_name), attr)
+        alive.append(weakref.ref(tensor))
+        dense_dtypes.add(tensor.dtype)
+        original(model, name, fmt)
+
+    monkeypatch.setattr(loader, "quantize_loaded", spy)
+    model = _load(bf16_checkpoint.path, quantization="int8", torch_dtype=torch.bfloat16)
+    gc.collect()
+    assert len(alive) > 10 and all(ref() is None for ref in alive)
+    # so the peak while loading is the quantised model + the largest dense tensor (fp32) + its read scratch
+    assert all(isinstance(m.format, Int8PerChannel) for m in model.modules() if isinstance(m, Linear))
+    assert dense_dtypes == {torch.float32}                                    # read in fp32, then dropped
+
+
+def test_quantization_arguments_fail_clearly(bf16_checkpoint: Published, fp8_checkpoint: Published) -> None:
+    with pytest.raises(ValueError, match=r"quantization='int3': expected one of \('int8', 'int4'\)"):
+        _load(bf16_checkpoint.path, quantization="int3")
+    with pytest.raises(ValueError, match="fp8='keep': choose one"):
+        _load(fp8_checkpoint.path, quantization="int8", fp8="keep")
+
+
+def test_cli_generates_with_quantized_weights(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dsv3 import cli, modeling
+
+    chosen: list[object] = []
+    original = loader.load_pretrained
+
+    def spy(*args: object, **kwargs: object) -> torch.nn.Module:
+        chosen.append(kwargs.get("quantization"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(modeling, "load_pretrained", spy)
+    assert cli.main(["generate", "def ", "--quantization", "int8", "--max-new-tokens", "8", "--seed", "0"]) == 0
+    out, _ = capsys.readouterr()
+    assert out.startswith("def ") and len(out.strip()) > len("def")
+    assert chosen == ["int8"]
+    with pytest.raises(SystemExit, match="--quantization applies while loading a checkpoint"):
+        cli.main(["generate", "def ", "--preset", "tiny", "--quantization", "int4"])
+
+
+def test_saving_a_quantised_model_is_a_clear_error(bf16_checkpoint: Published, tmp_path: Path) -> None:
+    model = _load(bf16_checkpoint.path, quantization="int4")
+    with pytest.raises(ValueError, match="holds int8/int4 weights"):
+        model.save_pretrained(tmp_path / "out")
+    assert not (tmp_path / "out").exists()
