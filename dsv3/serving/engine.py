@@ -202,6 +202,7 @@ class _BatchCache(PagedLatentCache):
         self.block_table = table                                  # [b, nb]
         self._free = []
         self._owned = [table.shape[1]] * table.shape[0]
+        self._covered = table.shape[1]                            # every row holds the table's width
 
 
 # ------------------------------------------------------------------------------------------- sequences
