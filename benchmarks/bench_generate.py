@@ -331,6 +331,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                               tok_s=args.new_tokens / secs, tokens=out[0].tolist()))
 
     def run_dsv3(name: str, use_kernels: bool, compile: bool) -> None:
+        if compile:
+            # Dynamo caches graphs per code object: start each compiled implementation from a clean slate, so
+            # one implementation's shapes do not use up the other's recompile budget.
+            torch._dynamo.reset()
         step = DecodeStep(model, compile=compile)
         for batch in args.batch_sizes:
             for context in args.contexts:

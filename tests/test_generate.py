@@ -14,7 +14,7 @@ import torch
 from dsv3 import DeepseekV3ForCausalLM
 from dsv3.generation.generate import DecodeStep, GenerationConfig, generate, make_cache
 from dsv3.generation.streamer import TextStreamer
-from tests.oracle import left_padded_batch, make_hf_model, yarn
+from tests.oracle import assert_close, left_padded_batch, make_hf_model, yarn
 
 PAD = 0
 
@@ -106,6 +106,32 @@ def test_decode_step_falls_back_only_on_named_compile_failures(pair, caplog: pyt
     assert "failed to compile (Unsupported: graph break" in caplog.text
     assert not step.compiled and step.compiled_calls == 0
     assert torch.equal(logits, reference)
+
+
+@pytest.mark.slow
+def test_decode_step_falls_back_when_dynamo_runs_out_of_recompiles(pair, caplog: pytest.LogCaptureFixture) -> None:
+    """A real compile that exhausts dynamo's recompile limit (a long-lived process decoding new shapes) is a
+    named compile failure: one warning, eager from then on, the same logits — not a crash."""
+    _, ours = pair
+    torch._dynamo.reset()
+    results = []
+    with torch._dynamo.config.patch(recompile_limit=1), caplog.at_level(logging.WARNING,
+                                                                           logger="dsv3.generation.generate"):
+        step = DecodeStep(ours, compile=True)
+        for batch in (1, 3):          # a new batch size forces a recompile, over the limit of 1
+            ids = torch.arange(5, 5 + 3 * batch).view(batch, 3)
+            cache = make_cache(ours, "dynamic", batch, 8)
+            ours(ids, past_key_values=cache, use_cache=True)
+            got = step(ids[:, -1:], torch.full((batch, 1), 3), cache, None)
+            cache_ref = make_cache(ours, "dynamic", batch, 8)
+            ours(ids, past_key_values=cache_ref, use_cache=True)
+            want = DecodeStep(ours)(ids[:, -1:], torch.full((batch, 1), 3), cache_ref, None)
+            results.append((got, want))
+    torch._dynamo.reset()
+    assert step.compiled_calls == 1 and not step.compiled
+    assert "failed to compile (FailOnRecompileLimitHit" in caplog.text
+    for got, want in results:
+        assert_close(got, want, 1e-5, "compiled then eager-after-limit vs eager")
 
 
 def test_compiled_step_picks_a_dispatch_that_traces(pair) -> None:

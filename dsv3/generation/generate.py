@@ -138,9 +138,12 @@ class DecodeStep:
     the compiled graph ran, so callers and tests can tell which path produced the tokens.
     """
 
-    # Graph break under fullgraph=True; backend (inductor/C++ toolchain) failure.
+    # Graph break under fullgraph=True; backend (inductor/C++ toolchain) failure; dynamo's recompile limit
+    # (compiled graphs are cached per code object, so a long-lived process that decodes many batch sizes and
+    # context ranges can exhaust it: under fullgraph=True that is a hard error, not a silent eager fallback).
     COMPILE_FAILURES: tuple[type[Exception], ...] = (torch._dynamo.exc.Unsupported,
-                                                     torch._dynamo.exc.BackendCompilerFailed)
+                                                     torch._dynamo.exc.BackendCompilerFailed,
+                                                     torch._dynamo.exc.FailOnRecompileLimitHit)
 
     def __init__(self, model: torch.nn.Module, compile: bool = False, moe_dispatch: str = "auto") -> None:
         self.model = model
