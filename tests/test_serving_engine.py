@@ -264,3 +264,62 @@ def test_padded_prefill_never_runs_past_the_context(model_and_tokenizer):
     assert near[-1].finish_reason == "length" and len(tokens(near)) == 2
     alone = collect(Engine(model, tok, block_size=64), [tok(TEXTS[2] * 4)["input_ids"]], greedy)[0]
     assert tokens(other) == tokens(alone)
+
+
+def _wait_final(updates: list, n: int = 1, timeout: float = 60.0) -> list:
+    """The updates of a request once n sequences have sent their final update (the engine runs in its thread)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while sum(u.finish_reason is not None for u in list(updates)) < n:
+        assert time.monotonic() < deadline, f"request never finished: {updates}"
+        time.sleep(0.01)
+    return updates
+
+
+@pytest.mark.parametrize("where", ["forward", "admit", "abort"])
+def test_a_failing_step_fails_its_requests_and_the_engine_lives_on(model_and_tokenizer, monkeypatch, where):
+    """A step that raises (in the model, while admitting, or even while aborting) ends every affected request
+    with an error update — none is left waiting forever — and the next request runs normally."""
+    model, tok = model_and_tokenizer
+    engine = Engine(model, tok, max_batch=4, block_size=4, num_blocks=32)
+    # "admit": the failure comes after the request left the queue, before its sequences run
+    owner, target = (engine.blocks, "acquire") if where == "admit" else (engine, "_forward")
+    real = getattr(owner, target)
+    calls = {"n": 0}
+
+    def broken(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("injected failure")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, target, broken)
+    if where == "abort":   # the abort path itself fails once: the engine must still answer every request
+        real_finish = engine._finish
+        finish_calls = {"n": 0}
+
+        def broken_finish(s, reason):
+            finish_calls["n"] += 1
+            if reason == "abort" and finish_calls["n"] == 1:
+                raise RuntimeError("injected failure while aborting")
+            return real_finish(s, reason)
+
+        monkeypatch.setattr(engine, "_finish", broken_finish)
+    engine.start()
+    try:
+        greedy = SamplingOptions(max_tokens=3, temperature=0.0, ignore_eos=True)
+        first: list = []
+        engine.submit(tok(TEXTS[0])["input_ids"], greedy, first.append, n=2)
+        _wait_final(first, n=2)
+        assert all(u.error and "injected failure" in u.error for u in first if u.finish_reason is not None)
+        assert {u.finish_reason for u in first if u.finish_reason is not None} == {"abort"}
+        assert engine.alive
+        second: list = []
+        engine.submit(tok(TEXTS[3])["input_ids"], greedy, second.append)
+        _wait_final(second)
+        assert second[-1].error is None and second[-1].finish_reason == "length"
+        assert len(tokens(second)) == 3
+        assert engine.blocks.in_use == 0
+    finally:
+        engine.stop(drain=False, timeout=30)

@@ -610,9 +610,39 @@ class Engine:
             self.finished[reason] = self.finished.get(reason, 0) + 1
 
     def _fail_running(self, message: str) -> None:
-        for s in list(self._running):
-            self._emit(s, [], [], "abort", error=message)
-            self._finish(s, "abort")
+        """After a failed step: every request that has left the queue (running, or caught half-admitted) ends
+        with an error update, so no client waits forever; queued requests stay queued. Each sequence's client
+        hears first; freeing it comes after and, should that fail too, is done the blunt way (logged)."""
+        with self._lock:
+            queued = {id(r) for r in self._waiting}
+            active = [r for r in self._requests.values() if id(r) not in queued]
+        for req in active:
+            for s in req.seqs:
+                if s not in self._running and s.finished is not None:
+                    continue                                     # already ended and freed
+                self._emit(s, [], [], "abort", error=message)
+                try:
+                    self._finish(s, "abort")
+                except Exception:   # noqa: BLE001 - the step already failed; drop the sequence without its bookkeeping
+                    logger.exception("request %s: freeing sequence %d after the failed step failed too; dropping it",
+                                     req.id, s.index)
+                    self._drop(s)
+
+    def _drop(self, s: _Sequence) -> None:
+        """Remove a sequence whose `_finish` failed: out of the running set, blocks returned where possible."""
+        s.finished = "abort"
+        if s in self._running:
+            self._running.remove(s)
+        blocks, s.blocks = s.blocks, []
+        if blocks:
+            try:
+                self.blocks.release(blocks)
+            except Exception:   # noqa: BLE001 - inconsistent block state: leak these blocks rather than crash
+                logger.exception("sequence %d: %d cache blocks could not be returned", s.index, len(blocks))
+        if all(q.finished is not None for q in s.request.seqs):
+            with self._lock:
+                self._requests.pop(s.request.id, None)
+                self._cancelled.discard(s.request.id)
 
     # ----------------------------------------------------------------------------- sampling and output
     def _accept(self, s: _Sequence, logits: torch.Tensor, now: float) -> int:
