@@ -97,13 +97,22 @@ class LatentCache:
 
     def crop(self, length: int | torch.Tensor, max_length: int | None = None) -> None:
         """Keep the first `length` tokens of every row (negative: drop -length), or per row with a [B]
-        tensor; max_length, when given, is a bound on that tensor (saves a host read)."""
+        tensor; max_length, when given, is a bound on that tensor (saves a host read). On rows of different
+        lengths an int applies to each row: a row shorter than `length` keeps all it holds."""
         if isinstance(length, torch.Tensor):
             if length.dim() != 1:
                 raise ValueError(f"crop() takes an int or per-row lengths [batch], not shape {tuple(length.shape)}")
             bound = int(length.max()) if max_length is None else max_length
             self._check_length(bound)
             self._lengths, self._bound = length.to(torch.long), bound
+            return
+        if self._lengths is not None:   # rows of different lengths: keep at most `length` (or drop -length) per row
+            lengths = self._lengths + length if length < 0 else self._lengths.clamp(max=length)
+            if length < 0 and not torch.compiler.is_compiling() and bool((lengths < 0).any()):
+                raise ValueError(f"crop({length}): a row holds only {int(self._lengths.min())} tokens; drop at most "
+                                 "that many")
+            bound = max(0, self._bound + length) if length < 0 else min(length, self._bound)
+            self._lengths, self._bound = lengths, bound
             return
         if length < 0:
             length = self._bound + length

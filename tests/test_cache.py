@@ -80,6 +80,32 @@ def test_rows_of_different_lengths_get_the_logits_they_get_alone(kind: str, path
 
 
 @pytest.mark.parametrize("kind", ["dynamic", "static", "paged"])
+def test_int_crop_on_rows_of_different_lengths_applies_per_row(kind: str) -> None:
+    """crop(n) keeps at most n tokens of each row and crop(-k) drops k from each: a shorter row never grows
+    into slots it did not write; the continuation equals that of each row cropped alone."""
+    model = tiny(5)
+    ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(6))
+    lengths = torch.tensor([7, 4])
+    with torch.no_grad():
+        cache = new_cache(kind, model, 2, 16)
+        pad = (torch.arange(7)[None] < lengths[:, None]).long()
+        model(ids[:, :7], attention_mask=pad, past_key_values=cache)
+        cache.crop(lengths)
+        cache.crop(5)                                                      # row 0: 7 -> 5, row 1 keeps 4
+        assert cache.lengths(2).tolist() == [5, 4] and cache.get_seq_length() == 5
+        cache.crop(-1)                                                     # each row drops one
+        assert cache.lengths(2).tolist() == [4, 3] and cache.get_seq_length() == 4
+        with pytest.raises(ValueError, match="holds only 3 tokens"):
+            cache.crop(-5)
+        rows = torch.arange(2)[:, None]
+        nxt = ids[rows, cache.lengths(2)[:, None]]                          # each row's next real token
+        out = model(nxt, past_key_values=cache).logits[:, -1]
+        for row, n in enumerate([4, 3]):
+            alone = model(ids[row:row + 1, : n + 1], use_cache=False).logits[:, -1]
+            assert_close(out[row:row + 1], alone, 1e-5, f"crop per row: {kind} row {row}")
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "static", "paged"])
 def test_cache_writes_where_it_is_told(kind: str) -> None:
     """cache_position rewinds: writing at slot p makes the row p+1 long (gpt-fast's input_pos)."""
     model = tiny(3)
