@@ -129,12 +129,15 @@ def _scale_region(name: str, weight: Region, block: tuple[int, int], stacked: bo
     if stacked and weight.dim == 0:          # experts: whole grids
         return weight
     b = block[weight.dim - (1 if stacked else 0)]
+    blocks = -(-weight.full // b)
+    if weight.start == weight.stop:          # a rank past the last unit of a small dim: nothing, no scales
+        return Region(weight.dim, blocks, blocks, blocks)
     if weight.start % b or (weight.stop % b and weight.stop != weight.full):
         raise ValueError(
             f"{name}: this rank's part [{weight.start}, {weight.stop}) of dim {weight.dim} (size {weight.full}) "
             f"does not start and end on the FP8 block size {b}, so it cannot be held as FP8 blocks; load with "
             "fp8='dequantize' (the default), or use a world size whose split falls on block boundaries")
-    return Region(weight.dim, weight.start // b, -(-weight.stop // b), -(-weight.full // b))
+    return Region(weight.dim, weight.start // b, -(-weight.stop // b), blocks)
 
 
 def shard_regions(model: nn.Module, config: DeepseekV3Config, parallel: ParallelContext,

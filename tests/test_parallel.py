@@ -1,0 +1,267 @@
+"""Tensor + expert parallelism on CPU processes (gloo): a sharded model against the same checkpoint in one process.
+
+Each world size spawns its processes once per checkpoint (torch.multiprocessing, gloo on 127.0.0.1 with a free
+port, one thread per rank); every rank loads with `from_pretrained(..., parallel=ParallelContext(...))`, runs the
+whole list of checks and sends its results back, and the tests below compare them with one process: logits
+(fp32, 1e-5), greedy tokens (plain, static cache, left-padded batch, MTP speculative: identical), sampled tokens,
+the bytes each rank holds, and FP8 parts read from a multi-file checkpoint with ragged blocks (bit-exact).
+
+The checkpoint config makes the routed experts dominate the weights (32 experts of intermediate 48 against
+hidden 64, vocabulary 98), as in DeepSeek-V3, so "each rank holds about 1/W" is a meaningful bound; the vocabulary
+98 splits unevenly over 4 ranks (25, 25, 24, 24).
+"""
+
+from __future__ import annotations
+
+import datetime
+import io
+import socket
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from dsv3 import DeepseekV3Config, DeepseekV3ForCausalLM
+from dsv3.model.parallel import check_world_size, shard_regions
+from dsv3.parallel.context import ParallelContext
+from tests.oracle import assert_close, left_padded_batch
+from tests.published import build_published
+
+ATOL = 1e-5
+EXPERTS_HEAVY = dict(vocab_size=98, n_routed_experts=32, moe_intermediate_size=48, n_group=4, topk_group=2)
+# FP8, 32x32 blocks: hidden 72 and the expert intermediate 40 are ragged (2·32+8, 32+8), the dense intermediate 200
+# splits on block boundaries into 128 + 72 (a ragged last block on the last rank); heads of 32+32 q rows,
+# 32+32 kv_b rows and 32 o_proj columns put every head split on a block boundary, so fp8="keep" can hold them.
+FP8_ALIGNED = dict(hidden_size=72, moe_intermediate_size=40, intermediate_size=200, qk_nope_head_dim=32,
+                   qk_rope_head_dim=32, v_head_dim=32, kv_lora_rank=32, q_lora_rank=40)
+# FP8, 128x128 blocks (DeepSeek's), fused experts: every head split falls inside a block (dequantised and cut).
+FP8_RAGGED_128 = dict(hidden_size=160, q_lora_rank=136, kv_lora_rank=128, intermediate_size=200,
+                      moe_intermediate_size=48)
+PROMPTS = [9, 5, 7]          # left-padded batch lengths
+NEW = 8
+
+
+# -- running ranks -------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, world: int, port: int, results: Any, job: str, args: tuple) -> None:
+    import faulthandler
+
+    import torch.distributed as dist
+
+    faulthandler.enable()
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
+    try:
+        buffer = io.BytesIO()   # plain bytes: tensors sent through the queue would be shared with a dead process
+        torch.save(globals()[job](ParallelContext(rank, world), *args), buffer)
+        results.put((rank, buffer.getvalue()))
+    except BaseException:
+        traceback.print_exc()   # every rank's own error (spawn re-raises only the first rank to fail)
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(world: int, job: str, *args: Any) -> list[Any]:
+    """Run `job(ParallelContext, *args)` on `world` spawned gloo ranks; its results in rank order."""
+    ctx = mp.get_context("spawn")
+    results = ctx.SimpleQueue()
+    procs = mp.start_processes(_rank_main, args=(world, _free_port(), results, job, args), nprocs=world,
+                               join=False, start_method="spawn")
+    got = {}
+    while len(got) < world:   # read while the ranks run: a result larger than the pipe blocks its sender
+        if not results.empty():
+            rank, data = results.get()
+            got[rank] = data
+        elif procs.join(timeout=0.2):   # every rank has exited (a failed one raises here, with its traceback)
+            while not results.empty():
+                rank, data = results.get()
+                got[rank] = data
+            break
+    while not procs.join():
+        pass
+    assert len(got) == world, f"ranks {sorted(set(range(world)) - set(got))} returned nothing"
+    return [torch.load(io.BytesIO(got[r]), weights_only=False) for r in range(world)]
+
+
+def held_bytes(model: torch.nn.Module, experts_only: bool = False) -> int:
+    tensors = list(model.named_parameters()) + list(model.named_buffers())
+    return sum(t.numel() * t.element_size() for n, t in tensors
+               if not experts_only or ".experts.gate_up_proj" in n or ".experts.down_proj" in n)
+
+
+# -- what each rank (and the single process) computes ---------------------------------------------------------
+def _inputs(vocab: int) -> dict[str, torch.Tensor]:
+    ids, mask = left_padded_batch(vocab, PROMPTS, seed=3)
+    return {"ids": ids, "mask": mask, "one": ids[:1, :]}
+
+
+def run_checks(model: DeepseekV3ForCausalLM) -> dict[str, Any]:
+    """The same list on a sharded rank and in one process."""
+    x = _inputs(model.config.vocab_size)
+    greedy = dict(max_new_tokens=NEW, eos_token_id=[], do_sample=False)
+    out: dict[str, Any] = {}
+    with torch.no_grad():
+        out["logits"] = model(x["one"]).logits
+        out["padded_logits"] = model(x["ids"], attention_mask=x["mask"]).logits[x["mask"].bool()]
+        out["plain"] = model.generate(x["one"], **greedy)
+        out["static"] = model.generate(x["one"], cache_implementation="static", **greedy)
+        out["batch"] = model.generate(x["ids"], x["mask"], **greedy)
+        out["mtp"] = model.generate(x["ids"], x["mask"], use_mtp=True, **greedy)
+        out["sampled"] = model.generate(x["ids"], x["mask"], max_new_tokens=NEW, eos_token_id=[], do_sample=True,
+                                        temperature=1.5, generator=torch.Generator().manual_seed(7))
+    out["bytes"], out["expert_bytes"] = held_bytes(model), held_bytes(model, experts_only=True)
+    return out
+
+
+def job_checks(parallel: ParallelContext, path: str) -> dict[str, Any]:
+    model = DeepseekV3ForCausalLM.from_pretrained(path, torch_dtype=torch.float32, parallel=parallel)
+    assert model.parallel is parallel
+    return run_checks(model)
+
+
+def job_state(parallel: ParallelContext, path: str, fp8: str) -> dict[str, Any]:
+    model = DeepseekV3ForCausalLM.from_pretrained(path, torch_dtype=torch.float32, fp8=fp8, parallel=parallel)
+    x = _inputs(model.config.vocab_size)
+    with torch.no_grad():
+        logits = model(x["ids"], attention_mask=x["mask"]).logits[x["mask"].bool()]
+    return {"state": {k: v.clone() for k, v in model.state_dict().items()}, "logits": logits}
+
+
+# -- fixtures: the checkpoints and one spawn per (world size, checkpoint) --------------------------------------
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_published(tmp_path_factory.mktemp("tp"), EXPERTS_HEAVY, block=None, seed=5).path
+
+
+@pytest.fixture(scope="module")
+def single(checkpoint: Path) -> dict[str, Any]:
+    return run_checks(DeepseekV3ForCausalLM.from_pretrained(checkpoint, torch_dtype=torch.float32))
+
+
+TIMES: dict[str, float] = {}
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=["world2", "world4"])
+def ranks(request: pytest.FixtureRequest, checkpoint: Path) -> tuple[int, list[dict[str, Any]]]:
+    start = time.perf_counter()
+    results = run_ranks(request.param, "job_checks", str(checkpoint))
+    TIMES[f"world{request.param}"] = time.perf_counter() - start
+    return request.param, results
+
+
+# -- sharded == one process -------------------------------------------------------------------------------------
+def test_logits_match_one_process(ranks: tuple[int, list[dict[str, Any]]], single: dict[str, Any]) -> None:
+    world, results = ranks
+    for rank, got in enumerate(results):
+        assert_close(got["logits"], single["logits"], ATOL, f"world {world} rank {rank}: tp logits")
+        assert_close(got["padded_logits"], single["padded_logits"], ATOL,
+                     f"world {world} rank {rank}: tp left-padded logits")
+        # after the all-gather every rank holds the very same full-vocabulary logits
+        assert torch.equal(got["logits"], results[0]["logits"]), f"rank {rank} logits differ from rank 0's"
+        assert got["logits"].shape[-1] == 98
+
+
+@pytest.mark.parametrize("kind", ["plain", "static", "batch", "mtp"])
+def test_greedy_tokens_match_one_process(ranks: tuple[int, list[dict[str, Any]]], single: dict[str, Any],
+                                         kind: str) -> None:
+    world, results = ranks
+    for rank, got in enumerate(results):
+        assert torch.equal(got[kind], single[kind]), f"world {world} rank {rank} {kind}: {got[kind]} != {single[kind]}"
+
+
+def test_sampling_with_one_seed_gives_one_sequence(ranks: tuple[int, list[dict[str, Any]]],
+                                                   single: dict[str, Any]) -> None:
+    world, results = ranks
+    for rank, got in enumerate(results):
+        assert torch.equal(got["sampled"], results[0]["sampled"]), f"world {world}: rank {rank} sampled differently"
+    assert torch.equal(results[0]["sampled"], single["sampled"])
+
+
+def test_each_rank_holds_its_share(ranks: tuple[int, list[dict[str, Any]]], single: dict[str, Any]) -> None:
+    world, results = ranks
+    for rank, got in enumerate(results):
+        assert got["expert_bytes"] * world <= single["expert_bytes"], (rank, got["expert_bytes"])
+        share = got["bytes"] / single["bytes"]
+        print(f"world {world} rank {rank}: {got['bytes']} of {single['bytes']} bytes ({share:.3f}), experts "
+              f"{got['expert_bytes']} of {single['expert_bytes']}")
+        if world == 2:
+            assert share <= 0.6, share
+    assert single["expert_bytes"] > 0.5 * single["bytes"]   # the experts dominate, as in V3
+
+
+# -- FP8: each rank reads exactly its part ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def fp8_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return {"aligned-32": build_published(tmp_path_factory.mktemp("fp8a"), FP8_ALIGNED, block=(32, 32),
+                                          layout="per_expert", seed=6).path,
+            "ragged-128-fused": build_published(tmp_path_factory.mktemp("fp8b"), FP8_RAGGED_128, block=(128, 128),
+                                                layout="fused", seed=7).path}
+
+
+@pytest.mark.parametrize("name, fp8, world", [("aligned-32", "dequantize", 2), ("aligned-32", "keep", 2),
+                                              ("aligned-32", "keep", 4), ("ragged-128-fused", "dequantize", 2)])
+def test_fp8_parts_are_exact_slices(fp8_checkpoints: dict[str, Path], name: str, fp8: str, world: int) -> None:
+    path = fp8_checkpoints[name]
+    full = DeepseekV3ForCausalLM.from_pretrained(path, torch_dtype=torch.float32, fp8=fp8)
+    full_state = full.state_dict()
+    x = _inputs(full.config.vocab_size)
+    with torch.no_grad():
+        ref_logits = full(x["ids"], attention_mask=x["mask"]).logits[x["mask"].bool()]
+    unit = 32 if name == "aligned-32" else 128
+    results = run_ranks(world, "job_state", str(path), fp8)
+    split_names = set()
+    for rank, got in enumerate(results):
+        regions = shard_regions(full, full.config, ParallelContext(rank, world), ffn_unit=unit)
+        split_names |= set(regions)
+        assert set(got["state"]) == set(full_state)
+        for key, value in got["state"].items():
+            want = regions[key].narrow(full_state[key]) if key in regions else full_state[key]
+            assert value.dtype == want.dtype and value.shape == want.shape, (key, value.shape, want.shape)
+            assert torch.equal(value.view(torch.uint8) if value.dtype.itemsize == 1 else value,
+                               want.contiguous().view(torch.uint8) if want.dtype.itemsize == 1 else want), \
+                f"rank {rank}: {key} is not exactly its part"
+        assert_close(got["logits"], ref_logits, ATOL, f"world {world} rank {rank}: tp fp8 {fp8} logits")
+    expected = {"experts.gate_up_proj", "self_attn.kv_b_proj.weight", "self_attn.o_proj.weight", "mlp.down_proj.weight"}
+    assert all(any(n.endswith(e) for n in split_names) for e in expected)
+    if fp8 == "keep":
+        assert any(n.endswith("o_proj.weight_scale_inv") for n in split_names)
+        assert full_state["model.layers.0.self_attn.o_proj.weight"].dtype == torch.float8_e4m3fn
+
+
+def test_fp8_keep_refuses_a_head_split_inside_a_block(fp8_checkpoints: dict[str, Path]) -> None:
+    full = DeepseekV3ForCausalLM.from_pretrained(fp8_checkpoints["ragged-128-fused"], torch_dtype=torch.float32,
+                                                 fp8="keep")
+    with pytest.raises(ValueError, match=r"q_b_proj.*does not start and end on the FP8 block size 128.*"
+                                         r"fp8='dequantize'"):
+        shard_regions(full, full.config, ParallelContext(0, 2), ffn_unit=128)
+
+
+# -- errors -------------------------------------------------------------------------------------------------------
+def test_world_size_must_divide_heads_and_experts() -> None:
+    config = DeepseekV3Config.tiny(num_attention_heads=6, num_key_value_heads=6)
+    with pytest.raises(ValueError, match=r"num_attention_heads=6 is not divisible by the world size 4.*"
+                                         r"n_routed_experts=16.*World sizes that work: \[1, 2\]"):
+        check_world_size(config, 4)
+    with pytest.raises(ValueError, match=r"n_routed_experts=16 is not divisible by the world size 3.*\[1, 2\]"):
+        check_world_size(config, 3)
+    check_world_size(config, 2)
+
+
+def test_tp_plan_values_and_sharded_save(checkpoint: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"tp_plan='colwise'.*None or 'auto'"):
+        DeepseekV3ForCausalLM.from_pretrained(checkpoint, tp_plan="colwise")
+    model = DeepseekV3ForCausalLM.from_pretrained(checkpoint, torch_dtype=torch.float32)
+    model.parallel = ParallelContext(1, 2)   # as rank 1 of a sharded run sees itself
+    with pytest.raises(ValueError, match=r"sharded \(rank 1 of 2\).*load the checkpoint in one process"):
+        model.save_pretrained(tmp_path / "out")
