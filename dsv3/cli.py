@@ -110,8 +110,8 @@ def _check_json_object(path: Path) -> None:
 
 
 INPUT_WAIT = datetime.timedelta(days=7)
-"""How long the other ranks wait for rank 0's next input: a person typing is no failure (the compute group keeps
---timeout; a rank 0 that dies closes its connections, which ends the wait at once)."""
+"""How long the other ranks wait for rank 0's next input: a person typing is no failure (collectives keep
+--timeout; a rank 0 that dies takes its launcher's store down or is killed with its peers, ending the wait)."""
 
 
 class FollowerExit(Exception):
@@ -128,22 +128,29 @@ class Run:
 
     ctx: ParallelContext = SINGLE
     device: torch.device | None = None            # None: the --device flag decides (one process)
-    input_group: Any = None                        # gloo group with INPUT_WAIT for rank 0's input
+    store: Any = None                              # the process group's key-value store: rank 0's input
     timeout: datetime.timedelta = field(default_factory=lambda: datetime.timedelta(minutes=10))
+    shared: int = 0                                # objects shared so far (their keys in the store)
 
     @property
     def first(self) -> bool:
         return self.ctx.is_first
 
     def share(self, obj: T) -> T:
-        """Rank 0's `obj` on every rank (pickled; the identity in one process)."""
+        """Rank 0's `obj` on every rank (pickled; the identity in one process). It travels through the process
+        group's key-value store, not a collective: rank 0 never waits for the others (a hung rank then stops
+        the next collective after --timeout), and the others may wait INPUT_WAIT for a person to type."""
         if not self.ctx.is_parallel:
             return obj
-        import torch.distributed as dist
+        import pickle
 
-        box = [obj]
-        dist.broadcast_object_list(box, src=0, group=self.input_group)
-        return box[0]
+        key = f"dsv3/cli/input/{self.shared}"
+        self.shared += 1
+        if self.first:
+            self.store.set(key, pickle.dumps(obj))
+            return obj
+        self.store.wait([key], INPUT_WAIT)
+        return pickle.loads(self.store.get(key))
 
     def from_first(self, read: Callable[[], T]) -> T:
         """`read()` on rank 0 only (stdin, the terminal), its result on every rank. When it fails, rank 0
@@ -177,8 +184,9 @@ def run_sharded(args: argparse.Namespace, body: Callable[[Run], int]) -> int:
     ctx, device = started
     args.rank_label = f"[rank {ctx.rank}/{ctx.world_size}] "
     try:
-        input_group = dist.new_group(backend="gloo", timeout=INPUT_WAIT)
-        return body(Run(ctx, device, input_group, timeout))
+        from torch.distributed.distributed_c10d import _get_default_store
+
+        return body(Run(ctx, device, _get_default_store(), timeout))
     except SystemExit as e:   # a flag error every rank finds alike: rank 0 says it
         if not ctx.is_first:
             raise FollowerExit(e.code if isinstance(e.code, int) else 2) from None
