@@ -124,9 +124,13 @@ def run_checks(model: DeepseekV3ForCausalLM) -> dict[str, Any]:
     return out
 
 
-def job_checks(parallel: ParallelContext, path: str) -> dict[str, Any]:
-    model = DeepseekV3ForCausalLM.from_pretrained(path, torch_dtype=torch.float32, parallel=parallel)
-    assert model.parallel is parallel
+def job_checks(parallel: ParallelContext, path: str, how: str) -> dict[str, Any]:
+    if how == "explicit":
+        model = DeepseekV3ForCausalLM.from_pretrained(path, torch_dtype=torch.float32, parallel=parallel)
+        assert model.parallel is parallel
+    else:   # tp_plan="auto" in a process whose group is started: dsv3.parallel.launch.start_parallel picks it up
+        model = DeepseekV3ForCausalLM.from_pretrained(path, torch_dtype=torch.float32, tp_plan="auto")
+        assert model.parallel == parallel and model.model.parallel == parallel
     return run_checks(model)
 
 
@@ -155,7 +159,8 @@ TIMES: dict[str, float] = {}
 @pytest.fixture(scope="module", params=[2, 4], ids=["world2", "world4"])
 def ranks(request: pytest.FixtureRequest, checkpoint: Path) -> tuple[int, list[dict[str, Any]]]:
     start = time.perf_counter()
-    results = run_ranks(request.param, "job_checks", str(checkpoint))
+    how = "explicit" if request.param == 2 else "tp_plan"   # world 4 loads with tp_plan="auto"
+    results = run_ranks(request.param, "job_checks", str(checkpoint), how)
     TIMES[f"world{request.param}"] = time.perf_counter() - start
     return request.param, results
 
@@ -265,3 +270,80 @@ def test_tp_plan_values_and_sharded_save(checkpoint: Path, tmp_path: Path) -> No
     model.parallel = ParallelContext(1, 2)   # as rank 1 of a sharded run sees itself
     with pytest.raises(ValueError, match=r"sharded \(rank 1 of 2\).*load the checkpoint in one process"):
         model.save_pretrained(tmp_path / "out")
+
+
+def job_compile(parallel: ParallelContext, path: str, dtype: torch.dtype) -> dict[str, Any]:
+    model = DeepseekV3ForCausalLM.from_pretrained(path, torch_dtype=dtype, parallel=parallel)
+    x = _inputs(model.config.vocab_size)
+    greedy = dict(max_new_tokens=6, eos_token_id=[], do_sample=False)
+    out = model.generate(x["ids"], x["mask"], compile=True, return_dict_in_generate=True, **greedy)
+    return {"compiled": out.sequences, "steps": out.compiled_steps,
+            "eager": model.generate(x["ids"], x["mask"], **greedy)}
+
+
+def job_quantized(parallel: ParallelContext, path: str, quantization: str) -> dict[str, Any]:
+    """A sharded quantised load against quantising the sharded dense model after loading (same formats)."""
+    from dsv3.model.moe import RoutedExperts
+    from dsv3.model.weights import Linear
+
+    q = DeepseekV3ForCausalLM.from_pretrained(path, torch_dtype=torch.float32, quantization=quantization,
+                                              parallel=parallel)
+    dense = DeepseekV3ForCausalLM.from_pretrained(path, torch_dtype=torch.float32, parallel=parallel)
+    x = _inputs(q.config.vocab_size)
+    with torch.no_grad():
+        dense_logits = dense(x["ids"], attention_mask=x["mask"]).logits
+        for name, module in list(q.named_modules()):
+            if isinstance(module, Linear):
+                owner, _, child = name.rpartition(".")
+                setattr(dense.get_submodule(owner) if owner else dense, child,
+                        Linear.from_linear(dense.get_submodule(name), module.format))
+            elif isinstance(module, RoutedExperts):
+                for stack, fmt in module.formats.items():
+                    dense.get_submodule(name).adopt_format(stack, fmt)
+        return {"quantized": q(x["ids"], attention_mask=x["mask"]).logits,
+                "requantized": dense(x["ids"], attention_mask=x["mask"]).logits, "dense": dense_logits,
+                "formats": sorted({type(m.format).__name__ for m in q.modules() if isinstance(m, Linear)})}
+
+
+def job_kernels(parallel: ParallelContext, path: str) -> dict[str, Any]:
+    """bf16 decode on each rank's shard with and without the CPU kernels (the expert kernel sees other ranks'
+    (token, expert) pairs parked on the last local expert)."""
+    from dsv3.kernels import use_cpu_kernels
+
+    model = DeepseekV3ForCausalLM.from_pretrained(path, torch_dtype=torch.bfloat16, parallel=parallel)
+    x = _inputs(model.config.vocab_size)
+    greedy = dict(max_new_tokens=4, eos_token_id=[], do_sample=False, output_logits=True,
+                  return_dict_in_generate=True)
+    stock = model.generate(x["ids"], x["mask"], **greedy)
+    assert use_cpu_kernels(model)
+    fast = model.generate(x["ids"], x["mask"], **greedy)
+    return {"stock": (stock.sequences, torch.stack(stock.logits)),
+            "kernels": (fast.sequences, torch.stack(fast.logits))}
+
+
+# -- quantised, CPU kernels, compiled ----------------------------------------------------------------------------
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+def test_quantised_load_quantises_each_part(checkpoint: Path, single: dict[str, Any], quantization: str) -> None:
+    for rank, got in enumerate(run_ranks(2, "job_quantized", str(checkpoint), quantization)):
+        assert_close(got["quantized"], got["requantized"], 1e-5, f"rank {rank}: tp {quantization} part")
+        assert got["formats"] == (["Int8PerChannel"] if quantization == "int8" else ["Int4Grouped", "Int8PerChannel"])
+        assert_close(got["dense"][:1, -1], single["logits"][0, -1:], ATOL, f"rank {rank}: tp dense beside quantised")
+        assert_close(got["quantized"], got["dense"], 0.1, f"rank {rank}: tp {quantization} against dense")
+
+
+def test_cpu_kernels_on_each_shard(checkpoint: Path) -> None:
+    from dsv3 import kernels
+
+    if not kernels.available():
+        pytest.skip("the CPU kernels cannot be built here")
+    for rank, got in enumerate(run_ranks(2, "job_kernels", str(checkpoint))):
+        assert torch.equal(got["kernels"][0], got["stock"][0]), f"rank {rank}: kernels changed the tokens"
+        assert_close(got["kernels"][1], got["stock"][1], 0.05, f"rank {rank}: tp bf16 kernels against stock ops")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16-grouped", "fp32-gather"])
+def test_compiled_decode_step_traces_the_collectives(checkpoint: Path, dtype: torch.dtype) -> None:
+    for rank, got in enumerate(run_ranks(2, "job_compile", str(checkpoint), dtype)):
+        assert got["steps"] == 5, f"rank {rank}: {got['steps']} compiled steps (the graph fell back to eager)"
+        assert torch.equal(got["compiled"], got["eager"]), f"rank {rank}: compiled tokens differ"
