@@ -36,8 +36,9 @@ EXPERTS_HEAVY = dict(vocab_size=98, n_routed_experts=32, moe_intermediate_size=4
 # FP8, 32x32 blocks: hidden 72 and the expert intermediate 40 are ragged (2·32+8, 32+8), the dense intermediate 200
 # splits on block boundaries into 128 + 72 (a ragged last block on the last rank); heads of 32+32 q rows,
 # 32+32 kv_b rows and 32 o_proj columns put every head split on a block boundary, so fp8="keep" can hold them.
+# attention_bias: o_proj's bias is held by rank 0 only (added once to the sum).
 FP8_ALIGNED = dict(hidden_size=72, moe_intermediate_size=40, intermediate_size=200, qk_nope_head_dim=32,
-                   qk_rope_head_dim=32, v_head_dim=32, kv_lora_rank=32, q_lora_rank=40)
+                   qk_rope_head_dim=32, v_head_dim=32, kv_lora_rank=32, q_lora_rank=40, attention_bias=True)
 # FP8, 128x128 blocks (DeepSeek's), fused experts: every head split falls inside a block (dequantised and cut).
 FP8_RAGGED_128 = dict(hidden_size=160, q_lora_rank=136, kv_lora_rank=128, intermediate_size=200,
                       moe_intermediate_size=48)
@@ -248,6 +249,8 @@ def _check_parts(path: Path, name: str, fp8: str, world: int, results: list[dict
                 f"rank {rank}: {key} is not exactly its part"
         assert_close(got["logits"], ref_logits, ATOL, f"world {world} rank {rank}: tp fp8 {fp8} logits")
     expected = {"experts.gate_up_proj", "self_attn.kv_b_proj.weight", "self_attn.o_proj.weight", "mlp.down_proj.weight"}
+    if name == "aligned-32":
+        expected.add("self_attn.o_proj.bias")
     assert all(any(n.endswith(e) for n in split_names) for e in expected)
     if fp8 == "keep":
         assert any(n.endswith("o_proj.weight_scale_inv") for n in split_names)
