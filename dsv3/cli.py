@@ -7,7 +7,15 @@
     dsv3 serve                        OpenAI-compatible HTTP server (dsv3.serving)
 
 Without --model, generate and chat use the model that ships with dsv3 (--preset tiny builds a
-random tiny model instead, for smoke tests). `python -m dsv3 ...` runs the same command (e.g. under torchrun).
+random tiny model instead, for smoke tests). `python -m dsv3 ...` runs the same command, also sharded:
+
+    torchrun --nproc_per_node=N -m dsv3 generate "..."     (or chat; --nnodes/--node_rank/--rdzv-* for nodes)
+
+loads the model split over the N processes (dsv3.parallel); rank 0 reads the input (the prompt, stdin, chat
+lines) and hands it to the others, rank 0 alone prints, and the output is the same as one process's. A
+sampling run without --seed draws one seed on rank 0 for all. A collective that waits longer than --timeout
+(a rank died or hung) ends every rank with one line; in chat, Ctrl-C or a failed reply ends a sharded session
+(the ranks cannot agree where they were stopped).
 
 Failures end with one line on stderr, `error: ...`, and a non-zero exit code, never a traceback (-v adds
 it for unexpected errors): 2 for bad input (flags, files, checkpoints, text that is not UTF-8), 1 for
@@ -19,16 +27,23 @@ history as it was, and when the history outgrows the context the oldest exchange
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import logging
 import os
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
+from dsv3.parallel.context import SINGLE, ParallelContext
+from dsv3.parallel.launch import ParallelError, peer_failure_message, start_parallel, stop_parallel
+
+T = TypeVar("T")
 logger = logging.getLogger("dsv3")
 
 SHIPPED_MODEL = Path(__file__).resolve().parent / "assets" / "dsv3-pystd"
@@ -54,6 +69,8 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch")
     p.add_argument("--kernels", choices=["auto", "on", "off"], default="auto",
                    help="C++ CPU decode kernels for bf16 weights (auto: when on CPU in bf16 and they build)")
+    p.add_argument("--timeout", type=positive_float, default=600.0, metavar="SECONDS",
+                   help="under torchrun: how long a rank waits for the others in a collective before failing")
     p.add_argument("--quantization", choices=["int8", "int4"], default=None,
                    help="quantise linear and expert weights while loading (weight-only; int8 per channel, int4 "
                         "per group of 128 inputs)")
@@ -64,6 +81,17 @@ def positive_int(text: str) -> int:
     from dsv3.training.trainer import positive_int as parse
 
     return parse(text)
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be > 0")
+    return value
 
 
 def _check_json_object(path: Path) -> None:
@@ -81,10 +109,103 @@ def _check_json_object(path: Path) -> None:
                          "the file")
 
 
-def load_model_and_tokenizer(args: argparse.Namespace) -> tuple[Any, Any]:
+INPUT_WAIT = datetime.timedelta(days=7)
+"""How long the other ranks wait for rank 0's next input: a person typing is no failure (collectives keep
+--timeout; a rank 0 that dies takes its launcher's store down or is killed with its peers, ending the wait)."""
+
+
+class FollowerExit(Exception):
+    """On ranks other than 0: rank 0 failed on input only it sees (and said why); exit quietly with `code`."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(f"rank 0 failed (exit code {code})")
+        self.code = code
+
+
+@dataclass
+class Run:
+    """Where this process stands in a command that may run sharded under torchrun."""
+
+    ctx: ParallelContext = SINGLE
+    device: torch.device | None = None            # None: the --device flag decides (one process)
+    store: Any = None                              # the process group's key-value store: rank 0's input
+    timeout: datetime.timedelta = field(default_factory=lambda: datetime.timedelta(minutes=10))
+    shared: int = 0                                # objects shared so far (their keys in the store)
+
+    @property
+    def first(self) -> bool:
+        return self.ctx.is_first
+
+    def share(self, obj: T) -> T:
+        """Rank 0's `obj` on every rank (pickled; the identity in one process). It travels through the process
+        group's key-value store, not a collective: rank 0 never waits for the others (a hung rank then stops
+        the next collective after --timeout), and the others may wait INPUT_WAIT for a person to type."""
+        if not self.ctx.is_parallel:
+            return obj
+        import pickle
+
+        key = f"dsv3/cli/input/{self.shared}"
+        self.shared += 1
+        if self.first:
+            self.store.set(key, pickle.dumps(obj))
+            return obj
+        self.store.wait([key], INPUT_WAIT)
+        return pickle.loads(self.store.get(key))
+
+    def from_first(self, read: Callable[[], T]) -> T:
+        """`read()` on rank 0 only (stdin, the terminal), its result on every rank. When it fails, rank 0
+        raises its error and the other ranks FollowerExit (they never wait for input that is not coming)."""
+        if not self.ctx.is_parallel:
+            return read()
+        value, error = None, None
+        if self.first:
+            try:
+                value = read()
+            except BaseException as e:   # re-raised below, after the others were told to stop
+                error = e
+        value, failed = self.share((value, error is not None))
+        if error is not None:
+            raise error
+        if failed:
+            raise FollowerExit(2)
+        return value
+
+
+def run_sharded(args: argparse.Namespace, body: Callable[[Run], int]) -> int:
+    """Run `body` in one process, or, under torchrun, as one rank of a sharded run: start the process group,
+    turn a collective that lost its peers into ParallelError, destroy the group at the end."""
+    import torch.distributed as dist
+
+    timeout = datetime.timedelta(seconds=args.timeout)
+    owns_group = not (dist.is_available() and dist.is_initialized())
+    started = start_parallel(args.device, None, timeout)
+    if started is None:
+        return body(Run(timeout=timeout))
+    ctx, device = started
+    args.rank_label = f"[rank {ctx.rank}/{ctx.world_size}] "
+    try:
+        from torch.distributed.distributed_c10d import _get_default_store
+
+        return body(Run(ctx, device, _get_default_store(), timeout))
+    except SystemExit as e:   # a flag error every rank finds alike: rank 0 says it
+        if not ctx.is_first:
+            raise FollowerExit(e.code if isinstance(e.code, int) else 2) from None
+        raise
+    except RuntimeError as e:
+        message = None if isinstance(e, ParallelError) else peer_failure_message(e, ctx, timeout)
+        if message is not None:
+            raise ParallelError(message) from e
+        raise
+    finally:
+        if owns_group:
+            stop_parallel()
+
+
+def load_model_and_tokenizer(args: argparse.Namespace, run: Run | None = None) -> tuple[Any, Any]:
     from dsv3 import DeepseekV3Config, DeepseekV3ForCausalLM
     from dsv3.tokenizer import AutoTokenizer, tokenizer_for_model
 
+    run = run or Run()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.preset == "tiny":
@@ -92,9 +213,13 @@ def load_model_and_tokenizer(args: argparse.Namespace) -> tuple[Any, Any]:
             raise SystemExit("error: pass either --model or --preset, not both")
         if args.quantization:
             raise SystemExit("error: --quantization applies while loading a checkpoint; drop it with --preset tiny")
-        torch.manual_seed(0)
+        torch.manual_seed(0)   # the same random weights on every rank, then each keeps its shard
         tokenizer = AutoTokenizer.from_pretrained()
         model = DeepseekV3ForCausalLM(DeepseekV3Config.tiny(vocab_size=129280)).eval()
+        if run.ctx.is_parallel:
+            from dsv3.model.parallel import shard_model
+
+            shard_model(model, run.ctx)
         return model, tokenizer
     path = args.model or SHIPPED_MODEL
     if not (path / "config.json").is_file():
@@ -102,8 +227,9 @@ def load_model_and_tokenizer(args: argparse.Namespace) -> tuple[Any, Any]:
         raise SystemExit(f"error: {path} is not a checkpoint directory (no config.json); {hint}")
     for name in ("config.json", "generation_config.json", "tokenizer_config.json"):
         _check_json_object(path / name)
-    model = DeepseekV3ForCausalLM.from_pretrained(path, torch_dtype=args.dtype, device_map=args.device,
-                                                  quantization=args.quantization)
+    sharded = dict(device_map=run.device, parallel=run.ctx) if run.ctx.is_parallel else dict(device_map=args.device)
+    model = DeepseekV3ForCausalLM.from_pretrained(path, torch_dtype=args.dtype, quantization=args.quantization,
+                                                  **sharded)
     _maybe_use_kernels(model, args.kernels)
     tokenizer = tokenizer_for_model(path, model.config.vocab_size)   # falls back (with a warning) when it fits
     return model, tokenizer
@@ -137,7 +263,9 @@ def _generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _stream(model: Any, tokenizer: Any, input_ids: torch.Tensor, args: argparse.Namespace,
-            default_new_tokens: int) -> torch.Tensor:
+            default_new_tokens: int, run: Run | None = None) -> torch.Tensor:
+    """Generate from `input_ids` [1, T]; rank 0 streams the text to stdout and the speed to stderr, the
+    other ranks compute the same tokens silently. Returns the new token ids [N]."""
     from dsv3.generation.generate import generate
     from dsv3.generation.streamer import TextStreamer
 
@@ -146,12 +274,14 @@ def _stream(model: Any, tokenizer: Any, input_ids: torch.Tensor, args: argparse.
         gc = getattr(model, "generation_config", None)
         if gc is None or gc.max_new_tokens is None:
             kwargs["max_new_tokens"] = default_new_tokens
-    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    first = run is None or run.first
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if first else None
     start = time.perf_counter()
     out = generate(model, input_ids, **kwargs, streamer=streamer)
     elapsed = time.perf_counter() - start
     n = out.shape[1] - input_ids.shape[1]
-    print(f"[{n} tokens in {elapsed:.2f} s, {n / max(elapsed, 1e-9):.1f} tokens/s]", file=sys.stderr)
+    if first:
+        print(f"[{n} tokens in {elapsed:.2f} s, {n / max(elapsed, 1e-9):.1f} tokens/s]", file=sys.stderr)
     return out[0, input_ids.shape[1]:]
 
 
@@ -207,10 +337,24 @@ def _check_stdout() -> None:
         raise ValueError("stdout is closed; nowhere to write the reply (redirect it to a file or /dev/null)")
 
 
+def _shared_seed(args: argparse.Namespace, run: Run) -> None:
+    """Sharded and no --seed: rank 0 draws one for all ranks, so that sampling picks the same tokens on each."""
+    if run.ctx.is_parallel and args.seed is None:
+        args.seed = run.share(int.from_bytes(os.urandom(8), "little") >> 1 if run.first else None)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
-    _check_stdout()
-    prompt = _utf8_text(args.prompt, "the prompt") if args.prompt is not None else _read_stdin()
-    model, tokenizer = load_model_and_tokenizer(args)
+    return run_sharded(args, lambda run: _generate(args, run))
+
+
+def _generate(args: argparse.Namespace, run: Run) -> int:
+    def read_prompt() -> str:
+        _check_stdout()
+        return _utf8_text(args.prompt, "the prompt") if args.prompt is not None else _read_stdin()
+
+    prompt = run.from_first(read_prompt)
+    _shared_seed(args, run)
+    model, tokenizer = load_model_and_tokenizer(args, run)
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
             {"role": "user", "content": prompt}]
@@ -220,10 +364,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         input_ids = tokenizer(prompt, return_tensors="pt").input_ids
         if input_ids.shape[1] == 0:
             raise SystemExit("error: the prompt is empty")
-    if not args.no_echo and not args.chat:
+    if not args.no_echo and not args.chat and run.first:
         sys.stdout.write(prompt)
         sys.stdout.flush()
-    _stream(model, tokenizer, input_ids, args, default_new_tokens=64)
+    _stream(model, tokenizer, input_ids, args, default_new_tokens=64, run=run)
     return 0
 
 
@@ -239,7 +383,7 @@ def _max_new_tokens(model: Any, args: argparse.Namespace, default: int) -> int:
 
 
 def chat_input_ids(tokenizer: Any, system: list[dict[str, str]], history: list[dict[str, str]],
-                   max_prompt_tokens: int) -> torch.Tensor:
+                   max_prompt_tokens: int, report: bool = True) -> torch.Tensor:
     """The chat prompt [1, T] for system + history, T <= max_prompt_tokens: the oldest exchanges (user +
     assistant) are removed from `history` until it fits (said on stderr). Raises ValueError, history
     untouched, when the last message alone does not fit."""
@@ -259,31 +403,50 @@ def chat_input_ids(tokenizer: Any, system: list[dict[str, str]], history: list[d
             break
         del history[:2]   # history alternates user, assistant, ..., user: drop the oldest exchange
         dropped += 1
-    if dropped:
+    if dropped and report:
         print(f"[context full: dropped the {dropped} oldest exchange(s) from the history]", file=sys.stderr)
     return ids
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    _check_stdout()
-    _stdin()
-    model, tokenizer = load_model_and_tokenizer(args)
+    return run_sharded(args, lambda run: _chat(args, run))
+
+
+def _chat(args: argparse.Namespace, run: Run) -> int:
+    """The chat loop. Sharded, rank 0 reads each line (bad lines are said and skipped there) and hands it to
+    the others; every rank keeps the same history; only rank 0 writes."""
+    def check_streams() -> bool:
+        _check_stdout()
+        _stdin()
+        return sys.stdin.isatty()
+
+    interactive = run.from_first(check_streams)
+    _shared_seed(args, run)
+    model, tokenizer = load_model_and_tokenizer(args, run)
     system = [{"role": "system", "content": _utf8_text(args.system, "--system")}] if args.system else []
     history: list[dict[str, str]] = []
-    interactive = sys.stdin.isatty()
     context = model.config.max_context_length
     max_prompt = max(1, context - _max_new_tokens(model, args, CHAT_NEW_TOKENS))
     failed = False
-    print("dsv3 chat — /reset clears the history, /exit quits; Ctrl-C stops a reply", file=sys.stderr)
+
+    def say(text: str) -> None:
+        if run.first:
+            print(text, file=sys.stderr)
+
+    def next_line() -> str | None:   # rank 0: the next decodable line of stdin, None at its end
+        nonlocal failed
+        while True:
+            if interactive:
+                print(">>> ", end="", flush=True, file=sys.stderr)
+            try:
+                return _read_line()
+            except ValueError as e:
+                print(f"error: {e}", file=sys.stderr)
+                failed = True
+
+    say("dsv3 chat — /reset clears the history, /exit quits; Ctrl-C stops a reply")
     while True:
-        if interactive:
-            print(">>> ", end="", flush=True, file=sys.stderr)
-        try:
-            line = _read_line()
-        except ValueError as e:
-            print(f"error: {e}", file=sys.stderr)
-            failed = True
-            continue
+        line = run.from_first(next_line)
         if line is None:
             return 1 if failed else 0
         text = line.strip()
@@ -293,19 +456,29 @@ def cmd_chat(args: argparse.Namespace) -> int:
             return 1 if failed else 0
         if text == "/reset":
             history.clear()
-            print("[history cleared]", file=sys.stderr)
+            say("[history cleared]")
             continue
         kept = list(history)
         history.append({"role": "user", "content": text})
         try:
-            input_ids = chat_input_ids(tokenizer, system, history, max_prompt)
-            reply_ids = _stream(model, tokenizer, input_ids, args, default_new_tokens=CHAT_NEW_TOKENS)
+            input_ids = chat_input_ids(tokenizer, system, history, max_prompt, report=run.first)
+        except ValueError as e:   # the same on every rank: this message cannot be answered; the chat goes on
+            history[:] = kept
+            say(f"error: {_one_line(e)}")
+            failed = True
+            continue
+        try:
+            reply_ids = _stream(model, tokenizer, input_ids, args, default_new_tokens=CHAT_NEW_TOKENS, run=run)
         except KeyboardInterrupt:
+            if run.ctx.is_parallel:   # the ranks may have stopped at different steps: end the session
+                raise
             history[:] = kept
             print("", flush=True)
             print("[interrupted: reply discarded, history kept]", file=sys.stderr)
             continue
-        except (ValueError, TypeError, RuntimeError) as e:   # this reply failed; the chat goes on
+        except (ValueError, TypeError, RuntimeError) as e:   # this reply failed; the chat goes on (one process)
+            if run.ctx.is_parallel:
+                raise
             history[:] = kept
             print(f"error: {_one_line(e)}", file=sys.stderr)
             failed = True
@@ -377,9 +550,11 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
-def _report(message: str) -> None:
+def _report(message: str, args: argparse.Namespace | None = None) -> None:
+    """`error: ...` on stderr; in a sharded run prefixed with the rank (`[rank 1/2]`), since any rank may fail."""
+    label = getattr(args, "rank_label", "")
     try:
-        print(f"error: {message}", file=sys.stderr, flush=True)
+        print(f"error: {label}{message}", file=sys.stderr, flush=True)
     except (OSError, ValueError, AttributeError):   # stderr closed too: the exit code is all that is left
         pass
 
@@ -396,27 +571,35 @@ def _detach_stdout() -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the dsv3 command line; returns the exit code (argparse exits 2 on bad flags)."""
     verbose = False
+    args = argparse.Namespace()
     try:
         args = build_parser().parse_args(argv)
         verbose = args.verbose
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
         return int(args.func(args) or 0)
+    except FollowerExit as e:   # rank 0 said what went wrong
+        return e.code
     except KeyboardInterrupt:
-        _report("interrupted (Ctrl-C)")
+        _report("interrupted (Ctrl-C)", args)
         return 130
+    except ParallelError as e:   # could not start or lost a rank: the message names the rank, why and what to do
+        if verbose:
+            logger.exception("details")
+        _report(_one_line(e))
+        return 1
     except BrokenPipeError:
         _detach_stdout()
-        _report("the output was closed before the command finished (broken pipe)")
+        _report("the output was closed before the command finished (broken pipe)", args)
         return 141
     except (ValueError, TypeError, KeyError, OSError) as e:   # bad input: flags, files, checkpoints, text
         if verbose:
             logger.exception("details")
-        _report(_one_line(e))
+        _report(_one_line(e), args)
         return 2
     except Exception as e:   # the command-line boundary: one line, never a traceback (-v logs it)
         if verbose:
             logger.exception("details")
-        _report(f"{type(e).__name__}: {_one_line(e)} (run with -v for the traceback)")
+        _report(f"{type(e).__name__}: {_one_line(e)} (run with -v for the traceback)", args)
         return 1
 
 

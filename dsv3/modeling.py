@@ -35,7 +35,14 @@ class PreTrainedModel:
         return model
 
     def save_pretrained(self, directory: str | os.PathLike, **kwargs: Any) -> None:
-        """config.json, generation_config.json and safetensors shards (see dsv3.checkpoint.saver)."""
+        """config.json, generation_config.json and safetensors shards (see dsv3.checkpoint.saver).
+        A sharded model (from_pretrained under torchrun) is refused: each rank holds only its part."""
+        parallel = getattr(self, "parallel", None)
+        if parallel is not None and parallel.is_parallel:
+            raise ValueError(f"save_pretrained: this model is sharded (rank {parallel.rank} of "
+                             f"{parallel.world_size}) and holds only its part of the weights; load the checkpoint "
+                             "in one process (no torchrun, parallel=None) to save it, or copy the checkpoint "
+                             "directory as it is")
         save_pretrained(self, directory, **kwargs)
 
 

@@ -23,6 +23,15 @@ floating dtype (fp64/fp32/bf16/fp16) loads and is cast to the target — mixed s
 only loads together with its weight_scale_inv and a quantization_config. Integer, bool and complex
 tensors are a CheckpointError naming the tensor: casting them would silently load garbage.
 
+Sharded (`parallel=` a ParallelContext of world size > 1, or started from torchrun's environment): the meta model
+is sharded by dsv3.model.parallel after the whole checkpoint is checked at full size, and each rank reads only
+its part of every split tensor — the owned experts of a per-expert checkpoint, a dim-0 slice of a fused expert
+stack, the rows/columns of a head-, channel- or vocabulary-split matrix (`CheckpointReader.get_slice`, never
+the whole tensor). An FP8 part is read with the block rows/columns of its weight_scale_inv that cover it:
+dequantised and cut when it does not start on a block boundary (fp8="dequantize"); held as FP8 blocks
+(fp8="keep") when it does — the intermediate channels split on block boundaries for that, and a head or
+vocabulary split through a block is a ValueError naming the tensor. int8/int4 quantise each rank's part.
+
 MTP: the checkpoint's layer `num_hidden_layers` feeds a model's `mtp.*` tensors. A checkpoint without it
 loads too (the model is built with mtp=False); `load_mtp=False` skips it on purpose (2 % of V3's weights).
 """
@@ -31,9 +40,10 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import os
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,14 +59,17 @@ from dsv3.checkpoint.fp8 import (
     dequantize_checked,
     fp8_scale_shape,
     parse_quantization_config,
+    read_fp8_slice,
 )
 from dsv3.checkpoint.keys import SCALE_SUFFIX, LoadPlan, Source, is_mtp_key, piece_views, plan_load, to_checkpoint_name
 from dsv3.checkpoint.quantize import check_quantization, plan_quantization, quantize_loaded
 from dsv3.checkpoint.safetensors_io import CheckpointReader
 from dsv3.config import DeepseekV3Config, check_keyword_arguments
 from dsv3.model.moe import RoutedExperts
+from dsv3.model.parallel import Region, shard_model
 from dsv3.model.rope import RotaryEmbedding
 from dsv3.model.weights import hold_formats
+from dsv3.parallel.context import ParallelContext
 from dsv3.quant.formats import Fp8Blocks
 
 logger = logging.getLogger(__name__)
@@ -69,6 +82,7 @@ FP8_MODES = ("dequantize", "keep")
 _FP8 = tuple(FP8_DTYPES.values())
 _SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _NO_OP_KWARGS = frozenset({"trust_remote_code", "low_cpu_mem_usage"})   # transformers arguments, moot here
+TP_PLANS = (None, "auto")
 
 
 def resolve_dtype(torch_dtype: Any, config: DeepseekV3Config) -> torch.dtype:
@@ -124,12 +138,15 @@ class PreparedLoad:
     targets: dict[str, torch.Tensor]    # checkpoint-spelled target name -> meta tensor
     scales: dict[str, str]              # FP8 weight key -> its scale_inv key
     spec: Fp8Spec | None
+    regions: dict[str, Region] = field(default_factory=dict)   # sharded: target name -> this rank's part
 
 
 def prepare_load(cls: type, reader: CheckpointReader, config: DeepseekV3Config, fp8: str = "dequantize",
-                 load_mtp: bool | None = None, strict: bool = True) -> PreparedLoad:
+                 load_mtp: bool | None = None, strict: bool = True,
+                 parallel: ParallelContext | None = None) -> PreparedLoad:
     """Phase 1: build `cls(config)` on the meta device and check the checkpoint against it, reading headers
-    only. Raises CheckpointError naming file, tensor and expectation for anything that would not load."""
+    only. Raises CheckpointError naming file, tensor and expectation for anything that would not load.
+    parallel (world size > 1): then shard the checked meta model for this rank (targets become its parts)."""
     if fp8 not in FP8_MODES:
         raise ValueError(f"fp8={fp8!r}: expected 'dequantize' (FP8 checkpoints load as torch_dtype) or 'keep' "
                          "(hold FP8 weights, dequantise per layer at run time)")
@@ -166,13 +183,24 @@ def prepare_load(cls: type, reader: CheckpointReader, config: DeepseekV3Config, 
     for name, source in plan.sources.items():
         _check_shapes(reader, source, name, tuple(targets[name].shape))
         _check_dtypes(reader, source, name, targets[name].dtype)
-    return PreparedLoad(model, config, plan, names, targets, scales, spec)
+    regions: dict[str, Region] = {}
+    if parallel is not None and parallel.is_parallel:
+        # FP8: intermediate channels split on block boundaries, so fp8="keep" can hold every rank's part.
+        unit = math.lcm(*spec.block_size) if spec is not None and scales else 1
+        by_model_name = shard_model(model, parallel, ffn_unit=unit)
+        own = _load_targets(model)
+        targets = {ckpt: own[name] for ckpt, name in names.items()}
+        regions = {ckpt: by_model_name[name] for ckpt, name in names.items() if name in by_model_name}
+        logger.info("rank %d of %d: %d of %d tensors sharded", parallel.rank, parallel.world_size, len(regions),
+                    len(targets))
+    return PreparedLoad(model, config, plan, names, targets, scales, spec, regions)
 
 
 def load_pretrained(cls: type, path: str | os.PathLike, torch_dtype: Any = "auto", device_map: Any = None,
                     config: DeepseekV3Config | None = None, progress: bool | None = None, strict: bool = True,
                     fp8: str = "dequantize", load_mtp: bool | None = None, dtype: Any = None,
-                    quantization: str | None = None, **config_overrides: Any) -> nn.Module:
+                    quantization: str | None = None, tp_plan: str | None = None,
+                    parallel: ParallelContext | None = None, **config_overrides: Any) -> nn.Module:
     """Load a HF checkpoint directory (single file or index + shards, bf16/fp16/fp32 or block FP8).
 
     torch_dtype: a dtype, "bfloat16"/"float16"/"float32", or "auto" (config.json's torch_dtype); `dtype` is the
@@ -180,6 +208,11 @@ def load_pretrained(cls: type, path: str | os.PathLike, torch_dtype: Any = "auto
     fp8: "dequantize" or "keep" (see module docstring). quantization: None, "int8" or "int4" — weight-only
     quantisation while loading, one tensor at a time (dsv3.checkpoint.quantize says which tensors).
     progress: a bar on stderr (default: when a tty).
+    parallel: this process's ParallelContext — the model is sharded for it (tensor + expert parallelism,
+    dsv3.model.parallel) and each rank reads only its part of the weights; `model.parallel` remembers it.
+    tp_plan: None or "auto" (transformers' spelling). With parallel=None, tp_plan="auto" or a torchrun
+    environment (WORLD_SIZE > 1) starts the process group (dsv3.parallel.launch.start_parallel, which also
+    picks this rank's device from device_map).
     Any other keyword must be a config field and overrides config.json (transformers semantics); an unknown
     one is an UnknownArgumentError naming the closest accepted name. `trust_remote_code` and
     `low_cpu_mem_usage` are accepted and have no effect (dsv3 runs its own code and always loads one copy).
@@ -204,24 +237,44 @@ def load_pretrained(cls: type, path: str | os.PathLike, torch_dtype: Any = "auto
         config = config.replace(**config_overrides)
     check_quantization(quantization, fp8)
     target_dtype = resolve_dtype(torch_dtype, config)
-    device = resolve_device(device_map)
+    if tp_plan not in TP_PLANS:
+        raise ValueError(f"tp_plan={tp_plan!r}: expected None or 'auto' (shard over the processes torchrun "
+                         "started: torchrun --nproc_per_node=N script.py)")
+    if parallel is not None and not isinstance(parallel, ParallelContext):
+        raise TypeError(f"parallel={parallel!r}: expected a dsv3.parallel.ParallelContext or None")
+    device = None
+    if parallel is None and (tp_plan == "auto" or _torchrun_world_size() > 1):
+        from dsv3.parallel.launch import start_parallel  # torch.distributed start-up, only when asked for
+
+        started = start_parallel(device_map=device_map, tp_plan=tp_plan)
+        if started is not None:
+            parallel, device = started
+    if device is None:
+        device = resolve_device(device_map)
     with CheckpointReader(path) as reader:
-        prep = prepare_load(cls, reader, config, fp8, load_mtp, strict)
+        prep = prepare_load(cls, reader, config, fp8, load_mtp, strict, parallel)
         model, plan = prep.model, prep.plan
         quantize = plan_quantization(model, quantization, device) if quantization else {}
         dtypes = {name: torch.float32 if prep.names[name] in quantize else   # quantised from fp32, then dropped
                   _target_dtype(name, prep.targets[name], target_dtype) for name in plan.sources}
-        total = sum(_bytes_read(reader, k, dtypes[name], prep) for name, s in plan.sources.items() for k in s.keys())
+        total = sum(_share(prep, name) * _bytes_read(reader, k, dtypes[name], prep)
+                    for name, s in plan.sources.items() for k in s.keys())
         if progress is None:
             progress = sys.stderr.isatty()
         with tqdm(total=total, desc="Loading weights", unit="B", unit_scale=True, disable=not progress) as bar:
             for name, source in plan.sources.items():
                 expected = prep.targets[name]
                 out = torch.empty(expected.shape, dtype=dtypes[name], device=device)
+                region = prep.regions.get(name)
                 with torch.no_grad():
-                    for key, view in piece_views(source, out):
-                        _read_piece(reader, key, view, prep)
-                        bar.update(_bytes_read(reader, key, out.dtype, prep))
+                    if region is None:
+                        for key, view in piece_views(source, out):
+                            _read_piece(reader, key, view, prep)
+                            bar.update(_bytes_read(reader, key, out.dtype, prep))
+                    else:
+                        _read_part(reader, source, region, out, prep)
+                        bar.update(int(_share(prep, name) * sum(_bytes_read(reader, k, out.dtype, prep)
+                                                                for k in source.keys())))
                 owner, attr = _param_owner(model, prep.names[name])
                 if isinstance(expected, nn.Parameter):
                     owner._parameters[attr] = nn.Parameter(out, requires_grad=expected.requires_grad)
@@ -233,6 +286,16 @@ def load_pretrained(cls: type, path: str | os.PathLike, torch_dtype: Any = "auto
     _finish(model, prep.config, device)
     model.eval()
     return model
+
+
+def _torchrun_world_size() -> int:
+    """WORLD_SIZE as torchrun sets it (1 when absent): whether from_pretrained starts the process group."""
+    value = os.environ.get("WORLD_SIZE", "1")
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"WORLD_SIZE={value!r} in the environment is not an integer; launch with torchrun, or "
+                         "unset it for a single process") from None
 
 
 # -- phase 1 helpers ----------------------------------------------------------------------------------------
@@ -384,6 +447,56 @@ def _read_piece(reader: CheckpointReader, key: str, dst: torch.Tensor, prep: Pre
     weight = reader.read(key).to(dst.device)
     scale = reader.read(scale_key).to(dst.device)
     dst.copy_(dequantize_checked(weight, scale, prep.spec.block_size, dst.dtype, key))
+
+
+def _share(prep: PreparedLoad, name: str) -> float:
+    region = prep.regions.get(name)
+    return 1.0 if region is None else 0.0 if region.zero else (region.stop - region.start) / region.full
+
+
+def _slice(reader: CheckpointReader, key: str, dim: int, start: int, stop: int) -> torch.Tensor:
+    """[start, stop) of checkpoint tensor `key` along `dim`, read through the lazy safetensors slice (only those
+    bytes are copied out), as a private contiguous tensor."""
+    index = (*([slice(None)] * dim), slice(start, stop))
+    return reader.get_slice(key)[index].clone(memory_format=torch.contiguous_format)
+
+
+def _read_part(reader: CheckpointReader, source: Source, region: Region, dst: torch.Tensor,
+               prep: PreparedLoad) -> None:
+    """Fill `dst` with this rank's `region` of a target, reading only that part of the checkpoint."""
+    if region.zero:                                 # held by the first rank only (a bias added once to a sum)
+        dst.zero_()
+        return
+    if dst.numel() == 0:                            # a rank past the last unit of a small dim holds nothing
+        return
+    if source.stacked:                              # per-expert checkpoint: only the owned experts' tensors
+        assert region.dim == 0, region
+        owned = Source(source.pieces[region.start: region.stop], stacked=True)
+        for key, view in piece_views(owned, dst):
+            _read_piece(reader, key, view, prep)
+        return
+    key = source.pieces[0][0]
+    scale_key = prep.scales.get(key)
+    if scale_key is None or dst.dtype in _FP8:      # plain tensor, or FP8 bytes / scales held as stored
+        dst.copy_(_slice(reader, key, region.dim, region.start, region.stop))
+        if key.endswith(SCALE_SUFFIX):
+            check_scales_finite(dst, key)
+        return
+    assert prep.spec is not None
+    block = prep.spec.block_size
+    if len(reader.shape(key)) == 3:                 # fused expert stack: whole experts, whole block grids
+        assert region.dim == 0, region
+        weight = _slice(reader, key, 0, region.start, region.stop)
+        scale = _slice(reader, scale_key, 0, region.start, region.stop)
+        dst.copy_(dequantize_checked(weight.to(dst.device), scale.to(dst.device), block, dst.dtype, key))
+        return
+    # A matrix: the blocks covering [start, stop) (the last one may be ragged), dequantised, then cut.
+    b = block[region.dim]
+    lo, hi = region.start // b * b, min(-(-region.stop // b) * b, region.full)
+    weight, scale = read_fp8_slice(reader, key, **{("rows" if region.dim == 0 else "cols"): (lo, hi)},
+                                   block_size=block)
+    dense = dequantize_checked(weight.to(dst.device), scale.to(dst.device), block, dst.dtype, key)
+    dst.copy_(dense.narrow(region.dim, region.start - lo, region.stop - region.start))
 
 
 def _finish(model: nn.Module, config: DeepseekV3Config, device: torch.device) -> None:

@@ -37,6 +37,7 @@ from dsv3.config import DeepseekV3Config
 from dsv3.model.norm import RMSNorm
 from dsv3.model.rope import apply_rope
 from dsv3.model.weights import weight_matrix
+from dsv3.parallel.context import SINGLE, ParallelContext
 
 MLA_PATHS = ("auto", "naive", "absorbed")
 
@@ -118,6 +119,9 @@ class MultiHeadLatentAttention(nn.Module):
         self.kv_b_proj = nn.Linear(self.r, h * (self.dn + self.dv), bias=False)
         self.o_proj = nn.Linear(h * self.dv, d, bias=bias)
         self.scale = config.softmax_scale
+        # Sharded (dsv3/model/parallel.py): this rank's `num_heads` heads of q_b/q and kv_b, o_proj row-parallel,
+        # the outputs summed over the ranks. The latent (q_a, kv_a and their norms, the cache) is whole on each.
+        self.parallel: ParallelContext = SINGLE
 
     def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, mask: torch.Tensor | None,
                 cache: LatentCacheView | None = None, path: str = "auto",
@@ -146,8 +150,10 @@ class MultiHeadLatentAttention(nn.Module):
             o, probs = self._naive(q_nope, q_pe, latent, mask, dropout, attention_sink is not None)
         if attention_sink is not None:
             assert probs is not None
-            attention_sink.append(probs)
-        return self.o_proj(o.reshape(b, s, self.num_heads * self.dv))
+            attention_sink.append(self.parallel.all_gather(probs, dim=1))    # [B, H, S, T], every rank's heads
+        # Sharded: each rank's partial o_proj product (its heads' input columns), summed (o_proj's bias, if
+        # any, is held by the first rank only).
+        return self.parallel.all_reduce(self.o_proj(o.reshape(b, s, self.num_heads * self.dv)))
 
     def _naive(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, mask: torch.Tensor | None,
                dropout: float, return_probs: bool) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3.config import DeepseekV3Config
+from dsv3.parallel.context import SINGLE, ParallelContext
 from dsv3.quant.formats import PLAIN, ExpertBatch, WeightFormat, keep_fixed_dtypes
 
 MOE_DISPATCHES = ("auto", "grouped", "gather")
@@ -44,16 +45,21 @@ def choose_dispatch(indices: torch.Tensor, device: torch.device) -> str:
 
 
 class SwiGLU(nn.Module):
-    """Dense MLP: down(silu(gate(x)) * up(x)). Used for dense layers and shared experts."""
+    """Dense MLP: down(silu(gate(x)) * up(x)). Used for dense layers and shared experts.
+    Sharded: gate/up column-parallel, down row-parallel — `partial` is one rank's share of the output."""
 
     def __init__(self, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.parallel: ParallelContext = SINGLE
+
+    def partial(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.parallel.all_reduce(self.partial(x))
 
 
 @dataclass
@@ -118,13 +124,16 @@ class RoutedExperts(nn.Module):
         super().__init__()
         self.num_experts, self.intermediate = config.n_routed_experts, config.moe_intermediate_size
         self.hidden = config.hidden_size
+        # Expert parallelism (dsv3/model/parallel.py): the stacks hold experts [first_expert, first_expert +
+        # num_local_experts) only; the router still picks among all `num_experts`.
+        self.first_expert, self.num_local_experts = 0, self.num_experts
         self.formats: dict[str, WeightFormat] = {}
         self.set_formats(gate_up, down)
 
     def set_formats(self, gate_up: WeightFormat, down: WeightFormat) -> None:
         """Hold the stacks in these formats. Allocates fresh (empty) tensors when the storage changes — at load
         time, on the meta device; a format of the same storage (e.g. with kernels added) keeps the tensors."""
-        e, i, d = self.num_experts, self.intermediate, self.hidden
+        e, i, d = self.num_local_experts, self.intermediate, self.hidden
         for name, fmt, shape in (("gate_up_proj", gate_up, (e, 2 * i, d)), ("down_proj", down, (e, d, i))):
             old = self.formats.get(name)
             if old is None or fmt.storage() != old.storage():
@@ -164,7 +173,8 @@ class RoutedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
                 dispatch: str = "auto") -> torch.Tensor:
-        """x [N, D], weights/indices [N, k] -> Σ_k w_k·E_k(x) as [N, D] in fp32."""
+        """x [N, D], weights/indices [N, k] -> Σ_k w_k·E_k(x) as [N, D] in fp32 — with expert parallelism, the
+        sum over the (token, expert) pairs of this rank's experts only (the other ranks add theirs)."""
         if dispatch not in MOE_DISPATCHES:
             raise ValueError(f"moe_dispatch={dispatch!r}: expected one of {MOE_DISPATCHES}")
         if dispatch == "auto":
@@ -175,19 +185,38 @@ class RoutedExperts(nn.Module):
 
     def _grouped(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         n, k = indices.shape
-        ids, order = indices.reshape(-1).sort(stable=True)                 # [N*k] sorted by expert
+        ids = indices.reshape(-1)                                          # [N*k]
+        local, owned = self.num_local_experts, None
+        if local != self.num_experts:
+            # Expert parallelism: pairs of other ranks' experts sort last (as expert `local`), outside every
+            # expert's row segment, so no format computes them; no host sync, so a compiled step traces this.
+            ids = ids - self.first_expert
+            owned = (ids >= 0) & (ids < local)
+            ids = torch.where(owned, ids, local)
+        ids, order = ids.sort(stable=True)                                 # [N*k] sorted by expert
         token = order // k                                                 # source token of each row
-        batch = ExpertBatch.from_sorted(ids, self.num_experts)
+        if owned is None:
+            batch = ExpertBatch.from_sorted(ids, self.num_experts)
+        else:   # the trailing rows keep a valid id (the last expert) for formats that index by row
+            counts = torch.bincount(ids, minlength=local + 1)[:local]
+            batch = ExpertBatch(ids.clamp(max=local - 1), counts, counts.cumsum(0).to(torch.int32))
         xs = x[token]                                                      # [N*k, D] sorted by expert
         h = self.formats["gate_up_proj"].grouped(self, "gate_up_proj", xs, batch)   # [N*k, 2I]
         gate, up = h.split(self.intermediate, dim=-1)
         y = self.formats["down_proj"].grouped(self, "down_proj", F.silu(gate) * up, batch)   # [N*k, D]
         y = y.float() * weights.reshape(-1)[order, None]
+        if owned is not None:   # rows past the owned segments hold whatever the format left there
+            y = torch.where(owned[order, None], y, 0.0)
         return torch.zeros(n, x.shape[1], dtype=torch.float32, device=x.device).index_add_(0, token, y)
 
     def _gather(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         n, k = indices.shape
         flat = indices.reshape(-1)
+        if self.num_local_experts != self.num_experts:   # expert parallelism: other ranks' pairs weigh 0
+            flat = flat - self.first_expert
+            owned = (flat >= 0) & (flat < self.num_local_experts)
+            flat = flat.clamp(0, self.num_local_experts - 1)
+            weights = weights.masked_fill(~owned.view(n, k), 0.0)
         xs = x.repeat_interleave(k, dim=0)[:, :, None]                     # [N*k, D, 1]
         w_gate_up, w_down = self.stacked_weights(flat, x.dtype)            # [N*k, 2I, D], [N*k, D, I]
         h = torch.bmm(w_gate_up, xs).squeeze(-1)                           # [N*k, 2I]
@@ -196,7 +225,9 @@ class RoutedExperts(nn.Module):
         return (y.float().view(n, k, -1) * weights[..., None]).sum(1)
 
     def extra_repr(self) -> str:
-        return (f"experts={self.num_experts}, intermediate={self.intermediate}, "
+        local = "" if self.num_local_experts == self.num_experts else \
+            f" (this rank: {self.first_expert}..{self.first_expert + self.num_local_experts - 1})"
+        return (f"experts={self.num_experts}{local}, intermediate={self.intermediate}, "
                 f"gate_up={self.formats['gate_up_proj']}, down={self.formats['down_proj']}")
 
 
@@ -209,6 +240,7 @@ class MoE(nn.Module):
             SwiGLU(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
             if config.n_shared_experts > 0 else None
         )
+        self.parallel: ParallelContext = SINGLE   # sharded: routed and shared partial sums, one all-reduce
 
     def forward(self, x: torch.Tensor, dispatch: str = "auto",
                 router_sink: list[RouterOutput] | None = None) -> torch.Tensor:
@@ -220,5 +252,5 @@ class MoE(nn.Module):
             router_sink.append(route)
         out = self.experts(flat, route.weights, route.indices, dispatch)   # fp32
         if self.shared_experts is not None:
-            out = out + self.shared_experts(flat).float()
-        return out.to(x.dtype).view(shape)
+            out = out + self.shared_experts.partial(flat).float()
+        return self.parallel.all_reduce(out).to(x.dtype).view(shape)   # sharded: summed over the ranks in fp32

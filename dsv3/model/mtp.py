@@ -39,6 +39,7 @@ from dsv3.model.attention import build_attention_mask
 from dsv3.model.block import DecoderLayer, RunOptions, RunSinks, run_layer
 from dsv3.model.moe import RouterOutput
 from dsv3.model.norm import RMSNorm
+from dsv3.parallel.context import SINGLE, ParallelContext
 
 
 class SharedHead(nn.Module):
@@ -46,9 +47,11 @@ class SharedHead(nn.Module):
         super().__init__()
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.vocab_size = config.vocab_size
+        self.parallel: ParallelContext = SINGLE   # sharded: `head` holds a vocabulary slice, logits gathered
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.head(self.norm(h))
+        return self.parallel.gather_vocab(self.head(self.norm(h)), self.vocab_size)
 
 
 class MTPLayer(DecoderLayer):
@@ -63,10 +66,12 @@ class MTPLayer(DecoderLayer):
         self.hnorm = RMSNorm(d, config.rms_norm_eps)
         self.eh_proj = nn.Linear(2 * d, d, bias=False)
         self.shared_head = SharedHead(config)
+        self.vocab_size = config.vocab_size
+        self.parallel: ParallelContext = SINGLE   # sharded: embed_tokens holds a vocabulary slice
 
     def combine(self, hidden: torch.Tensor, next_ids: torch.Tensor) -> torch.Tensor:
         """eh_proj(cat[enorm(embed(next_ids)), hnorm(hidden)]): [B, S, D] and [B, S] -> [B, S, D]."""
-        e = self.enorm(self.embed_tokens(next_ids))
+        e = self.enorm(self.parallel.embed(self.embed_tokens, next_ids, self.vocab_size))
         return self.eh_proj(torch.cat([e, self.hnorm(hidden).to(e.dtype)], dim=-1))
 
 

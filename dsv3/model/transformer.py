@@ -31,6 +31,7 @@ from dsv3.model.moe import MoE, RouterOutput
 from dsv3.model.mtp import build_mtp_layers, mtp_forward
 from dsv3.model.norm import RMSNorm
 from dsv3.model.rope import RotaryEmbedding
+from dsv3.parallel.context import SINGLE, ParallelContext
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +117,7 @@ class DeepseekV3Model(ModelCommon, nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
         self.gradient_checkpointing = False
+        self.parallel: ParallelContext = SINGLE   # sharded (model/parallel.py): embed_tokens holds a vocabulary slice
         if not self.embed_tokens.weight.is_meta:
             self.init_weights()
 
@@ -161,7 +163,7 @@ class DeepseekV3Model(ModelCommon, nn.Module):
                 if lo < 0 or hi >= self.config.vocab_size:
                     raise ValueError(f"token id {lo if lo < 0 else hi} is out of range [0, vocab_size="
                                      f"{self.config.vocab_size}); check the tokenizer matches the model")
-            inputs_embeds = self.embed_tokens(input_ids)
+            inputs_embeds = self.parallel.embed(self.embed_tokens, input_ids, self.config.vocab_size)
         elif inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size or \
                 inputs_embeds.numel() == 0:
             raise ValueError(f"inputs_embeds has shape {tuple(inputs_embeds.shape)}: expected a non-empty "
@@ -231,6 +233,9 @@ class DeepseekV3ForCausalLM(ModelCommon, nn.Module):
         self.mtp = build_mtp_layers(config, mtp)
         if self.mtp is not None and not self.lm_head.weight.is_meta:
             self.init_weights(self.mtp)
+        # Sharded (model/parallel.py, dsv3.parallel): lm_head holds a vocabulary slice and the logits are gathered,
+        # so forward returns the full vocabulary on every rank. generate() reads it too.
+        self.parallel: ParallelContext = SINGLE
 
     @property
     def num_cache_layers(self) -> int:
@@ -278,7 +283,7 @@ class DeepseekV3ForCausalLM(ModelCommon, nn.Module):
             kept = h[:, -logits_to_keep:] if logits_to_keep > 0 else h
         else:
             kept = h[:, logits_to_keep]
-        logits = self.lm_head(kept)
+        logits = self.parallel.gather_vocab(self.lm_head(kept), self.config.vocab_size)
         loss = causal_lm_loss(logits, labels) if labels is not None else None
         result = CausalLMOutput(loss, logits, out.past_key_values, out.hidden_states, out.attentions,
                                 out.router_outputs, h)

@@ -10,16 +10,23 @@ new tensors instead of mutating, which is what lets a compiled decode step trace
 they run over gloo, on GPUs over NCCL. `stats`, when given, counts calls and bytes and times each collective
 (waiting on its result) — how the parallel benchmark reports the share of a step spent communicating.
 
+Besides all_reduce and all_gather (uneven parts allowed: `sizes`), the two vocabulary-parallel steps live here,
+as pure tensor code the layers call: `embed` (look up this rank's slice of the table, zero the other ids,
+all-reduce) and `gather_vocab` (every rank's logit slice, gathered). `split` says which part of a dimension
+a rank holds (even-ish, in whole units: FP8 blocks for the intermediate channels, see dsv3/model/parallel.py).
+
 Below the model in the layering (imports torch only), so dsv3/model may use it.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
 
 
 @dataclass
@@ -82,28 +89,66 @@ class ParallelContext:
 
         return self._timed(x, lambda: fc.wait_tensor(fc.all_reduce(x, "sum", self._group())))
 
-    def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
-        """The ranks' `x` concatenated along `dim` in rank order (equal shapes on every rank)."""
+    def all_gather(self, x: torch.Tensor, dim: int = -1, sizes: Sequence[int] | None = None) -> torch.Tensor:
+        """The ranks' `x` concatenated along `dim` in rank order. `sizes`: each rank's length along `dim` when
+        they differ (an uneven split, e.g. the vocabulary): every part is padded to the longest, gathered, and
+        the padding cut off again — the gathered tensor is the same on every rank."""
         if self.world_size == 1:
             return x
         from torch.distributed import _functional_collectives as fc
 
         dim = dim % x.dim()
+        longest = x.shape[dim] if sizes is None else max(sizes)
+        if sizes is not None and (len(sizes) != self.world_size or sizes[self.rank] != x.shape[dim]):
+            raise ValueError(f"all_gather: sizes={list(sizes)} do not fit rank {self.rank} of {self.world_size} "
+                             f"holding {x.shape[dim]} along dim {dim}")
 
         def run() -> torch.Tensor:
-            gathered = fc.wait_tensor(fc.all_gather_tensor(x.contiguous(), 0, self._group()))   # [W*d0, ...]
-            if dim == 0:
-                return gathered
-            return torch.cat(gathered.chunk(self.world_size, dim=0), dim=dim)
+            part = x.movedim(dim, 0)                                                   # [d, ...]
+            if part.shape[0] < longest:
+                part = torch.cat([part, part.new_zeros(longest - part.shape[0], *part.shape[1:])])
+            gathered = fc.wait_tensor(fc.all_gather_single(part.contiguous(), 0, self._group()))  # [W*longest, ...]
+            pieces = gathered.split(longest)
+            if sizes is not None:
+                pieces = [p[:n] for p, n in zip(pieces, sizes, strict=True)]
+            return torch.cat(pieces).movedim(0, dim)
 
         return self._timed(x, run)
 
-    def split(self, size: int) -> tuple[int, int]:
-        """[start, end) of this rank's part when `size` items are split as evenly as possible (the first
-        size % world ranks get one more)."""
-        base, extra = divmod(size, self.world_size)
-        start = self.rank * base + min(self.rank, extra)
-        return start, start + base + (1 if self.rank < extra else 0)
+    def split(self, size: int, unit: int = 1) -> tuple[int, int]:
+        """[start, end) of this rank's part when `size` items are split as evenly as possible in whole units of
+        `unit` items (the first ranks get one unit more; the last unit may be short)."""
+        return self.part(size, self.rank, unit)
+
+    def part(self, size: int, rank: int, unit: int = 1) -> tuple[int, int]:
+        """[start, end) of rank `rank`'s part (see `split`)."""
+        units = -(-size // unit)
+        base, extra = divmod(units, self.world_size)
+        start = rank * base + min(rank, extra)
+        end = start + base + (1 if rank < extra else 0)
+        return min(start * unit, size), min(end * unit, size)
+
+    def sizes(self, size: int, unit: int = 1) -> list[int]:
+        """Every rank's part length when `size` items are split (see `split`)."""
+        return [end - start for start, end in (self.part(size, r, unit) for r in range(self.world_size))]
+
+    def embed(self, embedding: nn.Module, ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+        """A vocabulary-parallel lookup: this rank holds rows `split(vocab_size)` of the table in `embedding`;
+        ids outside them look up row 0 and are zeroed, and the sum over the ranks is every id's full row
+        (exact: one rank contributes the row, the others zeros). World size 1: `embedding(ids)` itself."""
+        if self.world_size == 1:
+            return embedding(ids)
+        start, end = self.split(vocab_size)
+        local = ids - start
+        inside = (local >= 0) & (local < end - start)
+        rows = embedding(torch.where(inside, local, torch.zeros_like(local)))           # [..., D]
+        return self.all_reduce(rows.masked_fill(~inside[..., None], 0))
+
+    def gather_vocab(self, logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+        """Full-vocabulary logits [..., V] on every rank from each rank's slice [..., split(V)]."""
+        if self.world_size == 1:
+            return logits
+        return self.all_gather(logits, -1, self.sizes(vocab_size))
 
 
 SINGLE = ParallelContext()
