@@ -100,6 +100,7 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.mark.slow   # spawns processes
 def test_two_torchrun_nodes_match_one_process(tiny_checkpoint: Path, tmp_path: Path) -> None:
     from dsv3 import AutoModelForCausalLM
 
@@ -145,6 +146,7 @@ def one_process() -> dict[str, subprocess.CompletedProcess]:
             "chat": run([sys.executable, "-m", "dsv3", *CHAT], stdin=CHAT_INPUT)}
 
 
+@pytest.mark.slow   # spawns processes
 @pytest.mark.parametrize("command", ["generate", "chat"])
 def test_torchrun_command_line_prints_what_one_process_prints(command: str, one_process: dict) -> None:
     single = one_process[command]
@@ -159,6 +161,7 @@ def test_torchrun_command_line_prints_what_one_process_prints(command: str, one_
     assert sharded.stderr.count("tokens/s]") == single.stderr.count("tokens/s]")   # rank 0's speed lines only
 
 
+@pytest.mark.slow   # spawns processes
 def test_torchrun_rank_that_dies_ends_the_others_with_one_line(tmp_path: Path) -> None:
     """Two ranks of `dsv3 chat` started by hand (the variables torchrun sets); rank 1 is killed while both
     wait for input; rank 0, handed the next line, ends at once with one line saying a rank went away."""
@@ -187,6 +190,7 @@ def test_torchrun_rank_that_dies_ends_the_others_with_one_line(tmp_path: Path) -
     assert line.startswith("error: rank 0 of 2: another rank went away"), line
 
 
+@pytest.mark.slow   # spawns processes
 def test_rank_that_hangs_times_out_with_one_line() -> None:
     """Rank 1 stops (SIGSTOP) after loading; rank 0, handing it the next line, waits --timeout seconds and ends
     with one line naming the timeout instead of waiting forever."""
@@ -238,6 +242,7 @@ def start(tmp_path: Path) -> str:
     return str(script)
 
 
+@pytest.mark.slow   # spawns processes
 def test_gloo_interface_that_does_not_exist_names_gloo_socket_ifname(start: str) -> None:
     done = run([*LAUNCHER, "--nproc_per_node=2", "--master-port", str(free_port()), start, "20"],
                env=clean_env(GLOO_SOCKET_IFNAME="nonexistent0"))
@@ -248,6 +253,7 @@ def test_gloo_interface_that_does_not_exist_names_gloo_socket_ifname(start: str)
         assert "lo" in line.split("this machine has: ")[1] and "| cause: RuntimeError" in line
 
 
+@pytest.mark.slow   # spawns processes
 def test_rendezvous_nobody_listens_at_names_the_endpoint(start: str) -> None:
     port = free_port()
     env = clean_env(RANK="1", LOCAL_RANK="1", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -258,6 +264,7 @@ def test_rendezvous_nobody_listens_at_names_the_endpoint(start: str) -> None:
     assert "--rdzv-endpoint host:port" in line and "| cause: DistNetworkError" in line, line
 
 
+@pytest.mark.slow   # spawns processes
 def test_peer_that_never_arrives_times_out_with_the_timeout_named(start: str) -> None:
     env = clean_env(RANK="0", LOCAL_RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     done = run([sys.executable, start, "2"], env=env, timeout=120)
@@ -267,6 +274,7 @@ def test_peer_that_never_arrives_times_out_with_the_timeout_named(start: str) ->
     assert "--node_rank" in line and "| cause: DistStoreError" in line, line
 
 
+@pytest.mark.slow   # spawns processes
 def test_two_ranks_start_and_agree(start: str) -> None:
     done = run([*LAUNCHER, "--nproc_per_node=2", "--master-port", str(free_port()), start, "60"])
     assert done.returncode == 0, done.stderr[-2000:]
