@@ -38,6 +38,8 @@ TORCHRUN = Path(sys.executable).parent / "torchrun"
 LAUNCHER = [str(TORCHRUN)] if TORCHRUN.exists() else [sys.executable, "-m", "torch.distributed.run"]
 PROMPT = "def fibonacci(n):"
 GENERATE = ["generate", PROMPT, "--greedy", "--max-new-tokens", "12", "--dtype", "float32", "--threads", "1"]
+SAMPLED = ["generate", PROMPT, "--seed", "7", "--temperature", "1.0", "--max-new-tokens", "12", "--dtype", "float32",
+           "--threads", "1"]          # sampling: the same generator on every rank, the same tokens as one process
 CHAT = ["chat", "--greedy", "--max-new-tokens", "8", "--dtype", "float32", "--threads", "1"]
 CHAT_INPUT = "Write a function that adds two numbers.\n/reset\nWhat is a list?\n"
 TIMEOUT = 300   # seconds for any one launch on a loaded 2-core machine; a hang fails instead of blocking the run
@@ -143,16 +145,17 @@ def test_two_torchrun_nodes_match_one_process(tiny_checkpoint: Path, tmp_path: P
 def one_process() -> dict[str, subprocess.CompletedProcess]:
     """The reference: `python -m dsv3 generate|chat` in one process (the shipped model)."""
     return {"generate": run([sys.executable, "-m", "dsv3", *GENERATE]),
+            "sampled": run([sys.executable, "-m", "dsv3", *SAMPLED]),
             "chat": run([sys.executable, "-m", "dsv3", *CHAT], stdin=CHAT_INPUT)}
 
 
 @pytest.mark.slow   # spawns processes
-@pytest.mark.parametrize("command", ["generate", "chat"])
+@pytest.mark.parametrize("command", ["generate", "sampled", "chat"])
 def test_torchrun_command_line_prints_what_one_process_prints(command: str, one_process: dict) -> None:
     single = one_process[command]
     assert single.returncode == 0, single.stderr[-2000:]
     assert single.stdout.strip(), "the one-process reference printed nothing"
-    args = GENERATE if command == "generate" else CHAT
+    args = {"generate": GENERATE, "sampled": SAMPLED, "chat": CHAT}[command]
     sharded = run([*LAUNCHER, "--nproc_per_node=2", "--master-port", str(free_port()), "-m", "dsv3", *args],
                   stdin=CHAT_INPUT if command == "chat" else None)
     assert sharded.returncode == 0, sharded.stderr[-3000:]
