@@ -112,7 +112,8 @@ def run_checks(model: DeepseekV3ForCausalLM) -> dict[str, Any]:
     greedy = dict(max_new_tokens=NEW, eos_token_id=[], do_sample=False)
     out: dict[str, Any] = {}
     with torch.no_grad():
-        out["logits"] = model(x["one"]).logits
+        one = model(x["one"], output_attentions=True)
+        out["logits"], out["attentions"] = one.logits, one.attentions[-1]   # [1, H, S, S]: every rank's heads
         out["padded_logits"] = model(x["ids"], attention_mask=x["mask"]).logits[x["mask"].bool()]
         out["plain"] = model.generate(x["one"], **greedy)
         out["static"] = model.generate(x["one"], cache_implementation="static", **greedy)
@@ -124,18 +125,25 @@ def run_checks(model: DeepseekV3ForCausalLM) -> dict[str, Any]:
     return out
 
 
-def job_checks(parallel: ParallelContext, path: str) -> dict[str, Any]:
-    model = DeepseekV3ForCausalLM.from_pretrained(path, torch_dtype=torch.float32, parallel=parallel)
-    assert model.parallel is parallel
+def job_checks(parallel: ParallelContext, path: str, how: str) -> dict[str, Any]:
+    if how == "explicit":
+        model = DeepseekV3ForCausalLM.from_pretrained(path, torch_dtype=torch.float32, parallel=parallel)
+        assert model.parallel is parallel
+    else:   # tp_plan="auto" in a process whose group is started: dsv3.parallel.launch.start_parallel picks it up
+        model = DeepseekV3ForCausalLM.from_pretrained(path, torch_dtype=torch.float32, tp_plan="auto")
+        assert model.parallel == parallel and model.model.parallel == parallel
     return run_checks(model)
 
 
-def job_state(parallel: ParallelContext, path: str, fp8: str) -> dict[str, Any]:
-    model = DeepseekV3ForCausalLM.from_pretrained(path, torch_dtype=torch.float32, fp8=fp8, parallel=parallel)
-    x = _inputs(model.config.vocab_size)
-    with torch.no_grad():
-        logits = model(x["ids"], attention_mask=x["mask"]).logits[x["mask"].bool()]
-    return {"state": {k: v.clone() for k, v in model.state_dict().items()}, "logits": logits}
+def job_state(parallel: ParallelContext, path: str, modes: list[str]) -> dict[str, Any]:
+    out = {}
+    for fp8 in modes:
+        model = DeepseekV3ForCausalLM.from_pretrained(path, torch_dtype=torch.float32, fp8=fp8, parallel=parallel)
+        x = _inputs(model.config.vocab_size)
+        with torch.no_grad():
+            logits = model(x["ids"], attention_mask=x["mask"]).logits[x["mask"].bool()]
+        out[fp8] = {"state": {k: v.clone() for k, v in model.state_dict().items()}, "logits": logits}
+    return out
 
 
 # -- fixtures: the checkpoints and one spawn per (world size, checkpoint) --------------------------------------
@@ -155,7 +163,8 @@ TIMES: dict[str, float] = {}
 @pytest.fixture(scope="module", params=[2, 4], ids=["world2", "world4"])
 def ranks(request: pytest.FixtureRequest, checkpoint: Path) -> tuple[int, list[dict[str, Any]]]:
     start = time.perf_counter()
-    results = run_ranks(request.param, "job_checks", str(checkpoint))
+    how = "explicit" if request.param == 2 else "tp_plan"   # world 4 loads with tp_plan="auto"
+    results = run_ranks(request.param, "job_checks", str(checkpoint), how)
     TIMES[f"world{request.param}"] = time.perf_counter() - start
     return request.param, results
 
@@ -170,6 +179,7 @@ def test_logits_match_one_process(ranks: tuple[int, list[dict[str, Any]]], singl
         # after the all-gather every rank holds the very same full-vocabulary logits
         assert torch.equal(got["logits"], results[0]["logits"]), f"rank {rank} logits differ from rank 0's"
         assert got["logits"].shape[-1] == 98
+        assert_close(got["attentions"], single["attentions"], ATOL, f"world {world} rank {rank}: tp attentions")
 
 
 @pytest.mark.parametrize("kind", ["plain", "static", "batch", "mtp"])
@@ -209,17 +219,22 @@ def fp8_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]
                                                 layout="fused", seed=7).path}
 
 
-@pytest.mark.parametrize("name, fp8, world", [("aligned-32", "dequantize", 2), ("aligned-32", "keep", 2),
-                                              ("aligned-32", "keep", 4), ("ragged-128-fused", "dequantize", 2)])
-def test_fp8_parts_are_exact_slices(fp8_checkpoints: dict[str, Path], name: str, fp8: str, world: int) -> None:
+@pytest.mark.parametrize("name, modes, world", [("aligned-32", ["dequantize", "keep"], 2), ("aligned-32", ["keep"], 4),
+                                                ("ragged-128-fused", ["dequantize"], 2)])
+def test_fp8_parts_are_exact_slices(fp8_checkpoints: dict[str, Path], name: str, modes: list[str], world: int) -> None:
     path = fp8_checkpoints[name]
+    results = run_ranks(world, "job_state", str(path), modes)
+    for fp8 in modes:
+        _check_parts(path, name, fp8, world, [r[fp8] for r in results])
+
+
+def _check_parts(path: Path, name: str, fp8: str, world: int, results: list[dict[str, Any]]) -> None:
     full = DeepseekV3ForCausalLM.from_pretrained(path, torch_dtype=torch.float32, fp8=fp8)
     full_state = full.state_dict()
     x = _inputs(full.config.vocab_size)
     with torch.no_grad():
         ref_logits = full(x["ids"], attention_mask=x["mask"]).logits[x["mask"].bool()]
     unit = 32 if name == "aligned-32" else 128
-    results = run_ranks(world, "job_state", str(path), fp8)
     split_names = set()
     for rank, got in enumerate(results):
         regions = shard_regions(full, full.config, ParallelContext(rank, world), ffn_unit=unit)
@@ -265,3 +280,101 @@ def test_tp_plan_values_and_sharded_save(checkpoint: Path, tmp_path: Path) -> No
     model.parallel = ParallelContext(1, 2)   # as rank 1 of a sharded run sees itself
     with pytest.raises(ValueError, match=r"sharded \(rank 1 of 2\).*load the checkpoint in one process"):
         model.save_pretrained(tmp_path / "out")
+
+
+def job_compile(parallel: ParallelContext, path: str, dtype: torch.dtype) -> dict[str, Any]:
+    model = DeepseekV3ForCausalLM.from_pretrained(path, torch_dtype=dtype, parallel=parallel)
+    x = _inputs(model.config.vocab_size)
+    greedy = dict(max_new_tokens=6, eos_token_id=[], do_sample=False)
+    out = model.generate(x["ids"], x["mask"], compile=True, return_dict_in_generate=True, **greedy)
+    return {"compiled": out.sequences, "steps": out.compiled_steps,
+            "eager": model.generate(x["ids"], x["mask"], **greedy)}
+
+
+def job_quantized(parallel: ParallelContext, path: str) -> dict[str, Any]:
+    return {quantization: _quantized(parallel, path, quantization) for quantization in ("int8", "int4")}
+
+
+def _quantized(parallel: ParallelContext, path: str, quantization: str) -> dict[str, Any]:
+    """A sharded quantised load against quantising the sharded dense model after loading (same formats)."""
+    from dsv3.model.moe import RoutedExperts
+    from dsv3.model.weights import Linear
+
+    q = DeepseekV3ForCausalLM.from_pretrained(path, torch_dtype=torch.float32, quantization=quantization,
+                                              parallel=parallel)
+    dense = DeepseekV3ForCausalLM.from_pretrained(path, torch_dtype=torch.float32, parallel=parallel)
+    x = _inputs(q.config.vocab_size)
+    with torch.no_grad():
+        dense_logits = dense(x["ids"], attention_mask=x["mask"]).logits
+        for name, module in list(q.named_modules()):
+            if isinstance(module, Linear):
+                owner, _, child = name.rpartition(".")
+                setattr(dense.get_submodule(owner) if owner else dense, child,
+                        Linear.from_linear(dense.get_submodule(name), module.format))
+            elif isinstance(module, RoutedExperts):
+                for stack, fmt in module.formats.items():
+                    dense.get_submodule(name).adopt_format(stack, fmt)
+        return {"quantized": q(x["ids"], attention_mask=x["mask"]).logits,
+                "requantized": dense(x["ids"], attention_mask=x["mask"]).logits, "dense": dense_logits,
+                "formats": sorted({type(m.format).__name__ for m in q.modules() if isinstance(m, Linear)})}
+
+
+def job_kernels(parallel: ParallelContext, path: str) -> dict[str, Any]:
+    """bf16 decode on each rank's shard with and without the CPU kernels (the expert kernel sees other ranks'
+    (token, expert) pairs parked on the last local expert)."""
+    from dsv3.kernels import use_cpu_kernels
+
+    model = DeepseekV3ForCausalLM.from_pretrained(path, torch_dtype=torch.bfloat16, parallel=parallel)
+    x = _inputs(model.config.vocab_size)
+    greedy = dict(max_new_tokens=4, eos_token_id=[], do_sample=False, output_logits=True,
+                  return_dict_in_generate=True)
+    stock = model.generate(x["ids"], x["mask"], **greedy)
+    assert use_cpu_kernels(model)
+    fast = model.generate(x["ids"], x["mask"], **greedy)
+    return {"stock": (stock.sequences, torch.stack(stock.logits)),
+            "kernels": (fast.sequences, torch.stack(fast.logits))}
+
+
+# -- quantised, CPU kernels, compiled ----------------------------------------------------------------------------
+def test_quantised_load_quantises_each_part(checkpoint: Path, single: dict[str, Any]) -> None:
+    for rank, both in enumerate(run_ranks(2, "job_quantized", str(checkpoint))):
+        for quantization, got in both.items():
+            _check_quantized(rank, quantization, got, single)
+
+
+def _check_quantized(rank: int, quantization: str, got: dict[str, Any], single: dict[str, Any]) -> None:
+    assert_close(got["quantized"], got["requantized"], 1e-5, f"rank {rank}: tp {quantization} part")
+    assert got["formats"] == (["Int8PerChannel"] if quantization == "int8" else ["Int4Grouped", "Int8PerChannel"])
+    assert_close(got["dense"][:1, -1], single["logits"][0, -1:], ATOL, f"rank {rank}: tp dense beside quantised")
+    assert_close(got["quantized"], got["dense"], 0.15, f"rank {rank}: tp {quantization} against dense")
+
+
+def test_cpu_kernels_on_each_shard(checkpoint: Path) -> None:
+    from dsv3 import kernels
+
+    if not kernels.available():
+        pytest.skip("the CPU kernels cannot be built here")
+    for rank, got in enumerate(run_ranks(2, "job_kernels", str(checkpoint))):
+        assert torch.equal(got["kernels"][0], got["stock"][0]), f"rank {rank}: kernels changed the tokens"
+        assert_close(got["kernels"][1], got["stock"][1], 0.05, f"rank {rank}: tp bf16 kernels against stock ops")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16-grouped", "fp32-gather"])
+def test_compiled_decode_step_traces_the_collectives(checkpoint: Path, dtype: torch.dtype) -> None:
+    for rank, got in enumerate(run_ranks(2, "job_compile", str(checkpoint), dtype)):
+        assert got["steps"] == 5, f"rank {rank}: {got['steps']} compiled steps (the graph fell back to eager)"
+        assert torch.equal(got["compiled"], got["eager"]), f"rank {rank}: compiled tokens differ"
+
+
+def test_split_points() -> None:
+    """Even-ish parts in whole units; the vocabulary 98 over 4 ranks; FP8 channels on 32-blocks, ragged last."""
+    def parts(size: int, world: int, unit: int = 1) -> list[tuple[int, int]]:
+        return [ParallelContext(r, world).split(size, unit) for r in range(world)]
+
+    assert parts(98, 4) == [(0, 25), (25, 50), (50, 74), (74, 98)]
+    assert ParallelContext(0, 4).sizes(98) == [25, 25, 24, 24]
+    assert parts(200, 2, 32) == [(0, 128), (128, 200)]
+    assert parts(40, 4, 32) == [(0, 32), (32, 40), (40, 40), (40, 40)]   # small dims: empty parts, no overlap
+    with pytest.raises(ValueError, match=r"sizes=\[3, 3\] do not fit rank 0 of 2 holding 2"):
+        ParallelContext(0, 2).all_gather(torch.zeros(2), 0, sizes=[3, 3])

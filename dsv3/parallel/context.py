@@ -10,6 +10,11 @@ new tensors instead of mutating, which is what lets a compiled decode step trace
 they run over gloo, on GPUs over NCCL. `stats`, when given, counts calls and bytes and times each collective
 (waiting on its result) — how the parallel benchmark reports the share of a step spent communicating.
 
+Besides all_reduce and all_gather (uneven parts allowed: `sizes`), the two vocabulary-parallel steps live here,
+as pure tensor code the layers call: `embed` (look up this rank's slice of the table, zero the other ids,
+all-reduce) and `gather_vocab` (every rank's logit slice, gathered). `split` says which part of a dimension
+a rank holds (even-ish, in whole units: FP8 blocks for the intermediate channels, see dsv3/model/parallel.py).
+
 Below the model in the layering (imports torch only), so dsv3/model may use it.
 """
 
