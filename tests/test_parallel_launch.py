@@ -38,6 +38,8 @@ TORCHRUN = Path(sys.executable).parent / "torchrun"
 LAUNCHER = [str(TORCHRUN)] if TORCHRUN.exists() else [sys.executable, "-m", "torch.distributed.run"]
 PROMPT = "def fibonacci(n):"
 GENERATE = ["generate", PROMPT, "--greedy", "--max-new-tokens", "12", "--dtype", "float32", "--threads", "1"]
+SAMPLED = ["generate", PROMPT, "--seed", "7", "--temperature", "1.0", "--max-new-tokens", "12", "--dtype", "float32",
+           "--threads", "1"]          # sampling: the same generator on every rank, the same tokens as one process
 CHAT = ["chat", "--greedy", "--max-new-tokens", "8", "--dtype", "float32", "--threads", "1"]
 CHAT_INPUT = "Write a function that adds two numbers.\n/reset\nWhat is a list?\n"
 TIMEOUT = 300   # seconds for any one launch on a loaded 2-core machine; a hang fails instead of blocking the run
@@ -100,6 +102,7 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.mark.slow   # spawns processes
 def test_two_torchrun_nodes_match_one_process(tiny_checkpoint: Path, tmp_path: Path) -> None:
     from dsv3 import AutoModelForCausalLM
 
@@ -126,8 +129,7 @@ def test_two_torchrun_nodes_match_one_process(tiny_checkpoint: Path, tmp_path: P
     with torch.no_grad():
         logits = reference(input_ids).logits
     tokens = reference.generate(input_ids, max_new_tokens=8, do_sample=False)
-    n_experts = reference.config.n_routed_experts * (reference.config.num_hidden_layers
-                                                     - reference.config.first_k_dense_replace)
+    n_experts = sum(p.shape[0] for n, p in reference.named_parameters() if n.endswith("mlp.experts.gate_up_proj"))
     for rank in (0, 1):
         got = torch.load(f"{out}.{rank}")
         assert (got["rank"], got["world"]) == (rank, 2)
@@ -143,15 +145,17 @@ def test_two_torchrun_nodes_match_one_process(tiny_checkpoint: Path, tmp_path: P
 def one_process() -> dict[str, subprocess.CompletedProcess]:
     """The reference: `python -m dsv3 generate|chat` in one process (the shipped model)."""
     return {"generate": run([sys.executable, "-m", "dsv3", *GENERATE]),
+            "sampled": run([sys.executable, "-m", "dsv3", *SAMPLED]),
             "chat": run([sys.executable, "-m", "dsv3", *CHAT], stdin=CHAT_INPUT)}
 
 
-@pytest.mark.parametrize("command", ["generate", "chat"])
+@pytest.mark.slow   # spawns processes
+@pytest.mark.parametrize("command", ["generate", "sampled", "chat"])
 def test_torchrun_command_line_prints_what_one_process_prints(command: str, one_process: dict) -> None:
     single = one_process[command]
     assert single.returncode == 0, single.stderr[-2000:]
     assert single.stdout.strip(), "the one-process reference printed nothing"
-    args = GENERATE if command == "generate" else CHAT
+    args = {"generate": GENERATE, "sampled": SAMPLED, "chat": CHAT}[command]
     sharded = run([*LAUNCHER, "--nproc_per_node=2", "--master-port", str(free_port()), "-m", "dsv3", *args],
                   stdin=CHAT_INPUT if command == "chat" else None)
     assert sharded.returncode == 0, sharded.stderr[-3000:]
@@ -160,6 +164,7 @@ def test_torchrun_command_line_prints_what_one_process_prints(command: str, one_
     assert sharded.stderr.count("tokens/s]") == single.stderr.count("tokens/s]")   # rank 0's speed lines only
 
 
+@pytest.mark.slow   # spawns processes
 def test_torchrun_rank_that_dies_ends_the_others_with_one_line(tmp_path: Path) -> None:
     """Two ranks of `dsv3 chat` started by hand (the variables torchrun sets); rank 1 is killed while both
     wait for input; rank 0, handed the next line, ends at once with one line saying a rank went away."""
@@ -188,6 +193,7 @@ def test_torchrun_rank_that_dies_ends_the_others_with_one_line(tmp_path: Path) -
     assert line.startswith("error: rank 0 of 2: another rank went away"), line
 
 
+@pytest.mark.slow   # spawns processes
 def test_rank_that_hangs_times_out_with_one_line() -> None:
     """Rank 1 stops (SIGSTOP) after loading; rank 0, handing it the next line, waits --timeout seconds and ends
     with one line naming the timeout instead of waiting forever."""
@@ -239,6 +245,7 @@ def start(tmp_path: Path) -> str:
     return str(script)
 
 
+@pytest.mark.slow   # spawns processes
 def test_gloo_interface_that_does_not_exist_names_gloo_socket_ifname(start: str) -> None:
     done = run([*LAUNCHER, "--nproc_per_node=2", "--master-port", str(free_port()), start, "20"],
                env=clean_env(GLOO_SOCKET_IFNAME="nonexistent0"))
@@ -249,6 +256,7 @@ def test_gloo_interface_that_does_not_exist_names_gloo_socket_ifname(start: str)
         assert "lo" in line.split("this machine has: ")[1] and "| cause: RuntimeError" in line
 
 
+@pytest.mark.slow   # spawns processes
 def test_rendezvous_nobody_listens_at_names_the_endpoint(start: str) -> None:
     port = free_port()
     env = clean_env(RANK="1", LOCAL_RANK="1", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -259,6 +267,7 @@ def test_rendezvous_nobody_listens_at_names_the_endpoint(start: str) -> None:
     assert "--rdzv-endpoint host:port" in line and "| cause: DistNetworkError" in line, line
 
 
+@pytest.mark.slow   # spawns processes
 def test_peer_that_never_arrives_times_out_with_the_timeout_named(start: str) -> None:
     env = clean_env(RANK="0", LOCAL_RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     done = run([sys.executable, start, "2"], env=env, timeout=120)
@@ -268,6 +277,7 @@ def test_peer_that_never_arrives_times_out_with_the_timeout_named(start: str) ->
     assert "--node_rank" in line and "| cause: DistStoreError" in line, line
 
 
+@pytest.mark.slow   # spawns processes
 def test_two_ranks_start_and_agree(start: str) -> None:
     done = run([*LAUNCHER, "--nproc_per_node=2", "--master-port", str(free_port()), start, "60"])
     assert done.returncode == 0, done.stderr[-2000:]
