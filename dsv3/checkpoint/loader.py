@@ -52,6 +52,7 @@ from dsv3.checkpoint.fp8 import (
 )
 from dsv3.checkpoint.keys import SCALE_SUFFIX, LoadPlan, Source, is_mtp_key, piece_views, plan_load, to_checkpoint_name
 from dsv3.checkpoint.quantize import check_quantization, plan_quantization, quantize_loaded
+from dsv3.checkpoint.quantized import is_quantized_checkpoint, load_quantized
 from dsv3.checkpoint.safetensors_io import CheckpointReader
 from dsv3.config import DeepseekV3Config, check_keyword_arguments
 from dsv3.model.moe import RoutedExperts
@@ -205,6 +206,10 @@ def load_pretrained(cls: type, path: str | os.PathLike, torch_dtype: Any = "auto
     check_quantization(quantization, fp8)
     target_dtype = resolve_dtype(torch_dtype, config)
     device = resolve_device(device_map)
+    if is_quantized_checkpoint(config):          # int8/int4 as stored (compressed-tensors): held, not re-quantised
+        with CheckpointReader(path) as reader:
+            return load_quantized(cls, reader, config, target_dtype, device, quantization, load_mtp, strict,
+                                  sys.stderr.isatty() if progress is None else progress)
     with CheckpointReader(path) as reader:
         prep = prepare_load(cls, reader, config, fp8, load_mtp, strict)
         model, plan = prep.model, prep.plan

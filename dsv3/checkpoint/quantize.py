@@ -4,7 +4,9 @@ Which tensors (decided on the meta model, before any data is read — `plan_quan
 
     every decoder linear (MLA projections, dense MLP, shared experts), every routed-expert stack, MTP's eh_proj
         int8: Int8PerChannel; int4: Int4Grouped with groups of `group_size` (128) inputs, smaller (64, 32)
-        where the input width needs it, int8 for a matrix no group size divides
+        where the input width needs it, int8 for a matrix no group size divides; int4 zero points are
+        integers (intq.quantize_int4_integer_zero), the grid compressed-tensors stores, so a quantised model
+        is saved and converted without re-quantising (dsv3.checkpoint.quantized)
     LM heads (lm_head, MTP's shared_head.head)
         Int8PerChannel in both modes: the head decides every token and int8 keeps it within the quality bar;
         it is one matrix, so int4 would save little (llama.cpp's Q4_K_M keeps its output matrix at 6 bits too)
@@ -51,12 +53,17 @@ def check_quantization(quantization: str | None, fp8: str) -> None:
                          "or weights quantised to int8/int4 while loading (fp8='dequantize', the default)")
 
 
+def int4_format(out: int, group_size: int, device: torch.device) -> Int4Grouped:
+    """The int4 format of a matrix with `out` rows (per expert for a stack) in groups of `group_size`: zero
+    points on the integer grid (what compressed-tensors stores, so the model saves as it is held), packed in
+    the layout of PyTorch's int4 op where it applies (see the module docstring)."""
+    cpu = device.type == "cpu" and out % intq.CPU_BLOCK_ROWS == 0 and intq.cpu_layout_supported()
+    return Int4Grouped(group_size=group_size, layout="cpu" if cpu else "rows", integer_zero=True)
+
+
 def _int4(out: int, cols: int, group_size: int, device: torch.device) -> WeightFormat:
     g = intq.int4_group_size(cols, group_size)
-    if g is None:
-        return Int8PerChannel()
-    cpu = device.type == "cpu" and out % intq.CPU_BLOCK_ROWS == 0 and intq.cpu_layout_supported()
-    return Int4Grouped(group_size=g, layout="cpu" if cpu else "rows")
+    return Int8PerChannel() if g is None else int4_format(out, g, device)
 
 
 def plan_quantization(model: nn.Module, quantization: str, device: torch.device,
