@@ -17,9 +17,11 @@ so the int4 scale and the FP8 weight quantise their source a second time rather 
 
 What is written: every tensor of SRC under its own name (the MTP layer included); FP8 weights replaced
 by their dequantised values and their `weight_scale_inv` dropped (unless keep_fp8); floating tensors cast
-to `dtype` except the router's fp32 `e_score_correction_bias`; config.json as published minus
-quantization_config, with the new torch_dtype; every other top-level file (tokenizer.json,
-tokenizer_config.json, generation_config.json, README, *.py) copied. transformers and dsv3 both read it.
+to `dtype` except the router's fp32 `e_score_correction_bias`, and the router weight is never narrowed (an
+fp32 one, as dsv3 saves it, stays fp32: rounded to bf16 it would route differently from the saved model);
+config.json as published minus quantization_config (or the new one of --quantize), with the new
+torch_dtype; every other top-level file (tokenizer.json, tokenizer_config.json, generation_config.json,
+README, *.py) copied. transformers and dsv3 both read it.
 
 How: the whole output — names, dtypes, shapes and the shard of every tensor — is planned from the
 source headers before anything is written, and the source is checked as from_pretrained checks it
@@ -62,7 +64,7 @@ from dsv3.checkpoint.fp8 import (
     quantize_fp8_blocks,
 )
 from dsv3.checkpoint.keys import SCALE_SUFFIX, to_checkpoint_name
-from dsv3.checkpoint.loader import _DTYPES, PreparedLoad, _fp8_pairs, prepare_load
+from dsv3.checkpoint.loader import _DTYPES, FP32_TENSORS, PreparedLoad, _fp8_pairs, prepare_load
 from dsv3.checkpoint.quantize import HEADS, plan_quantization
 from dsv3.checkpoint.safetensors_io import (
     _SHARD_RE,
@@ -83,6 +85,7 @@ logger = logging.getLogger(__name__)
 
 MARKER_NAME = ".dsv3-convert.json"
 KEEP_AS_STORED = ("e_score_correction_bias",)     # numerics policy: the router bias stays fp32
+NEVER_NARROWED = FP32_TENSORS                     # the router weight too is never rounded to a narrower dtype
 _DTYPE_CHOICES = ("bfloat16", "float16", "float32", "auto")
 _NOT_COPIED = {"config.json", INDEX_NAME, MARKER_NAME}
 QUANTIZE_CHOICES = ("int8", "int4", "fp8")
@@ -152,6 +155,8 @@ def plan_conversion(reader: CheckpointReader, dtype: torch.dtype | None, keep_fp
         elif key in scales and not keep_fp8:
             entries.append(_Entry(key, dtype or torch.bfloat16, shape, scales[key]))
         elif key in scales or key in scale_keys or not stored.is_floating_point or key.endswith(KEEP_AS_STORED):
+            entries.append(_Entry(key, stored, shape))
+        elif key.endswith(NEVER_NARROWED) and dtype is not None and dtype.itemsize < stored.itemsize:
             entries.append(_Entry(key, stored, shape))
         else:
             entries.append(_Entry(key, dtype or stored, shape))
@@ -381,7 +386,7 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: st
         assert prep is not None
         raw_config["quantization_config"] = _int_config(prep, to_quantize)
     dtypes = {e.dtype for shard in shards for e in shard if e.dtype.is_floating_point and e.quant is None
-              and e.dtype not in FP8_DTYPES.values() and not e.key.endswith((*KEEP_AS_STORED, SCALE_SUFFIX))}
+              and e.dtype not in FP8_DTYPES.values() and not e.key.endswith((*NEVER_NARROWED, SCALE_SUFFIX))}
     main = out_dtype or (dtypes.pop() if len(dtypes) == 1 else None)
     if main is not None:
         raw_config["torch_dtype"] = str(main).removeprefix("torch.")
