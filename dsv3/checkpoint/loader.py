@@ -51,7 +51,7 @@ from dsv3.checkpoint.fp8 import (
     parse_quantization_config,
 )
 from dsv3.checkpoint.keys import SCALE_SUFFIX, LoadPlan, Source, is_mtp_key, piece_views, plan_load, to_checkpoint_name
-from dsv3.checkpoint.quantize import check_quantization, plan_quantization, quantize_loaded
+from dsv3.checkpoint.quantize import check_quantization, load_quantizing, plan_quantization
 from dsv3.checkpoint.quantized import is_quantized_checkpoint, load_quantized
 from dsv3.checkpoint.safetensors_io import CheckpointReader
 from dsv3.config import DeepseekV3Config, check_keyword_arguments
@@ -214,13 +214,18 @@ def load_pretrained(cls: type, path: str | os.PathLike, torch_dtype: Any = "auto
         prep = prepare_load(cls, reader, config, fp8, load_mtp, strict)
         model, plan = prep.model, prep.plan
         quantize = plan_quantization(model, quantization, device) if quantization else {}
-        dtypes = {name: torch.float32 if prep.names[name] in quantize else   # quantised from fp32, then dropped
+        dtypes = {name: torch.float32 if prep.names[name] in quantize else   # quantised from fp32 chunks
                   _target_dtype(name, prep.targets[name], target_dtype) for name in plan.sources}
         total = sum(_bytes_read(reader, k, dtypes[name], prep) for name, s in plan.sources.items() for k in s.keys())
         if progress is None:
             progress = sys.stderr.isatty()
         with tqdm(total=total, desc="Loading weights", unit="B", unit_scale=True, disable=not progress) as bar:
             for name, source in plan.sources.items():
+                if prep.names[name] in quantize:   # read as stored, quantised in row chunks into its final tensors
+                    load_quantizing(model, prep.names[name], quantize[prep.names[name]], source.pieces, source.stacked,
+                                    reader.read, lambda k, t, r0, r1: _dense_rows(reader, k, t, r0, r1, prep), device)
+                    bar.update(sum(_bytes_read(reader, k, torch.float32, prep) for k in source.keys()))
+                    continue
                 expected = prep.targets[name]
                 out = torch.empty(expected.shape, dtype=dtypes[name], device=device)
                 with torch.no_grad():
@@ -232,8 +237,6 @@ def load_pretrained(cls: type, path: str | os.PathLike, torch_dtype: Any = "auto
                     owner._parameters[attr] = nn.Parameter(out, requires_grad=expected.requires_grad)
                 else:
                     owner._buffers[attr] = out
-                if prep.names[name] in quantize:
-                    quantize_loaded(model, prep.names[name], quantize[prep.names[name]])
                 del out
     _finish(model, prep.config, device)
     model.eval()
@@ -389,6 +392,20 @@ def _read_piece(reader: CheckpointReader, key: str, dst: torch.Tensor, prep: Pre
     weight = reader.read(key).to(dst.device)
     scale = reader.read(scale_key).to(dst.device)
     dst.copy_(dequantize_checked(weight, scale, prep.spec.block_size, dst.dtype, key))
+
+
+def _dense_rows(reader: CheckpointReader, key: str, stored: torch.Tensor, r0: int, r1: int,
+                prep: PreparedLoad) -> torch.Tensor:
+    """Rows [r0, r1) of checkpoint tensor `key` (read as `stored`) in fp32: cast, or FP8 dequantised over the
+    whole blocks that hold them."""
+    scale_key = prep.scales.get(key)
+    if scale_key is None:
+        return stored[r0:r1].float()
+    assert prep.spec is not None
+    bo = prep.spec.block_size[0]
+    a, b = r0 // bo * bo, min(-(-r1 // bo) * bo, stored.shape[0])
+    scale = reader.read(scale_key)[a // bo: -(-b // bo)]
+    return dequantize_checked(stored[a:b], scale, prep.spec.block_size, torch.float32, key)[r0 - a: r1 - a]
 
 
 def _finish(model: nn.Module, config: DeepseekV3Config, device: torch.device) -> None:

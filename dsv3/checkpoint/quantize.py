@@ -15,9 +15,10 @@ Which tensors (decided on the meta model, before any data is read — `plan_quan
         but no time
     a weight held by two modules (tie_word_embeddings' head = embedding) stays as loaded
 
-How (`quantize_loaded`, called by the loader right after each tensor is read): the dense tensor, read in
-fp32 (FP8 checkpoints dequantised into it), is quantised in bounded chunks of rows and dropped before the next
-tensor is read — peak memory is the quantised model plus one dense tensor (in fp32) and the chunk temporaries.
+How (`load_quantizing`, called by the loader for each quantised tensor): the final tensors are allocated in
+their format; each checkpoint piece (one expert's gate, up or down; a linear's matrix) is read as stored, and
+chunks of LOAD_CHUNK_ELEMENTS values in whole rows are converted to fp32 (FP8 dequantised), quantised and
+written into place — peak memory is the quantised model plus the largest stored piece and one fp32 chunk.
 
 int4 packing: "cpu" (the layout of PyTorch's int4 pack op, so decode uses `_weight_int4pack_mm_for_cpu`) where
 that op writes a layout dsv3 reads (intq.cpu_layout_supported) and the matrix has a multiple of 64 rows;
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -41,6 +43,8 @@ from dsv3.quant.int_formats import Int4Grouped, Int8PerChannel
 logger = logging.getLogger(__name__)
 
 QUANTIZATIONS = ("int8", "int4")
+LOAD_CHUNK_ELEMENTS = intq.CHUNK_ELEMENTS   # values quantised at a time while loading (16 MiB of fp32)
+ROW_ALIGN = 128                             # chunks of whole 128-row blocks: FP8 block rows, int4 64-row packing
 HEADS = ("lm_head", "shared_head.head")
 
 
@@ -92,14 +96,58 @@ def plan_quantization(model: nn.Module, quantization: str, device: torch.device,
     return plan
 
 
-def quantize_loaded(model: nn.Module, tensor_name: str, fmt: WeightFormat) -> None:
-    """Hold the just-loaded dense tensor `tensor_name` in `fmt`: a linear's weight becomes a `Linear` in that
-    format (its bias, loaded or not yet, carries over), an expert stack adopts it."""
-    module_name, _, attr = tensor_name.rpartition(".")
+def load_quantizing(model: nn.Module, name: str, fmt: WeightFormat, pieces: list[list[str]], stacked: bool,
+                    read: Callable[[str], torch.Tensor],
+                    dequantize: Callable[[str, torch.Tensor, int, int], torch.Tensor],
+                    device: torch.device, chunk_elements: int | None = None) -> None:
+    """Load model tensor `name` (a linear's weight, or an expert stack from per-expert `pieces`) straight into
+    `fmt`: each checkpoint piece is read as stored (`read(key)`), and quantised in chunks of whole rows
+    (`dequantize(key, stored, r0, r1)` gives rows [r0, r1) in fp32) written into the final tensors — never the
+    whole tensor in fp32. Quantisation is row-local, so this equals quantising the whole tensor at once."""
+    from dsv3.checkpoint.quantized import quantized_rows  # (that module imports this one)
+
+    chunk_elements = chunk_elements or LOAD_CHUNK_ELEMENTS
+    module_name, _, attr = name.rpartition(".")
     module = model.get_submodule(module_name)
     if isinstance(module, RoutedExperts):
-        module.adopt_format(attr, fmt)
-        return
-    assert isinstance(module, nn.Linear) and attr == "weight", tensor_name
-    owner_name, _, child = module_name.rpartition(".")
-    setattr(model.get_submodule(owner_name) if owner_name else model, child, Linear.from_linear(module, fmt))
+        with torch.device(device):                          # the final (empty) tensors, real this time
+            module.set_formats(*(fmt if s == attr else module.formats[s] for s in ("gate_up_proj", "down_proj")))
+        target, tname = module, attr
+    else:
+        assert isinstance(module, nn.Linear) and attr == "weight", name
+        target = Linear.from_linear(module, fmt)            # meta tensors in `fmt`, then real ones of the same kinds
+        for t in fmt.tensor_names("weight"):
+            meta = getattr(target, t)
+            real = torch.empty(meta.shape, dtype=meta.dtype, device=device)
+            if isinstance(meta, nn.Parameter):
+                target._parameters[t] = nn.Parameter(real, requires_grad=False)
+            else:
+                target._buffers[t] = real
+        if module.bias is not None and not module.bias.is_meta:
+            target.bias = module.bias
+        tname = "weight"
+    finals = [getattr(target, t) for t in fmt.tensor_names(tname)]
+    for e, group in enumerate(pieces):
+        stored = [read(key) for key in group]               # one expert's pieces (or the matrix) as stored
+        rows = sum(t.shape[0] for t in stored)
+        cols = stored[0].shape[-1]
+        step = max(ROW_ALIGN, chunk_elements // cols // ROW_ALIGN * ROW_ALIGN)
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            dense = torch.empty(r1 - r0, cols, dtype=torch.float32)             # [rows of the chunk, in]
+            start = 0
+            for key, t in zip(group, stored, strict=True):                      # gate rows, then up rows
+                a, b = max(r0, start), min(r1, start + t.shape[0])
+                if a < b:
+                    dense[a - r0: b - r0] = dequantize(key, t, a - start, b - start)
+                start += t.shape[0]
+            holder = nn.Module()
+            fmt.adopt(holder, "weight", dense.to(device))
+            del dense
+            for final, t in zip(quantized_rows(fmt, finals, e if stacked else None, r0, r1),
+                                (getattr(holder, n) for n in fmt.tensor_names("weight")), strict=True):
+                final.copy_(t)
+        del stored
+    if not stacked:
+        owner_name, _, child = module_name.rpartition(".")
+        setattr(model.get_submodule(owner_name) if owner_name else model, child, target)

@@ -26,8 +26,9 @@ Exactness: dsv3's int4 zero points are on the integer grid (intq.quantize_int4_i
 so memory -> disk -> memory gives back the very tensors (a zero point off the grid is an error, never rounded).
 
 Memory <-> disk goes through a layout-free `IntWeights` (codes, scale, zero point as plain tensors): the in-memory
-packing is read and written only by `held_to_canonical` / `canonical_to_held`, the disk packing only by
-`to_disk` / `from_disk`, so a change of either touches one pair of functions.
+packing is read and written only by `held_to_canonical` / `canonical_to_held` / `quantized_rows` (rows of it,
+for quantising while loading), the disk packing only by `to_disk` / `from_disk`, so a change of either layout
+touches those functions only.
 
 `load_quantized` is the loader for such a checkpoint (from_pretrained detects it by its quantization_config):
 the meta model holds the formats the config names, plain tensors load as usual, quantised ones are unpacked
@@ -118,6 +119,19 @@ def held_to_canonical(fmt: WeightFormat, module: nn.Module, name: str, expert: i
                          "zero points — quantise with Int4Grouped(integer_zero=True), as from_pretrained("
                          "quantization='int4') does")
     return IntWeights(4, codes, scale.contiguous(), zp.to(torch.uint8))
+
+
+def quantized_rows(fmt: WeightFormat, tensors: list[torch.Tensor], expert: int | None, r0: int,
+                   r1: int) -> list[torch.Tensor]:
+    """Views of the held `tensors` (fmt.tensor_names order) that hold rows [r0, r1) of one matrix (of expert
+    `expert` of a stack); for the "cpu" int4 packing r0 and r1 are multiples of its 64-row blocks."""
+    ts = [t if expert is None else t[expert] for t in tensors]
+    if isinstance(fmt, Int8PerChannel):
+        q, scale = ts                                                      # [out, in], [out]
+        return [q[r0:r1], scale[r0:r1]]
+    assert isinstance(fmt, Int4Grouped), fmt
+    packed, sz = ts                                                        # [out, in/2], [in/G, out, 2]
+    return [packed[r0:r1], sz[:, r0:r1]]
 
 
 def canonical_to_held(fmt: WeightFormat, w: IntWeights) -> tuple[torch.Tensor, ...]:
