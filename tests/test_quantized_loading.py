@@ -79,12 +79,17 @@ def test_quantised_load_equals_quantising_the_dense_model(quantization: str, sou
     assert_close(got, want_dense, 0.05 if quantization == "int8" else 0.5, f"{quantization} vs dense logits")
 
 
+@pytest.mark.parametrize("layout", ["per_expert", "fused"])
 @pytest.mark.parametrize("quantization", ["int8", "int4"])
-def test_quantised_load_reads_in_row_chunks_with_the_same_result(quantization: str, tmp_path: Path,
+def test_quantised_load_reads_in_row_chunks_with_the_same_result(quantization: str, layout: str, tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     # 2I = 192 expert rows: the second 128-row chunk starts inside the up rows (FP8 blocks read around it)
-    pub = build_published(tmp_path, {**RAGGED_128, "moe_intermediate_size": 96}, (128, 128), seed=7)
+    pub = build_published(tmp_path, {**RAGGED_128, "moe_intermediate_size": 96}, (128, 128), layout=layout, seed=7)
     whole = _load(pub.path, quantization=quantization)                     # tensors fit one chunk (16 MiB)
+    dense = _load(pub.path)
+    _quantise_like_the_loader(dense, whole)                                 # the whole-tensor reference
+    assert all(torch.equal(a, b) for a, b in zip(whole.state_dict().values(), dense.state_dict().values(),
+                                                 strict=True))
     seen: list[tuple[int, ...]] = []
     for fn in ("quantize_int8", "quantize_int4_integer_zero"):
         original = getattr(intq, fn)

@@ -16,9 +16,9 @@ Which tensors (decided on the meta model, before any data is read — `plan_quan
     a weight held by two modules (tie_word_embeddings' head = embedding) stays as loaded
 
 How (`load_quantizing`, called by the loader for each quantised tensor): the final tensors are allocated in
-their format; each checkpoint piece (one expert's gate, up or down; a linear's matrix) is read as stored, and
-chunks of LOAD_CHUNK_ELEMENTS values in whole rows are converted to fp32 (FP8 dequantised), quantised and
-written into place — peak memory is the quantised model plus the largest stored piece and one fp32 chunk.
+their format, then filled chunk by chunk — LOAD_CHUNK_ELEMENTS values in whole rows (of one expert's gate and
+up rows, or of a matrix) are read from the file (`pread` of those rows only; FP8 dequantised over the blocks
+that hold them), quantised and written into place — peak memory is the quantised model plus one chunk.
 
 int4 packing: "cpu" (the layout of PyTorch's int4 pack op, so decode uses `_weight_int4pack_mm_for_cpu`) where
 that op writes a layout dsv3 reads (intq.cpu_layout_supported) and the matrix has a multiple of 64 rows;
@@ -29,7 +29,8 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -96,14 +97,14 @@ def plan_quantization(model: nn.Module, quantization: str, device: torch.device,
     return plan
 
 
-def load_quantizing(model: nn.Module, name: str, fmt: WeightFormat, pieces: list[list[str]], stacked: bool,
-                    read: Callable[[str], torch.Tensor],
-                    dequantize: Callable[[str, torch.Tensor, int, int], torch.Tensor],
+def load_quantizing(model: nn.Module, name: str, fmt: WeightFormat, pieces: list[list[Any]], stacked: bool,
+                    shape_of: Callable[[Any], Sequence[int]], dense_rows: Callable[[Any, int, int], torch.Tensor],
                     device: torch.device, chunk_elements: int | None = None) -> None:
     """Load model tensor `name` (a linear's weight, or an expert stack from per-expert `pieces`) straight into
-    `fmt`: each checkpoint piece is read as stored (`read(key)`), and quantised in chunks of whole rows
-    (`dequantize(key, stored, r0, r1)` gives rows [r0, r1) in fp32) written into the final tensors — never the
-    whole tensor in fp32. Quantisation is row-local, so this equals quantising the whole tensor at once."""
+    `fmt`, in chunks of whole rows: `dense_rows(key, r0, r1)` reads rows [r0, r1) of checkpoint tensor `key`
+    (of shape `shape_of(key)`) in fp32, which are quantised and written into the final tensors — never the whole
+    tensor in fp32, nor as stored; a fused expert tensor is read as keys (key, expert). Quantisation is
+    row-local, so this equals quantising the whole tensor."""
     from dsv3.checkpoint.quantized import quantized_rows  # (that module imports this one)
 
     chunk_elements = chunk_elements or LOAD_CHUNK_ELEMENTS
@@ -127,27 +128,27 @@ def load_quantizing(model: nn.Module, name: str, fmt: WeightFormat, pieces: list
             target.bias = module.bias
         tname = "weight"
     finals = [getattr(target, t) for t in fmt.tensor_names(tname)]
+    if isinstance(module, RoutedExperts) and not stacked:   # one fused tensor [E, rows, in]: expert by expert,
+        pieces = [[(pieces[0][0], e)] for e in range(module.num_experts)]   # keys (key, e) for the callbacks
+        stacked = True
     for e, group in enumerate(pieces):
-        stored = [read(key) for key in group]               # one expert's pieces (or the matrix) as stored
-        rows = sum(t.shape[0] for t in stored)
-        cols = stored[0].shape[-1]
+        shapes = [tuple(shape_of(key)) for key in group]     # one expert's gate and up pieces (or the matrix)
+        total, cols = sum(sh[0] for sh in shapes), shapes[0][-1]
         step = max(ROW_ALIGN, chunk_elements // cols // ROW_ALIGN * ROW_ALIGN)
-        for r0 in range(0, rows, step):
-            r1 = min(rows, r0 + step)
-            dense = torch.empty(r1 - r0, cols, dtype=torch.float32)             # [rows of the chunk, in]
-            start = 0
-            for key, t in zip(group, stored, strict=True):                      # gate rows, then up rows
-                a, b = max(r0, start), min(r1, start + t.shape[0])
+        for r0 in range(0, total, step):
+            r1, parts, start = min(total, r0 + step), [], 0
+            for key, sh in zip(group, shapes, strict=True):
+                a, b = max(r0, start), min(r1, start + sh[0])
                 if a < b:
-                    dense[a - r0: b - r0] = dequantize(key, t, a - start, b - start)
-                start += t.shape[0]
+                    parts.append(dense_rows(key, a - start, b - start))              # [b - a, in] fp32
+                start += sh[0]
+            dense = torch.cat(parts) if len(parts) > 1 else parts[0]                 # [r1 - r0, in]
             holder = nn.Module()
             fmt.adopt(holder, "weight", dense.to(device))
-            del dense
+            del dense, parts
             for final, t in zip(quantized_rows(fmt, finals, e if stacked else None, r0, r1),
                                 (getattr(holder, n) for n in fmt.tensor_names("weight")), strict=True):
                 final.copy_(t)
-        del stored
-    if not stacked:
+    if not isinstance(module, RoutedExperts):
         owner_name, _, child = module_name.rpartition(".")
         setattr(model.get_submodule(owner_name) if owner_name else model, child, target)
