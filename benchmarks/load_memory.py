@@ -5,7 +5,7 @@ parameters, 4 layers, 64 experts) in the published layout — per-expert keys, 1
   - bf16       every tensor bf16 (router bias fp32): ≈4.7 GB
   - fp8        the published FP8 format: linear projections float8_e4m3fn + fp32 `weight_scale_inv`
                (128×128 blocks; kv_a_proj_with_mqa has 576 rows, a ragged block), the rest bf16: ≈2.9 GB
-Then loads each in a fresh subprocess and reports its peak RSS (getrusage ru_maxrss) against the bytes
+Then loads each in a fresh subprocess and reports its peak RSS (VmHWM) against the bytes
 of the loaded weights in the requested dtype (target: peak ≤ 1.2× weights), plus the RSS of the bare
 process after importing torch and dsv3 (the floor any load starts from). transformers 5.23 loads the
 bf16 checkpoint in the same way, as the reference (it cannot load the FP8 one: the 576-row ragged block).
@@ -93,6 +93,16 @@ def write_checkpoint(directory: Path, fp8: bool, shape: str = "bench") -> int:
     return sum(os.path.getsize(f) for f in files)
 
 
+def peak_rss_gb() -> float:
+    """This process's peak RSS: /proc's VmHWM (reset at exec — getrusage's ru_maxrss is not: a child started by
+    a parent that once held more reports the parent's peak), ru_maxrss where /proc is absent."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) * 1024 / 1e9
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+
+
 def rss_now_gb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e9
@@ -111,7 +121,7 @@ def child(path: str, dtype: str, fp8: str, impl: str, quantization: str | None =
         from dsv3.checkpoint.convert import convert_checkpoint
 
         result = convert_checkpoint(path, convert_to, quantize=quantization, progress=False)
-        print(json.dumps({"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
+        print(json.dumps({"peak_rss_gb": peak_rss_gb(),
                           "floor_rss_gb": floor, "weights_gb": result.total_bytes / 1e9,
                           "after_load_rss_gb": rss_now_gb(), "load_s": time.perf_counter() - t}))
         return
@@ -123,7 +133,7 @@ def child(path: str, dtype: str, fp8: str, impl: str, quantization: str | None =
     seconds = time.perf_counter() - t
     weights = sum(t.numel() * t.element_size() for t in {id(t): t for t in [*model.parameters(), *model.buffers()]}
                   .values())
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+    peak = peak_rss_gb()
     print(json.dumps({"peak_rss_gb": peak, "floor_rss_gb": floor, "weights_gb": weights / 1e9,
                       "after_load_rss_gb": rss_now_gb(), "load_s": seconds}))
 

@@ -282,3 +282,33 @@ def test_cli_convert_quantize(bf16_checkpoint: Published, tmp_path: Path, capsys
     with pytest.raises(SystemExit):
         cli.main(["convert", str(bf16_checkpoint.path), str(tmp_path / "x"), "--quantize", "int2"])
     assert "invalid choice: 'int2'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("quantize", ["int4", "fp8"])
+def test_convert_reads_in_row_chunks_and_writes_the_same(quantize: str, fp8_checkpoint: Published, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from dsv3.checkpoint import convert
+
+    whole = convert_checkpoint(fp8_checkpoint.path, tmp_path / "whole", quantize=quantize, progress=False)
+    reads: list[tuple[int, int]] = []
+    original = CheckpointReader.read
+
+    def spy(self: CheckpointReader, key: str, out: torch.Tensor | None = None,
+            rows: tuple[int, int] | None = None) -> torch.Tensor:
+        t = original(self, key, out, rows)
+        if key.endswith(".weight") and rows is not None:     # the quantised sources: read by rows
+            reads.append(tuple(t.shape))
+        return t
+
+    monkeypatch.setattr(convert, "CHUNK_ELEMENTS", 128 * 160)
+    monkeypatch.setattr(CheckpointReader, "read", spy)
+    chunked = convert_checkpoint(fp8_checkpoint.path, tmp_path / "chunked", quantize=quantize, progress=False)
+    monkeypatch.undo()
+    # never more than a chunk of whole 128-row blocks: dense gate/up (200 rows) and kv_a (144) in two reads
+    assert reads and all(r * c <= max(128 * 160, 128 * c) for r, c in reads), reads
+    assert (128, 160) in reads and (72, 160) in reads
+    with CheckpointReader(whole.directory) as a, CheckpointReader(chunked.directory) as b:
+        assert set(a.keys()) == set(b.keys())
+        differ = [k for k in a.keys() if a.dtype(k) != b.dtype(k) or not torch.equal(
+            a.read(k).view(torch.uint8), b.read(k).view(torch.uint8))]
+        assert not differ, differ[:8]

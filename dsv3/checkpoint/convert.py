@@ -12,8 +12,9 @@ with the very same code, and writes them in compressed-tensors' pack-quantized l
 without re-quantising, and gives the same tensors as from_pretrained(SRC, quantization=...). --quantize fp8
 writes DeepSeek's block FP8 (float8_e4m3fn `weight` + fp32 `weight_scale_inv` per 128×128 block) for the
 linears the FP8 release quantises (not the heads, not MTP's eh_proj). The destination is checked writable
-before anything is read. A quantised tensor's outputs are written in the safetensors order (by item size),
-so the int4 scale and the FP8 weight quantise their source a second time rather than hold it in memory.
+before anything is read. A quantised tensor is read and quantised in chunks of rows (16 MiB in fp32); its
+outputs are written in the safetensors order (by item size), so the int4 scale and the FP8 weight quantise
+their source a second time rather than hold the others in memory.
 
 What is written: every tensor of SRC under its own name (the MTP layer included); FP8 weights replaced
 by their dequantised values and their `weight_scale_inv` dropped (unless keep_fp8); floating tensors cast
@@ -90,6 +91,7 @@ _DTYPE_CHOICES = ("bfloat16", "float16", "float32", "auto")
 _NOT_COPIED = {"config.json", INDEX_NAME, MARKER_NAME}
 QUANTIZE_CHOICES = ("int8", "int4", "fp8")
 FP8_BLOCK = (128, 128)                            # DeepSeek's release
+CHUNK_ELEMENTS = 1 << 22                          # values quantised at a time (16 MiB in fp32)
 FP8 = "fp8"
 
 
@@ -177,25 +179,42 @@ def _quantised_entries(key: str, shape: tuple[int, ...], quant: Any, scale: str 
 def _quantised(reader: CheckpointReader, entry: _Entry, block_size: tuple[int, int] | None,
                memo: dict[str, Any]) -> torch.Tensor:
     """Output `entry` of a quantised source weight; the outputs of the last source quantised are kept (`memo`)
-    for the entries that follow it."""
+    for the entries that follow it. The source is read and quantised in chunks of whole 128-row blocks
+    (CHUNK_ELEMENTS values), so memory holds its outputs and one fp32 chunk, never the tensor in fp32."""
     if entry.key.endswith(".weight_shape"):                # known without quantising
         return torch.tensor(reader.shape(entry.source), dtype=torch.int64)
     if memo.get("source") != entry.source:
         memo.clear()
-        t = reader.read(entry.source)
-        if entry.scale is not None:
-            assert block_size is not None
-            dense = dequantize_checked(t, reader.read(entry.scale), block_size, torch.float32, entry.source)
-        else:
-            dense = t.float()                              # as from_pretrained reads a tensor it quantises
-        del t
-        if entry.quant == FP8:
-            q, scale_inv = quantize_fp8_blocks(dense, FP8_BLOCK)
-            out = {entry.source: q, entry.source + SCALE_SUFFIX: scale_inv}
-        else:
-            out = quantized.quantize_matrix(entry.source.removesuffix(".weight"), dense, entry.quant)
+        rows, cols = reader.shape(entry.source)
+        step = max(128, CHUNK_ELEMENTS // cols // 128 * 128)   # whole FP8 blocks and packed zero-point words
+        chunks = []
+        for r0 in range(0, rows, step):
+            dense = _dense_rows(reader, entry, r0, min(rows, r0 + step), block_size)      # [rows', in] fp32
+            if entry.quant == FP8:
+                q, scale_inv = quantize_fp8_blocks(dense, FP8_BLOCK)
+                chunks.append({entry.source: q, entry.source + SCALE_SUFFIX: scale_inv})
+            else:
+                chunks.append(quantized.quantize_matrix(entry.source.removesuffix(".weight"), dense, entry.quant))
+            del dense
+        out = {k: torch.cat([c[k] for c in chunks]) if len(chunks) > 1 else chunks[0][k]
+               for k in chunks[0] if not k.endswith(".weight_shape")}
         memo.update(source=entry.source, tensors=out)
     return memo["tensors"][entry.key]
+
+
+def _dense_rows(reader: CheckpointReader, entry: _Entry, r0: int, r1: int,
+                block_size: tuple[int, int] | None) -> torch.Tensor:
+    """Rows [r0, r1) of the source of `entry` in fp32 (as from_pretrained reads a tensor it quantises): cast,
+    or FP8 dequantised over the whole blocks that hold them."""
+    assert entry.source is not None
+    if entry.scale is None:
+        return reader.read(entry.source, rows=(r0, r1)).float()
+    assert block_size is not None
+    bo = block_size[0]
+    a, b = r0 // bo * bo, min(-(-r1 // bo) * bo, reader.shape(entry.source)[0])
+    scale = reader.read(entry.scale, rows=(a // bo, -(-b // bo)))
+    return dequantize_checked(reader.read(entry.source, rows=(a, b)), scale, block_size, torch.float32,
+                              entry.source)[r0 - a: r1 - a]
 
 
 def _producer(reader: CheckpointReader, entry: _Entry, block_size: tuple[int, int] | None,
