@@ -312,3 +312,25 @@ def test_convert_reads_in_row_chunks_and_writes_the_same(quantize: str, fp8_chec
         differ = [k for k in a.keys() if a.dtype(k) != b.dtype(k) or not torch.equal(
             a.read(k).view(torch.uint8), b.read(k).view(torch.uint8))]
         assert not differ, differ[:8]
+
+
+def test_quantised_checkpoint_loads_in_row_chunks(converted, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    from dsv3.checkpoint import quantize
+
+    whole = _load(converted["fp8", "int4"])
+    reads: list[tuple[str, tuple[int, int]]] = []
+    original = CheckpointReader.read
+
+    def spy(self: CheckpointReader, key: str, out: torch.Tensor | None = None,
+            rows: tuple[int, int] | None = None) -> torch.Tensor:
+        if key.endswith("weight_packed"):
+            reads.append((key, rows))
+        return original(self, key, out, rows)
+
+    monkeypatch.setattr(quantize, "LOAD_CHUNK_ELEMENTS", 128 * 160)
+    monkeypatch.setattr(CheckpointReader, "read", spy)
+    chunked = _load(converted["fp8", "int4"])
+    monkeypatch.undo()
+    assert reads and all(rows is not None for _, rows in reads)                     # never a whole tensor
+    assert ("model.layers.0.mlp.gate_proj.weight_packed", (128, 200)) in reads       # 200 rows: two chunks
+    _assert_same_state(chunked, whole)

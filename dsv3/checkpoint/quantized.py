@@ -201,39 +201,48 @@ def disk_shapes(module: str, bits: int, out: int, cols: int, group_size: int | N
     return shapes
 
 
-def from_disk(module: str, scheme: Scheme, read: Any, keys: set[str], where: str) -> IntWeights:
-    """Matrix `module` from its checkpoint tensors (`read(key)` -> tensor), every shape checked."""
-    def get(suffix: str) -> torch.Tensor:
+def from_disk(module: str, scheme: Scheme, read: Any, keys: set[str], where: str,
+              shape_of: Any = None, rows: tuple[int, int] | None = None) -> IntWeights:
+    """Matrix `module` (rows [r0, r1) of it when `rows` is given) from its checkpoint tensors: `read(key)`, or
+    `read(key, (r0, r1))` for rows of a tensor; `shape_of(key)` gives stored shapes without reading (default:
+    the shapes of what is read). Every shape and dtype is checked."""
+    def get(suffix: str, part: tuple[int, int] | None = None) -> torch.Tensor:
         key = f"{module}.{suffix}"
         if key not in keys:
             raise CheckpointError(f"{where}: {key} is missing; a {scheme} weight needs "
                                   f"{', '.join(s for s in SUFFIXES if scheme.bits == 4 or s != 'weight_zero_point')}")
-        return read(key)
+        return read(key) if part is None else read(key, part)
 
     shape_t = get("weight_shape")
     if shape_t.numel() != 2 or shape_t.dtype.is_floating_point:
         raise CheckpointError(f"{where}: {module}.weight_shape is {shape_t.tolist()}; expected the two ints (out, in)")
     out, cols = (int(v) for v in shape_t.tolist())
+    r0, r1 = rows or (0, out)
+    z0, z1 = r0 // 8, -(-r1 // 8)                                          # zero-point words: 8 rows each
     want = disk_shapes(module, scheme.bits, out, cols, scheme.group_size)
-    tensors = {"weight_packed": get("weight_packed"), "weight_scale": get("weight_scale")}
+    parts = {"weight_packed": (r0, r1), "weight_scale": (r0, r1)}
     if scheme.bits == 4 and not scheme.symmetric:
-        tensors["weight_zero_point"] = get("weight_zero_point")
-    for suffix, t in tensors.items():
+        parts["weight_zero_point"] = (z0, z1)
+    tensors = {}
+    for suffix, part in parts.items():
+        t = get(suffix, part if rows is not None else None)
         dtype, shape = want[f"{module}.{suffix}"]
+        stored = tuple(shape_of(f"{module}.{suffix}")) if shape_of is not None else tuple(t.shape)
         ok_dtype = t.dtype == dtype if suffix != "weight_scale" else t.dtype.is_floating_point
-        if tuple(t.shape) != shape and not (suffix == "weight_scale" and scheme.bits == 8 and tuple(t.shape) == (out,)):
-            raise CheckpointError(f"{where}: {module}.{suffix} has shape {tuple(t.shape)} but weight_shape "
+        if stored != shape and not (suffix == "weight_scale" and scheme.bits == 8 and stored == (out,)):
+            raise CheckpointError(f"{where}: {module}.{suffix} has shape {stored} but weight_shape "
                                   f"{(out, cols)} with {scheme} needs {shape}")
         if not ok_dtype:
             raise CheckpointError(f"{where}: {module}.{suffix} is {t.dtype}; compressed-tensors stores it as {dtype}")
-    bits = scheme.bits
-    values = _unpack_words(tensors["weight_packed"], bits, cols)          # [out, in] uint8
+        tensors[suffix] = t
+    bits, n = scheme.bits, r1 - r0
+    values = _unpack_words(tensors["weight_packed"], bits, cols)          # [n, in] uint8
     if bits == 8:
-        return IntWeights(8, (values.to(torch.int16) - 128).to(torch.int8), tensors["weight_scale"].float().view(out))
+        return IntWeights(8, (values.to(torch.int16) - 128).to(torch.int8), tensors["weight_scale"].float().view(n))
     if "weight_zero_point" in tensors:
-        zp = _unpack_words(tensors["weight_zero_point"].t(), 4, out).t()  # [out, in/G]
+        zp = _unpack_words(tensors["weight_zero_point"].t(), 4, (z1 - z0) * 8).t()[r0 - 8 * z0: r1 - 8 * z0]
     else:                                                                  # symmetric: zero point 0 (+ 8)
-        zp = torch.full((out, cols // scheme.group_size), intq.INT4_MID, dtype=torch.uint8)   # type: ignore[operator]
+        zp = torch.full((n, cols // scheme.group_size), intq.INT4_MID, dtype=torch.uint8)   # type: ignore[operator]
     return IntWeights(4, values, tensors["weight_scale"].to(torch.bfloat16), zp.contiguous())
 
 
@@ -506,21 +515,45 @@ def _where(reader: CheckpointReader, keys: set[str], module: str) -> str:
 
 
 def _load_one(q: _Quantised, reader: CheckpointReader, keys: set[str], device: torch.device) -> None:
-    """Fill `q.module`'s tensors for `q.name` from the checkpoint, one expert (or the one matrix) at a time."""
+    """Fill `q.module`'s tensors for `q.name` from the checkpoint, in chunks of whole rows (of one expert's gate
+    and up rows, or of the matrix): only those rows are read, unpacked and packed in memory's layout."""
+    from dsv3.checkpoint.quantize import LOAD_CHUNK_ELEMENTS, ROW_ALIGN
+
     names = q.fmt.tensor_names(q.name)
     metas = [getattr(q.module, t) for t in names]
     stacked = isinstance(q.module, RoutedExperts)
     finals = [torch.empty(m.shape, dtype=m.dtype, device=device) for m in metas]
+
+    def read(key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        return reader.read(key, rows=rows)
+
     for e, group in enumerate(q.pieces):
-        w = IntWeights.cat([from_disk(m, q.scheme, reader.read, keys, _where(reader, keys, m)) for m in group])
-        held = canonical_to_held(q.fmt, w)
-        for final, t, meta_t in zip(finals, held, metas, strict=True):
-            want = tuple(meta_t.shape[1:] if stacked else meta_t.shape)
-            if tuple(t.shape) != want:
-                raise CheckpointError(f"{group[0]}: stored as {tuple(w.q.shape)} values but the config implies "
-                                      f"{q.name} {tuple(metas[0].shape)}; check that config.json belongs to "
-                                      "these weights")
-            (final[e] if stacked else final).copy_(t)
+        for m in group:
+            if f"{m}.weight_shape" not in keys:
+                raise CheckpointError(f"{reader.directory}: {m}.weight_shape is missing; a {q.scheme} weight needs "
+                                      f"{', '.join(s for s in SUFFIXES if q.scheme.bits == 4 or 'zero' not in s)}")
+        shapes = [tuple(read(f"{m}.weight_shape").tolist()) for m in group]
+        total, cols = sum(sh[0] for sh in shapes), shapes[0][1]
+        if total != metas[0].shape[-2]:
+            raise CheckpointError(f"{_where(reader, keys, group[0])}: {', '.join(group)} hold {total} rows "
+                                  f"(weight_shape) but the config implies {q.name} {tuple(metas[0].shape)}; check "
+                                  "that config.json belongs to these weights")
+        step = max(ROW_ALIGN, LOAD_CHUNK_ELEMENTS // max(cols, 1) // ROW_ALIGN * ROW_ALIGN)
+        for r0 in range(0, total, step):
+            r1, parts, start = min(total, r0 + step), [], 0
+            for m, sh in zip(group, shapes, strict=True):
+                a, b = max(r0, start), min(r1, start + sh[0])
+                if a < b:
+                    parts.append(from_disk(m, q.scheme, read, keys, _where(reader, keys, m), reader.shape,
+                                           (a - start, b - start)))
+                start += sh[0]
+            held = canonical_to_held(q.fmt, IntWeights.cat(parts))
+            for final, t in zip(quantized_rows(q.fmt, finals, e if stacked else None, r0, r1), held, strict=True):
+                if final.shape != t.shape:
+                    raise CheckpointError(f"{group[0]}: stored as {t.shape} in memory's layout but the config "
+                                          f"implies {q.name} {tuple(metas[0].shape)}; check that config.json "
+                                          "belongs to these weights")
+                final.copy_(t)
     for final, meta_t, tname in zip(finals, metas, names, strict=True):
         if isinstance(meta_t, nn.Parameter):
             q.module._parameters[tname] = nn.Parameter(final, requires_grad=False)
