@@ -221,10 +221,9 @@ def load_pretrained(cls: type, path: str | os.PathLike, torch_dtype: Any = "auto
             progress = sys.stderr.isatty()
         with tqdm(total=total, desc="Loading weights", unit="B", unit_scale=True, disable=not progress) as bar:
             for name, source in plan.sources.items():
-                if prep.names[name] in quantize:   # read as stored, quantised in row chunks into its final tensors
-                    load_quantizing(model, prep.names[name], quantize[prep.names[name]], source.pieces, source.stacked,
-                                    lambda k: reader.shape(k[0])[1:] if isinstance(k, tuple) else reader.shape(k),
-                                    lambda k, r0, r1: _dense_rows(reader, k, r0, r1, prep), device)
+                if prep.names[name] in quantize:   # its rows read and quantised chunk by chunk into its final tensors
+                    load_quantizing(model, prep.names[name], quantize[prep.names[name]], source, reader, prep.scales,
+                                    prep.spec, device)
                     bar.update(sum(_bytes_read(reader, k, torch.float32, prep) for k in source.keys()))
                     continue
                 expected = prep.targets[name]
@@ -393,30 +392,6 @@ def _read_piece(reader: CheckpointReader, key: str, dst: torch.Tensor, prep: Pre
     weight = reader.read(key).to(dst.device)
     scale = reader.read(scale_key).to(dst.device)
     dst.copy_(dequantize_checked(weight, scale, prep.spec.block_size, dst.dtype, key))
-
-
-def _dense_rows(reader: CheckpointReader, key: str | tuple[str, int], r0: int, r1: int,
-                prep: PreparedLoad) -> torch.Tensor:
-    """Rows [r0, r1) of checkpoint tensor `key` (or of expert e of a fused stack, key = (name, e)) in fp32, read
-    alone: cast, or FP8 dequantised over the whole blocks that hold them."""
-    if isinstance(key, tuple):                       # one expert of a fused [E, rows, in] tensor, read whole
-        name, e = key
-        weight = reader.read(name, rows=(e, e + 1))[0]
-        scale_key = prep.scales.get(name)
-        if scale_key is None:
-            return weight[r0:r1].float()
-        assert prep.spec is not None
-        scale = reader.read(scale_key, rows=(e, e + 1))[0]
-        return dequantize_checked(weight, scale, prep.spec.block_size, torch.float32, name)[r0:r1]
-    scale_key = prep.scales.get(key)
-    if scale_key is None:
-        return reader.read(key, rows=(r0, r1)).float()
-    assert prep.spec is not None
-    bo = prep.spec.block_size[0]
-    a, b = r0 // bo * bo, min(-(-r1 // bo) * bo, reader.shape(key)[0])
-    scale = reader.read(scale_key, rows=(a // bo, -(-b // bo)))
-    return dequantize_checked(reader.read(key, rows=(a, b)), scale, prep.spec.block_size, torch.float32,
-                              key)[r0 - a: r1 - a]
 
 
 def _finish(model: nn.Module, config: DeepseekV3Config, device: torch.device) -> None:

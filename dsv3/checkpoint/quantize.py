@@ -29,12 +29,15 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from dsv3.checkpoint.fp8 import Fp8Spec, dequantize_checked
+from dsv3.checkpoint.keys import Source
+from dsv3.checkpoint.safetensors_io import CheckpointReader
 from dsv3.model.moe import RoutedExperts
 from dsv3.model.weights import Linear
 from dsv3.quant import intq
@@ -56,6 +59,30 @@ def check_quantization(quantization: str | None, fp8: str) -> None:
     if quantization is not None and fp8 == "keep":
         raise ValueError(f"quantization={quantization!r} with fp8='keep': choose one — FP8 weights held as stored, "
                          "or weights quantised to int8/int4 while loading (fp8='dequantize', the default)")
+
+
+def _dense_rows(reader: CheckpointReader, key: str | tuple[str, int], r0: int, r1: int, scales: dict[str, str],
+                spec: Fp8Spec | None) -> torch.Tensor:
+    """Rows [r0, r1) of checkpoint tensor `key` (or of expert e of a fused stack, key = (name, e)) in fp32, read
+    alone: cast, or FP8 dequantised over the whole blocks that hold them."""
+    if isinstance(key, tuple):                       # one expert of a fused [E, rows, in] tensor, read whole
+        name, e = key
+        weight = reader.read(name, rows=(e, e + 1))[0]
+        scale_key = scales.get(name)
+        if scale_key is None:
+            return weight[r0:r1].float()
+        assert spec is not None
+        scale = reader.read(scale_key, rows=(e, e + 1))[0]
+        return dequantize_checked(weight, scale, spec.block_size, torch.float32, name)[r0:r1]
+    scale_key = scales.get(key)
+    if scale_key is None:
+        return reader.read(key, rows=(r0, r1)).float()
+    assert spec is not None
+    bo = spec.block_size[0]
+    a, b = r0 // bo * bo, min(-(-r1 // bo) * bo, reader.shape(key)[0])
+    scale = reader.read(scale_key, rows=(a // bo, -(-b // bo)))
+    return dequantize_checked(reader.read(key, rows=(a, b)), scale, spec.block_size, torch.float32,
+                              key)[r0 - a: r1 - a]
 
 
 def int4_format(out: int, group_size: int, device: torch.device) -> Int4Grouped:
@@ -97,14 +124,23 @@ def plan_quantization(model: nn.Module, quantization: str, device: torch.device,
     return plan
 
 
-def load_quantizing(model: nn.Module, name: str, fmt: WeightFormat, pieces: list[list[Any]], stacked: bool,
-                    shape_of: Callable[[Any], Sequence[int]], dense_rows: Callable[[Any, int, int], torch.Tensor],
-                    device: torch.device, chunk_elements: int | None = None) -> None:
-    """Load model tensor `name` (a linear's weight, or an expert stack from per-expert `pieces`) straight into
-    `fmt`, in chunks of whole rows: `dense_rows(key, r0, r1)` reads rows [r0, r1) of checkpoint tensor `key`
-    (of shape `shape_of(key)`) in fp32, which are quantised and written into the final tensors — never the whole
-    tensor in fp32, nor as stored; a fused expert tensor is read as keys (key, expert). Quantisation is
-    row-local, so this equals quantising the whole tensor."""
+def load_quantizing(model: nn.Module, name: str, fmt: WeightFormat, source: Source, reader: CheckpointReader,
+                    scales: dict[str, str], spec: Fp8Spec | None, device: torch.device,
+                    chunk_elements: int | None = None) -> None:
+    """Load model tensor `name` (a linear's weight, or an expert stack: per-expert pieces or one fused tensor)
+    from checkpoint `source` straight into `fmt`, in chunks of whole rows: only the chunk's rows are read (FP8
+    ones, `scales`, dequantised over the blocks that hold them), in fp32, quantised and written into the final
+    tensors — never the whole tensor in fp32, nor as stored. Quantisation is row-local, so this equals
+    quantising the whole tensor."""
+    pieces: list[list[Any]] = source.pieces
+    stacked = source.stacked
+
+    def shape_of(key: Any) -> Sequence[int]:
+        return reader.shape(key[0])[1:] if isinstance(key, tuple) else reader.shape(key)
+
+    def dense_rows(key: Any, r0: int, r1: int) -> torch.Tensor:
+        return _dense_rows(reader, key, r0, r1, scales, spec)
+
     from dsv3.checkpoint.quantized import quantized_rows  # (that module imports this one)
 
     chunk_elements = chunk_elements or LOAD_CHUNK_ELEMENTS
