@@ -1,15 +1,28 @@
-"""`dsv3 convert`: rewrite a checkpoint directory — FP8 -> bf16 (or fp16/fp32), and/or into shards of
-another size — streaming one tensor at a time, resumable, with a progress bar.
+"""`dsv3 convert`: rewrite a checkpoint directory — FP8 -> bf16 (or fp16/fp32), bf16/FP8 -> int8/int4/FP8,
+and/or into shards of another size — streaming one tensor at a time, resumable, with a progress bar.
 
     dsv3 convert /models/DeepSeek-V3 /models/DeepSeek-V3-bf16             # dequantise to bf16, 5 GB shards
     dsv3 convert SRC DST --dtype auto --max-shard-size 2GB                # re-shard, dtypes as stored
     dsv3 convert SRC DST --keep-fp8 --max-shard-size 10GB                 # re-shard an FP8 checkpoint as FP8
+    dsv3 convert SRC DST --quantize int4                                  # int4 (int8, fp8) weights on disk
+
+--quantize int8|int4 quantises the tensors from_pretrained(quantization=...) would (dsv3.checkpoint.quantize),
+with the very same code, and writes them in compressed-tensors' pack-quantized layout
+(dsv3.checkpoint.quantized says exactly what is stored): from_pretrained(DST) then holds them as stored,
+without re-quantising, and gives the same tensors as from_pretrained(SRC, quantization=...). --quantize fp8
+writes DeepSeek's block FP8 (float8_e4m3fn `weight` + fp32 `weight_scale_inv` per 128×128 block) for the
+linears the FP8 release quantises (not the heads, not MTP's eh_proj). The destination is checked writable
+before anything is read. A quantised tensor is read and quantised in chunks of rows (16 MiB in fp32); its
+outputs are written in the safetensors order (by item size), so the int4 scale and the FP8 weight quantise
+their source a second time rather than hold the others in memory.
 
 What is written: every tensor of SRC under its own name (the MTP layer included); FP8 weights replaced
 by their dequantised values and their `weight_scale_inv` dropped (unless keep_fp8); floating tensors cast
-to `dtype` except the router's fp32 `e_score_correction_bias`; config.json as published minus
-quantization_config, with the new torch_dtype; every other top-level file (tokenizer.json,
-tokenizer_config.json, generation_config.json, README, *.py) copied. transformers and dsv3 both read it.
+to `dtype` except the router's fp32 `e_score_correction_bias`, and the router weight is never narrowed (an
+fp32 one, as dsv3 saves it, stays fp32: rounded to bf16 it would route differently from the saved model);
+config.json as published minus quantization_config (or the new one of --quantize), with the new
+torch_dtype; every other top-level file (tokenizer.json, tokenizer_config.json, generation_config.json,
+README, *.py) copied. transformers and dsv3 both read it.
 
 How: the whole output — names, dtypes, shapes and the shard of every tensor — is planned from the
 source headers before anything is written, and the source is checked as from_pretrained checks it
@@ -40,16 +53,20 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from dsv3.checkpoint.atomic import atomic_write_text
+from dsv3.checkpoint import quantized
+from dsv3.checkpoint.atomic import atomic_write_text, create_temp_file
 from dsv3.checkpoint.errors import CheckpointError
 from dsv3.checkpoint.fp8 import (
     FP8_DTYPES,
     check_scales_finite,
     dequantize_checked,
+    fp8_scale_shape,
     parse_quantization_config,
+    quantize_fp8_blocks,
 )
-from dsv3.checkpoint.keys import SCALE_SUFFIX
-from dsv3.checkpoint.loader import _DTYPES, _fp8_pairs, prepare_load
+from dsv3.checkpoint.keys import SCALE_SUFFIX, to_checkpoint_name
+from dsv3.checkpoint.loader import _DTYPES, FP32_TENSORS, PreparedLoad, _fp8_pairs, prepare_load
+from dsv3.checkpoint.quantize import HEADS, plan_quantization
 from dsv3.checkpoint.safetensors_io import (
     _SHARD_RE,
     DTYPE_NAMES,
@@ -69,8 +86,13 @@ logger = logging.getLogger(__name__)
 
 MARKER_NAME = ".dsv3-convert.json"
 KEEP_AS_STORED = ("e_score_correction_bias",)     # numerics policy: the router bias stays fp32
+NEVER_NARROWED = FP32_TENSORS                     # the router weight too is never rounded to a narrower dtype
 _DTYPE_CHOICES = ("bfloat16", "float16", "float32", "auto")
 _NOT_COPIED = {"config.json", INDEX_NAME, MARKER_NAME}
+QUANTIZE_CHOICES = ("int8", "int4", "fp8")
+FP8_BLOCK = (128, 128)                            # DeepSeek's release
+CHUNK_ELEMENTS = 1 << 22                          # values quantised at a time (16 MiB in fp32)
+FP8 = "fp8"
 
 
 @dataclass(frozen=True)
@@ -85,12 +107,15 @@ class ConvertResult:
 
 @dataclass(frozen=True)
 class _Entry:
-    """One output tensor: checkpoint `key`, written as `dtype` `shape`, dequantised with `scale` when set."""
+    """One output tensor: checkpoint `key`, written as `dtype` `shape`, dequantised with `scale` when set; a
+    quantised output (`quant`: an int format or FP8) is one of the tensors made from source weight `source`."""
 
     key: str
     dtype: torch.dtype
     shape: tuple[int, ...]
     scale: str | None = None
+    source: str | None = None
+    quant: Any = None
 
     @property
     def nbytes(self) -> int:
@@ -117,25 +142,86 @@ def _natural(key: str) -> list[Any]:
 
 
 def plan_conversion(reader: CheckpointReader, dtype: torch.dtype | None, keep_fp8: bool,
-                    scales: dict[str, str]) -> list[_Entry]:
-    """Every output tensor, in output order, with its dtype and shape and how to produce it."""
+                    scales: dict[str, str], quantize: dict[str, Any] | None = None) -> list[_Entry]:
+    """Every output tensor, in output order, with its dtype and shape and how to produce it. `quantize`:
+    {source weight key: int format, or FP8} for the tensors written quantised."""
     scale_keys = set(scales.values())
+    quantize = quantize or {}
     entries = []
     for key in sorted(reader.keys(), key=_natural):
         stored, shape = reader.dtype(key), tuple(reader.shape(key))
         if key in scale_keys and not keep_fp8:
             continue                                       # consumed by its weight
-        if key in scales and not keep_fp8:
+        if key in quantize:
+            entries.extend(_quantised_entries(key, shape, quantize[key], scales.get(key)))
+        elif key in scales and not keep_fp8:
             entries.append(_Entry(key, dtype or torch.bfloat16, shape, scales[key]))
         elif key in scales or key in scale_keys or not stored.is_floating_point or key.endswith(KEEP_AS_STORED):
+            entries.append(_Entry(key, stored, shape))
+        elif key.endswith(NEVER_NARROWED) and dtype is not None and dtype.itemsize < stored.itemsize:
             entries.append(_Entry(key, stored, shape))
         else:
             entries.append(_Entry(key, dtype or stored, shape))
     return entries
 
 
-def _producer(reader: CheckpointReader, entry: _Entry, block_size: tuple[int, int] | None) -> LazyTensor:
+def _quantised_entries(key: str, shape: tuple[int, ...], quant: Any, scale: str | None) -> list[_Entry]:
+    """The output tensors of source weight `key` [out, in] written quantised."""
+    if quant == FP8:
+        return [_Entry(key, torch.float8_e4m3fn, shape, scale, key, quant),
+                _Entry(key + SCALE_SUFFIX, torch.float32, tuple(fp8_scale_shape(shape, FP8_BLOCK)), scale, key, quant)]
+    scheme = quantized.scheme_of(quant)
+    module = key.removesuffix(".weight")
+    return [_Entry(k, dt, shp, scale, key, quant)
+            for k, (dt, shp) in quantized.disk_shapes(module, scheme.bits, *shape, scheme.group_size).items()]
+
+
+def _quantised(reader: CheckpointReader, entry: _Entry, block_size: tuple[int, int] | None,
+               memo: dict[str, Any]) -> torch.Tensor:
+    """Output `entry` of a quantised source weight; the outputs of the last source quantised are kept (`memo`)
+    for the entries that follow it. The source is read and quantised in chunks of whole 128-row blocks
+    (CHUNK_ELEMENTS values), so memory holds its outputs and one fp32 chunk, never the tensor in fp32."""
+    if entry.key.endswith(".weight_shape"):                # known without quantising
+        return torch.tensor(reader.shape(entry.source), dtype=torch.int64)
+    if memo.get("source") != entry.source:
+        memo.clear()
+        rows, cols = reader.shape(entry.source)
+        step = max(128, CHUNK_ELEMENTS // cols // 128 * 128)   # whole FP8 blocks and packed zero-point words
+        chunks = []
+        for r0 in range(0, rows, step):
+            dense = _dense_rows(reader, entry, r0, min(rows, r0 + step), block_size)      # [rows', in] fp32
+            if entry.quant == FP8:
+                q, scale_inv = quantize_fp8_blocks(dense, FP8_BLOCK)
+                chunks.append({entry.source: q, entry.source + SCALE_SUFFIX: scale_inv})
+            else:
+                chunks.append(quantized.quantize_matrix(entry.source.removesuffix(".weight"), dense, entry.quant))
+            del dense
+        out = {k: torch.cat([c[k] for c in chunks]) if len(chunks) > 1 else chunks[0][k]
+               for k in chunks[0] if not k.endswith(".weight_shape")}
+        memo.update(source=entry.source, tensors=out)
+    return memo["tensors"][entry.key]
+
+
+def _dense_rows(reader: CheckpointReader, entry: _Entry, r0: int, r1: int,
+                block_size: tuple[int, int] | None) -> torch.Tensor:
+    """Rows [r0, r1) of the source of `entry` in fp32 (as from_pretrained reads a tensor it quantises): cast,
+    or FP8 dequantised over the whole blocks that hold them."""
+    assert entry.source is not None
+    if entry.scale is None:
+        return reader.read(entry.source, rows=(r0, r1)).float()
+    assert block_size is not None
+    bo = block_size[0]
+    a, b = r0 // bo * bo, min(-(-r1 // bo) * bo, reader.shape(entry.source)[0])
+    scale = reader.read(entry.scale, rows=(a // bo, -(-b // bo)))
+    return dequantize_checked(reader.read(entry.source, rows=(a, b)), scale, block_size, torch.float32,
+                              entry.source)[r0 - a: r1 - a]
+
+
+def _producer(reader: CheckpointReader, entry: _Entry, block_size: tuple[int, int] | None,
+              memo: dict[str, Any] | None = None) -> LazyTensor:
     def produce() -> torch.Tensor:
+        if entry.quant is not None:
+            return _quantised(reader, entry, block_size, memo if memo is not None else {})
         t = reader.read(entry.key)
         if entry.scale is not None:
             assert block_size is not None
@@ -209,19 +295,26 @@ def _is_complete(path: Path, shard: list[_Entry], stamp: list[int] | None) -> bo
 
 def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: str | torch.dtype | None = "bfloat16",
                        keep_fp8: bool = False, max_shard_size: int | str = "5GB", overwrite: bool = False,
-                       validate: bool = True, progress: bool | None = None) -> ConvertResult:
+                       validate: bool = True, progress: bool | None = None,
+                       quantize: str | None = None) -> ConvertResult:
     """Convert the checkpoint directory `src` into `dst` (see the module docstring).
 
     dtype: output dtype of floating tensors ("bfloat16", "float16", "float32", or "auto" = as stored, FP8
     dequantised to bfloat16). keep_fp8: copy FP8 weights and scales as they are (re-sharding only).
     overwrite: allow a non-empty `dst` that is not an interrupted run of this same conversion.
     validate: check the source against config.json as from_pretrained would (needs the model definition).
+    quantize: None, "int8", "int4" (compressed-tensors pack-quantized) or "fp8" (DeepSeek's block FP8).
     """
     src, dst = Path(src), Path(dst)
     out_dtype = parse_dtype(dtype)
     max_bytes = parse_size(max_shard_size)
     if max_bytes <= 0:
         raise ValueError(f"max_shard_size={max_shard_size!r}: must be positive")
+    if quantize is not None and quantize not in QUANTIZE_CHOICES:
+        raise ValueError(f"quantize={quantize!r}: expected one of {QUANTIZE_CHOICES} (or None: weights as stored)")
+    if quantize is not None and keep_fp8:
+        raise ValueError(f"keep_fp8 with quantize={quantize!r}: choose one — copy the FP8 weights as they are, or "
+                         "write them quantised")
     config_path = src / "config.json"
     if not config_path.is_file():
         raise CheckpointError(f"{src}: no config.json; expected a Hugging Face checkpoint directory")
@@ -232,19 +325,34 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: st
     except (OSError, json.JSONDecodeError) as e:
         raise ConfigError(f"{config_path}: not valid JSON ({e}); re-download or fix the file") from None
     config = DeepseekV3Config.from_dict(raw_config)
+    if quantized.is_quantized_checkpoint(config):
+        raise CheckpointError(f"{src}: already quantised (compressed-tensors int8/int4); convert from the bf16 or FP8 "
+                              "checkpoint it was made from")
     spec = parse_quantization_config(config.quantization_config)
+    created = _check_writable(dst)
 
-    with CheckpointReader(src) as reader:
-        scales = _fp8_pairs(reader, set(reader.keys()), spec)
-        if validate:
-            from dsv3.modeling import DeepseekV3ForCausalLM
+    try:
+        reader = CheckpointReader(src)
+    except BaseException:
+        _remove_if_empty(dst, created)
+        raise
+    with reader:
+        try:
+            scales = _fp8_pairs(reader, set(reader.keys()), spec)
+            prep = None
+            if validate or quantize:
+                from dsv3.modeling import DeepseekV3ForCausalLM
 
-            prepare_load(DeepseekV3ForCausalLM, reader, config)
+                prep = prepare_load(DeepseekV3ForCausalLM, reader, config)
+            to_quantize = _quantize_plan(prep, quantize) if quantize else {}
+        except BaseException:
+            _remove_if_empty(dst, created)
+            raise
         block = spec.block_size if spec is not None else None
-        shards = _shard(plan_conversion(reader, out_dtype, keep_fp8, scales), max_bytes)
+        shards = _shard(plan_conversion(reader, out_dtype, keep_fp8, scales, to_quantize), max_bytes)
         names = _shard_names(len(shards))
         fingerprint = hashlib.sha256(json.dumps(
-            [str(src.resolve()), keep_fp8,
+            [str(src.resolve()), keep_fp8, quantize,
              [[name, [(e.key, DTYPE_NAMES[e.dtype], e.shape) for e in shard]]
               for name, shard in zip(names, shards, strict=True)]]).encode()).hexdigest()
         source = _source_identity(src, reader)
@@ -265,8 +373,9 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: st
                     bar.update(sum(e.nbytes for e in shard))
                     continue
                 tmp = _temp_path(dst, Path(name).stem)
+                memo: dict[str, Any] = {}
                 try:
-                    write_safetensors_file(tmp, [(e.key, _producer(reader, e, block)) for e in shard],
+                    write_safetensors_file(tmp, [(e.key, _producer(reader, e, block, memo)) for e in shard],
                                            {"format": "pt"}, bar.update)
                     os.replace(tmp, final)
                 except BaseException:
@@ -289,8 +398,14 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: st
 
     if not keep_fp8 or not scales:
         raw_config.pop("quantization_config", None)
-    dtypes = {e.dtype for shard in shards for e in shard if e.dtype.is_floating_point
-              and e.dtype not in FP8_DTYPES.values() and not e.key.endswith((*KEEP_AS_STORED, SCALE_SUFFIX))}
+    if quantize == FP8:
+        raw_config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                             "weight_block_size": list(FP8_BLOCK)}
+    elif quantize:
+        assert prep is not None
+        raw_config["quantization_config"] = _int_config(prep, to_quantize)
+    dtypes = {e.dtype for shard in shards for e in shard if e.dtype.is_floating_point and e.quant is None
+              and e.dtype not in FP8_DTYPES.values() and not e.key.endswith((*NEVER_NARROWED, SCALE_SUFFIX))}
     main = out_dtype or (dtypes.pop() if len(dtypes) == 1 else None)
     if main is not None:
         raw_config["torch_dtype"] = str(main).removeprefix("torch.")
@@ -302,6 +417,64 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: st
     logger.info("converted %s -> %s: %d tensors, %.2f GB in %d files (%d kept from an earlier run)",
                 src, dst, n_tensors, total / 1e9, len(finals), reused)
     return ConvertResult(str(dst), [str(p) for p in finals], n_tensors, total, reused, copied)
+
+
+def _check_writable(dst: Path) -> bool:
+    """Before any work: create `dst` if needed and write (then remove) a probe file there, so that a directory
+    that cannot be written fails now with one line, not after hours of converting. Returns whether it was
+    created here."""
+    if dst.exists() and not dst.is_dir():
+        raise CheckpointError(f"{dst}: exists and is not a directory; choose a new or empty directory for the output")
+    created = not dst.exists()
+    try:
+        dst.mkdir(parents=True, exist_ok=True)
+        fd, probe = create_temp_file(dst, ".dsv3-write-test-")
+        os.close(fd)
+        probe.unlink()
+    except OSError as e:
+        if created:
+            _remove_if_empty(dst, True)
+        raise CheckpointError(f"{dst}: cannot write the output there ({e.strerror or e}); choose a directory you "
+                              "can write to") from None
+    return created
+
+
+def _remove_if_empty(dst: Path, created: bool) -> None:
+    if created and dst.is_dir() and not any(dst.iterdir()):
+        dst.rmdir()
+
+
+def _quantize_plan(prep: PreparedLoad | None, quantize: str) -> dict[str, Any]:
+    """{source weight key: int format or FP8} for --quantize: the tensors from_pretrained(quantization=...)
+    quantises, with its formats (int8/int4); for fp8 those of DeepSeek's FP8 release (no heads, no eh_proj)."""
+    assert prep is not None
+    plan = plan_quantization(prep.model, "int8" if quantize == FP8 else quantize, torch.device("cpu"))
+    model_to_ckpt = {model_name: ckpt for ckpt, model_name in prep.names.items()}
+    out: dict[str, Any] = {}
+    for model_name, fmt in plan.items():
+        if quantize == FP8 and model_name.removesuffix(".weight").endswith((*HEADS, "eh_proj")):
+            continue
+        source = prep.plan.sources[model_to_ckpt[model_name]]
+        keys = list(source.keys())
+        if not source.stacked and keys[0].endswith(("gate_up_proj", "down_proj")):
+            raise CheckpointError(f"{keys[0]}: fused expert tensors; --quantize writes experts per expert (the "
+                                  "layout vLLM and transformers read) and reads them per expert too. Save this "
+                                  "checkpoint per expert first (from_pretrained + save_pretrained)")
+        out.update({key: FP8 if quantize == FP8 else fmt for key in keys})
+    return out
+
+
+def _int_config(prep: PreparedLoad, to_quantize: dict[str, Any]) -> dict[str, Any]:
+    """compressed-tensors quantization_config for the converted tensors; the linears left as stored are ignored."""
+    from torch import nn
+
+    from dsv3.model.weights import Linear
+
+    names = {key.removesuffix(".weight"): quantized.scheme_of(fmt) for key, fmt in to_quantize.items()}
+    n_layers = prep.config.num_hidden_layers
+    ignore = [to_checkpoint_name(n, n_layers) for n, m in prep.model.named_modules()
+              if isinstance(m, (nn.Linear, Linear)) and to_checkpoint_name(n, n_layers) not in names]
+    return quantized.build_config(names, ignore)
 
 
 def _prepare_destination(dst: Path, run: dict[str, Any], overwrite: bool) -> dict[str, Any]:
@@ -368,6 +541,10 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
                              "FP8 to bfloat16 (default: bfloat16)")
     parser.add_argument("--keep-fp8", action="store_true",
                         help="copy FP8 weights and their scales unchanged (re-shard only)")
+    parser.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None,
+                        help="write the linear and expert weights quantised: int8 / int4 in compressed-tensors' "
+                             "pack-quantized layout (from_pretrained loads it as stored; vLLM reads it), fp8 as "
+                             "DeepSeek's 128x128 block FP8")
     parser.add_argument("--max-shard-size", default="5GB", help="largest shard, e.g. 5GB, 500MB (default: 5GB)")
     parser.add_argument("--overwrite", action="store_true",
                         help="allow a non-empty output directory and replace the checkpoint in it")
@@ -382,7 +559,7 @@ def run_convert(args: argparse.Namespace) -> int:
     try:
         result = convert_checkpoint(args.src, args.dst, dtype=args.dtype, keep_fp8=args.keep_fp8,
                                     max_shard_size=args.max_shard_size, overwrite=args.overwrite,
-                                    validate=args.validate, progress=args.progress)
+                                    validate=args.validate, progress=args.progress, quantize=args.quantize)
     except (CheckpointError, ConfigError, ValueError, OSError) as e:
         print(f"dsv3 convert: error: {e}", file=sys.stderr)
         return 1

@@ -62,7 +62,8 @@ from dsv3.checkpoint.fp8 import (
     read_fp8_slice,
 )
 from dsv3.checkpoint.keys import SCALE_SUFFIX, LoadPlan, Source, is_mtp_key, piece_views, plan_load, to_checkpoint_name
-from dsv3.checkpoint.quantize import check_quantization, plan_quantization, quantize_loaded
+from dsv3.checkpoint.quantize import check_quantization, load_quantizing, plan_quantization, quantize_loaded
+from dsv3.checkpoint.quantized import is_quantized_checkpoint, load_quantized
 from dsv3.checkpoint.safetensors_io import CheckpointReader
 from dsv3.config import DeepseekV3Config, check_keyword_arguments
 from dsv3.model.moe import RoutedExperts
@@ -251,11 +252,19 @@ def load_pretrained(cls: type, path: str | os.PathLike, torch_dtype: Any = "auto
             parallel, device = started
     if device is None:
         device = resolve_device(device_map)
+    if is_quantized_checkpoint(config):          # int8/int4 as stored (compressed-tensors): held, not re-quantised
+        if parallel is not None and parallel.is_parallel:
+            raise CheckpointError(f"{path}: a quantised (compressed-tensors) checkpoint cannot be loaded sharded "
+                                  "yet; load its bf16/FP8 source with quantization='int8'|'int4' under torchrun "
+                                  "(each rank quantises its own part)")
+        with CheckpointReader(path) as reader:
+            return load_quantized(cls, reader, config, target_dtype, device, quantization, load_mtp, strict,
+                                  sys.stderr.isatty() if progress is None else progress)
     with CheckpointReader(path) as reader:
         prep = prepare_load(cls, reader, config, fp8, load_mtp, strict, parallel)
         model, plan = prep.model, prep.plan
         quantize = plan_quantization(model, quantization, device) if quantization else {}
-        dtypes = {name: torch.float32 if prep.names[name] in quantize else   # quantised from fp32, then dropped
+        dtypes = {name: torch.float32 if prep.names[name] in quantize else   # quantised from fp32 chunks
                   _target_dtype(name, prep.targets[name], target_dtype) for name in plan.sources}
         total = sum(_share(prep, name) * _bytes_read(reader, k, dtypes[name], prep)
                     for name, s in plan.sources.items() for k in s.keys())
@@ -263,9 +272,14 @@ def load_pretrained(cls: type, path: str | os.PathLike, torch_dtype: Any = "auto
             progress = sys.stderr.isatty()
         with tqdm(total=total, desc="Loading weights", unit="B", unit_scale=True, disable=not progress) as bar:
             for name, source in plan.sources.items():
+                region = prep.regions.get(name)
+                if prep.names[name] in quantize and region is None:   # rows read and quantised chunk by chunk
+                    load_quantizing(model, prep.names[name], quantize[prep.names[name]], source, reader, prep.scales,
+                                    prep.spec, device)
+                    bar.update(sum(_bytes_read(reader, k, torch.float32, prep) for k in source.keys()))
+                    continue
                 expected = prep.targets[name]
                 out = torch.empty(expected.shape, dtype=dtypes[name], device=device)
-                region = prep.regions.get(name)
                 with torch.no_grad():
                     if region is None:
                         for key, view in piece_views(source, out):
@@ -280,7 +294,7 @@ def load_pretrained(cls: type, path: str | os.PathLike, torch_dtype: Any = "auto
                     owner._parameters[attr] = nn.Parameter(out, requires_grad=expected.requires_grad)
                 else:
                     owner._buffers[attr] = out
-                if prep.names[name] in quantize:
+                if prep.names[name] in quantize:      # a rank's part: read whole (fp32), then quantised
                     quantize_loaded(model, prep.names[name], quantize[prep.names[name]])
                 del out
     _finish(model, prep.config, device)

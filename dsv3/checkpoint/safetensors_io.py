@@ -397,10 +397,18 @@ class CheckpointReader:
                              f"{list(out.shape)}")
         return out.copy_(part)
 
-    def read(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor:
+    def read(self, key: str, out: torch.Tensor | None = None, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """A private copy of the tensor, read with `pread` (no mmap): into `out` when given (a contiguous CPU
-        tensor of the same dtype and element count, e.g. a slice of a stacked parameter), else a new one."""
+        tensor of the same dtype and element count, e.g. a slice of a stacked parameter), else a new one.
+        `rows` (r0, r1): only rows [r0, r1) of dim 0 (their bytes are contiguous in the file)."""
         info = self._info(key)
+        if rows is not None:
+            r0, r1 = rows
+            if not (info.shape and 0 <= r0 <= r1 <= info.shape[0]):
+                raise ValueError(f"read({key!r}): rows={rows!r} is not a range of rows of shape {list(info.shape)}")
+            row_bytes = info.nbytes // info.shape[0] if info.shape[0] else 0
+            info = TensorInfo(info.dtype, (r1 - r0, *info.shape[1:]), info.begin + r0 * row_bytes,
+                              info.begin + r1 * row_bytes)
         if out is None:
             out = torch.empty(info.shape, dtype=info.dtype)
         elif (out.dtype != info.dtype or out.numel() != math.prod(info.shape) or out.device.type != "cpu"

@@ -4,11 +4,15 @@ sharded above `max_shard_size`, every file written under a temporary name and re
 The weights are written first (save_safetensors_sharded commits them all at once), then
 generation_config.json when the model carries one, then config.json — last, so a directory with a
 config.json is a complete save. A model holding FP8 weights (from_pretrained(..., fp8="keep")) is saved
-as it is held: FP8 tensors with their `weight_scale_inv`, and its quantization_config kept.
+as it is held: FP8 tensors with their `weight_scale_inv`, and its quantization_config kept. A model holding
+int8/int4 weights (from_pretrained(..., quantization=...)) is saved in compressed-tensors' pack-quantized layout
+(dsv3.checkpoint.quantized), which from_pretrained loads back as the same tensors; each shard's packed tensors
+are made while it is written (peak: the model plus one shard).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -18,13 +22,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dsv3.checkpoint import quantized
 from dsv3.checkpoint.atomic import atomic_write_text
 from dsv3.checkpoint.fp8 import FP8_DTYPES
 from dsv3.checkpoint.keys import split_stacked, to_checkpoint_name
 from dsv3.checkpoint.safetensors_io import save_safetensors_sharded
 from dsv3.model.moe import RoutedExperts
-from dsv3.model.weights import Linear
-from dsv3.quant.int_formats import Int4Grouped, Int8PerChannel
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -42,13 +45,15 @@ def parse_size(size: int | str) -> int:
     return int(float(m.group(1)) * _UNITS[(m.group(2) or "B").upper()])
 
 
-def export_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """The model's tensors under checkpoint names: experts split per expert, tied copies skipped."""
+def export_tensors(model: nn.Module, skip: frozenset[str] = frozenset()) -> Iterator[tuple[str, torch.Tensor]]:
+    """The model's tensors under checkpoint names: experts split per expert, tied copies and `skip` skipped."""
     config = model.config  # type: ignore[attr-defined]
     # FP8 expert stacks whose scale grid spans gate and up rows together (read from a fused checkpoint)
     # cannot be split per expert; they are written fused, which dsv3 reads back.
     fused = {f"{n}." for n, m in model.named_modules() if isinstance(m, RoutedExperts) and m.gate_up_parts == 1}
     for name, tensor in model.state_dict().items():
+        if name in skip:
+            continue
         if config.tie_word_embeddings and name == "lm_head.weight":
             continue   # transformers re-ties it from model.embed_tokens.weight
         ckpt_name = to_checkpoint_name(name, config.num_hidden_layers)
@@ -72,23 +77,20 @@ def _generation_config_dict(model: nn.Module) -> dict | None:
 def save_pretrained(model: nn.Module, directory: str | os.PathLike, max_shard_size: int | str = "5GB",
                     progress: bool = False) -> list[str]:
     """Write `model` as a HF checkpoint directory; returns the safetensors files written."""
-    held = [f for m in model.modules() for f in ([m.format] if isinstance(m, Linear) else
-                                                 m.formats.values() if isinstance(m, RoutedExperts) else [])]
-    if any(isinstance(f, (Int8PerChannel, Int4Grouped)) for f in held):
-        raise ValueError("save_pretrained: this model holds int8/int4 weights (from_pretrained(quantization=...)), "
-                         "which dsv3 cannot write as a checkpoint yet; save the model loaded without quantization "
-                         "and pass quantization= when loading it")
+    holds_int = bool(quantized.int_modules(model))
+    if holds_int:
+        quantized.check_savable(model)              # before anything is written
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    files = save_safetensors_sharded(export_tensors(model), directory, max_shard_bytes=parse_size(max_shard_size),
-                                     progress=progress)
+    tensors = itertools.chain(export_tensors(model, quantized.held_names(model)), quantized.export_quantized(model))
+    files = save_safetensors_sharded(tensors, directory, max_shard_bytes=parse_size(max_shard_size), progress=progress)
     generation = _generation_config_dict(model)
     if generation is not None:
         atomic_write_text(directory / "generation_config.json", json.dumps(generation, indent=2, sort_keys=True) + "\n")
     config = model.config  # type: ignore[attr-defined]
-    dtypes = [p.dtype for n, p in model.named_parameters() if not n.endswith("gate.weight")]
+    dtypes = [p.dtype for n, p in model.named_parameters() if not n.endswith("gate.weight") and p.is_floating_point()]
     holds_fp8 = any(d in FP8_DTYPES.values() for d in dtypes)
     dtype = next(d for d in dtypes if d not in FP8_DTYPES.values())
-    config.replace(torch_dtype=_DTYPE_NAMES.get(dtype, str(dtype)),
-                   quantization_config=config.quantization_config if holds_fp8 else None).save_pretrained(directory)
+    qcfg = quantized.config_of(model) if holds_int else config.quantization_config if holds_fp8 else None
+    config.replace(torch_dtype=_DTYPE_NAMES.get(dtype, str(dtype)), quantization_config=qcfg).save_pretrained(directory)
     return files

@@ -200,6 +200,7 @@ class Int4Grouped(_IntFormat):
     group_size: int = 128
     layout: str = "rows"
     search: bool = False        # round-to-nearest meets the bar (shipped model: +0.16 % ppl; search +0.32 %)
+    integer_zero: bool = False  # zero points on compressed-tensors' integer grid (intq.quantize_int4_integer_zero)
     max_pack_rows: int = 32
     tile_elements: int = TILE_ELEMENTS
     chunk_elements: int = CHUNK_ELEMENTS
@@ -229,7 +230,8 @@ class Int4Grouped(_IntFormat):
         if self.layout == "cpu" and dense.shape[-2] % intq.CPU_BLOCK_ROWS:
             raise ValueError(f"{name}: Int4Grouped layout='cpu' needs a multiple of 64 rows, got "
                              f"{tuple(dense.shape)}; use layout='rows'")
-        codes, scale, zero = intq.quantize_int4(dense.detach(), self.group_size, self.search)
+        codes, scale, zero = (intq.quantize_int4_integer_zero(dense.detach(), self.group_size) if self.integer_zero
+                              else intq.quantize_int4(dense.detach(), self.group_size, self.search))
         packed = intq.pack_cpu(codes) if self.layout == "cpu" else intq.pack_rows(codes)
         del codes
         sz = torch.stack((scale, zero), dim=-1).transpose(-3, -2).to(torch.bfloat16).contiguous()  # [.., in/G, out, 2]

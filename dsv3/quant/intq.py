@@ -116,6 +116,36 @@ def quantize_int4(w: torch.Tensor, group_size: int, search: bool = True
     return codes.view(w.shape), scale.view(*w.shape[:-1], n), zero.view(*w.shape[:-1], n)
 
 
+def quantize_int4_integer_zero(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """W [..., out, in] -> (codes uint8 [..., out, in] in 0..15, scale fp32 [..., out, in/G], zero fp32
+    [..., out, in/G]), the result `quantize_int4` returns, but on the grid of an integer zero point — the
+    asymmetric int4 that compressed-tensors stores (and vLLM reads): per group the range [min(lo, 0),
+    max(hi, 0)], scale s = span / 15 rounded to bf16, zero point zp = round(-lo / s) in 0..15, codes
+    round(W / s) + zp, so that W ≈ (codes - zp)·s = (codes - 8)·s + (8 - zp)·s: zero = (8 - zp)·s. The scale
+    is bf16 from the start, so (s, zp) on disk give back the bf16 (scale, zero) held in memory exactly
+    (dsv3.checkpoint.quantized)."""
+    cols = w.shape[-1]
+    if cols % group_size:
+        raise ValueError(f"quantize_int4_integer_zero: {cols} input values are not a multiple of "
+                         f"group_size={group_size}")
+    flat = w.reshape(-1, cols)                                             # [R, in]
+    n = cols // group_size
+    codes = torch.empty(flat.shape, dtype=torch.uint8, device=w.device)
+    scale = torch.empty(flat.shape[0], n, dtype=torch.float32, device=w.device)
+    zero = torch.empty_like(scale)
+    for r0 in _row_chunks(*flat.shape):
+        part = flat[r0: r0 + _chunk(cols)].float().view(-1, n, group_size)   # [R', n, G]
+        lo, hi = part.amin(-1).clamp(max=0), part.amax(-1).clamp(min=0)    # [R', n], the range holds 0
+        s = ((hi - lo) / 15).to(torch.bfloat16).float()
+        s = torch.where(s > 0, s, torch.ones_like(s))                      # an all-zero group: any scale
+        zp = torch.round(-lo / s).clamp_(0, 15)
+        q = (torch.round(part / s[..., None]) + zp[..., None]).clamp_(0, 15)
+        rows = part.shape[0]
+        codes[r0: r0 + rows] = q.view(rows, cols).to(torch.uint8)
+        scale[r0: r0 + rows], zero[r0: r0 + rows] = s, (INT4_MID - zp) * s
+    return codes.view(w.shape), scale.view(*w.shape[:-1], n), zero.view(*w.shape[:-1], n)
+
+
 def dequantize_int4(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                     dtype: torch.dtype) -> torch.Tensor:
     """codes [..., out, in] (0..15), scale/zero [..., out, in/G] -> W [..., out, in] in `dtype` (fp32 math)."""
