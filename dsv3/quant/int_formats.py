@@ -4,6 +4,18 @@
     Int8PerChannel  w int8 [.., out, in] + w_scale fp32 [.., out]                                  1 + 4/in
     Int4Grouped     w_packed uint8 [.., out, in/2] + w_scale_zero bf16 [.., in/G, out, 2]          0.5 + 4/G
 
+Stored layout (stable: what `state_dict`, `save_pretrained` and `dsv3 convert --quantize` write, and what the C++
+kernels of dsv3.kernels read as is — no repacking at load):
+
+    Int8PerChannel  `w`            int8  [.., out, in]      row-major, q in [-127, 127]
+                    `w_scale`      fp32  [.., out]          W[r, c] = q[r, c] · s[r]
+    Int4Grouped     `w_packed`     uint8 [.., out, in/2]    layout "rows": byte j of a row = column 2j (low
+                                                            nibble) | column 2j+1 (high nibble), codes 0..15
+                    `w_scale_zero` bf16  [.., in/G, out, 2] (scale, zero): W[r, c] = (code - 8)·scale + zero,
+                                                            G = group_size (64 or 128; 32 only where needed)
+    The int4 "cpu" packing (PyTorch's pack op, machine-dependent) is a load-time choice for the stock pack op
+    only: never a file format, and the dsv3 kernels do not read it.
+
 The math is in dsv3.quant.intq. Each product picks one of two stock-PyTorch paths by the number of activation
 rows (`max_pack_rows`), decided per call and logged at debug level; `stats`, when given, counts the
 dequantise path (the pack path dequantises nothing), which is how tests see which path ran:
