@@ -17,9 +17,10 @@ How (`quantize_loaded`, called by the loader right after each tensor is read): t
 fp32 (FP8 checkpoints dequantised into it), is quantised in bounded chunks of rows and dropped before the next
 tensor is read — peak memory is the quantised model plus one dense tensor (in fp32) and the chunk temporaries.
 
-int4 packing: "cpu" (the layout of PyTorch's int4 pack op, so decode uses `_weight_int4pack_mm_for_cpu`) where
-that op writes a layout dsv3 reads (intq.cpu_layout_supported) and the matrix has a multiple of 64 rows;
-"rows" (portable, dequantised per tile) otherwise. The choice is logged.
+int4 packing: "rows" (portable; what dsv3's int4 CPU kernels read) wherever those kernels run (x86-64 with AVX2 or
+AVX-512 VNNI, dsv3.kernels.int_kernels.best_isa); else "cpu" (the layout of PyTorch's int4 pack op, so decode uses
+`_weight_int4pack_mm_for_cpu`) where that op writes a layout dsv3 reads (intq.cpu_layout_supported) and the
+matrix has a multiple of 64 rows; "rows" (dequantised per tile) otherwise. The choice is logged.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from collections import Counter
 import torch
 from torch import nn
 
+from dsv3.kernels import int_kernels
 from dsv3.model.moe import RoutedExperts
 from dsv3.model.weights import Linear
 from dsv3.quant import intq
@@ -55,7 +57,10 @@ def _int4(out: int, cols: int, group_size: int, device: torch.device) -> WeightF
     g = intq.int4_group_size(cols, group_size)
     if g is None:
         return Int8PerChannel()
-    cpu = device.type == "cpu" and out % intq.CPU_BLOCK_ROWS == 0 and intq.cpu_layout_supported()
+    # "rows" wherever dsv3's int4 CPU kernels run (they read only that packing and beat the pack op:
+    # dsv3/kernels/int_kernels.py); PyTorch's "cpu" packing only where its pack op is the fastest decode path
+    cpu = (device.type == "cpu" and out % intq.CPU_BLOCK_ROWS == 0 and int_kernels.best_isa() is None
+           and intq.cpu_layout_supported())
     return Int4Grouped(group_size=g, layout="cpu" if cpu else "rows")
 
 

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3.quant import intq
-from dsv3.quant.formats import DequantStats, ExpertBatch, WeightFormat
+from dsv3.quant.formats import DequantStats, ExpertBatch, Kernels, WeightFormat
 from dsv3.quant.fp8 import CHUNK_ELEMENTS, TILE_ELEMENTS
 
 logger = logging.getLogger(__name__)
@@ -80,6 +80,14 @@ class _IntFormat(WeightFormat):
     tile_elements: int
     chunk_elements: int
     stats: DequantStats | None
+    kernels: Kernels | None
+
+    # the backend's kernels for one matrix (expert is None) or a sorted expert stack; None: not applicable
+    def _kernel_mm(self, module: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor | None:
+        raise NotImplementedError
+
+    def _kernel_grouped(self, module: nn.Module, name: str, xs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor | None:
+        raise NotImplementedError
 
     # per format: dense of rows [r0, r1) (or of `experts`), and the pack op on one matrix
     def _dense(self, module: nn.Module, name: str, dtype: torch.dtype, experts: torch.Tensor | None = None,
@@ -102,8 +110,13 @@ class _IntFormat(WeightFormat):
     def linear(self, module: nn.Module, name: str, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         cols = x.shape[-1]
         x2 = x.reshape(-1, cols)                                               # [M, in]
-        y = self._pack_mm(module, name, x2, None) if _pack_ok(x2, x2.shape[0], self.max_pack_rows) else None
+        y = self._kernel_mm(module, name, x2) if self.kernels is not None else None   # [M, out] fp32
         if y is not None:
+            _log_path(self, x2.shape[0], "kernel")
+            if bias is not None:
+                y = y + bias                                                   # in fp32, one rounding
+            return y.to(x.dtype).view(*x.shape[:-1], y.shape[-1])
+        if _pack_ok(x2, x2.shape[0], self.max_pack_rows) and (y := self._pack_mm(module, name, x2, None)) is not None:
             _log_path(self, x2.shape[0], "pack op")
         else:
             _log_path(self, x2.shape[0], "dequantise per tile")
@@ -121,6 +134,11 @@ class _IntFormat(WeightFormat):
 
     def grouped(self, module: nn.Module, name: str, xs: torch.Tensor, batch: ExpertBatch) -> torch.Tensor:
         """xs [P, in] sorted by expert -> [P, out]; only the experts with rows are read."""
+        if self.kernels is not None:
+            y = self._kernel_grouped(module, name, xs, batch.ids)              # [P, out] fp32, or None
+            if y is not None:
+                _log_path(self, xs.shape[0], "expert kernel")
+                return y
         if torch.compiler.is_compiling():
             # a compiled step cannot read the counts on the host: each row's expert, gathered and dequantised
             dense = self.matrix(module, name, xs.dtype, batch.ids)             # [P, out, in]
@@ -155,6 +173,9 @@ class _IntFormat(WeightFormat):
     def with_stats(self, stats: DequantStats | None) -> WeightFormat:
         return replace(self, stats=stats)  # type: ignore[type-var]
 
+    def with_kernels(self, kernels: Kernels | None) -> WeightFormat:
+        return self if kernels is self.kernels else replace(self, kernels=kernels)  # type: ignore[type-var]
+
 
 @dataclass(frozen=True)
 class Int8PerChannel(_IntFormat):
@@ -164,6 +185,7 @@ class Int8PerChannel(_IntFormat):
     tile_elements: int = TILE_ELEMENTS
     chunk_elements: int = CHUNK_ELEMENTS
     stats: DequantStats | None = field(default=None, compare=False)
+    kernels: Kernels | None = field(default=None, compare=False)
 
     def tensor_names(self, name: str) -> tuple[str, ...]:
         return name, name + "_scale"
@@ -191,6 +213,12 @@ class Int8PerChannel(_IntFormat):
             q, s = q[rows], s[rows]
         return intq.dequantize_int8(q, s, dtype)
 
+    def _kernel_mm(self, module: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor | None:
+        return self.kernels.int8_linear(x, getattr(module, name), getattr(module, name + "_scale"))
+
+    def _kernel_grouped(self, module: nn.Module, name: str, xs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor | None:
+        return self.kernels.int8_expert_linear(xs, getattr(module, name), getattr(module, name + "_scale"), ids)
+
     def _pack_mm(self, module: nn.Module, name: str, x: torch.Tensor, expert: int | None) -> torch.Tensor | None:
         q, s = getattr(module, name), getattr(module, name + "_scale")
         if expert is not None:
@@ -216,6 +244,7 @@ class Int4Grouped(_IntFormat):
     tile_elements: int = TILE_ELEMENTS
     chunk_elements: int = CHUNK_ELEMENTS
     stats: DequantStats | None = field(default=None, compare=False)
+    kernels: Kernels | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.group_size not in intq.INT4_GROUP_SIZES:
@@ -266,6 +295,18 @@ class Int4Grouped(_IntFormat):
         codes = intq.unpack_cpu(packed) if self.layout == "cpu" else intq.unpack_rows(packed)
         sz = sz.transpose(-3, -2)                                              # [.., out, in/G, 2]
         return intq.dequantize_int4(codes, sz[..., 0], sz[..., 1], dtype)
+
+    def _kernel_mm(self, module: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor | None:
+        if self.layout != "rows":
+            return None
+        return self.kernels.int4_linear(x, getattr(module, name + "_packed"), getattr(module, name + "_scale_zero"),
+                                        self.group_size)
+
+    def _kernel_grouped(self, module: nn.Module, name: str, xs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor | None:
+        if self.layout != "rows":
+            return None
+        return self.kernels.int4_expert_linear(xs, getattr(module, name + "_packed"),
+                                               getattr(module, name + "_scale_zero"), self.group_size, ids)
 
     def _pack_mm(self, module: nn.Module, name: str, x: torch.Tensor, expert: int | None) -> torch.Tensor | None:
         if self.layout != "cpu" or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
