@@ -76,32 +76,51 @@ Int4Act quantize_act(const float* x, int64_t M, int64_t K, int64_t G, int64_t B)
 
 namespace k512 {
 
-// y[r*ldy + n] = scale[n] · Σ_k q[n,k] x[r,k] for r < R, n in [n0, n1)
-template <int R>
-void int8_rows(const float* x, int64_t K, const int8_t* w, const float* scale, int64_t n0, int64_t n1, float* y,
-               int64_t ldy) {
-  for (int64_t n = n0; n < n1; ++n) {
-    const int8_t* wr = w + n * K;
-    __m512 a0[R], a1[R];
-    for (int r = 0; r < R; ++r) a0[r] = a1[r] = _mm512_setzero_ps();
+// y[r*ldy + n] = scale[n] · Σ_k q[n,k] x[r,k] for r < R, n in [n0, n0 + P·⌊(n1-n0)/P⌋): P weight rows per pass
+// share each load of x (with several activation rows the loads of x, not the FMAs, would limit).
+template <int R, int P>
+int64_t int8_rows(const float* x, int64_t K, const int8_t* w, const float* scale, int64_t n0, int64_t n1, float* y,
+                  int64_t ldy) {
+  int64_t n = n0;
+  for (; n + P <= n1; n += P) {
+    __m512 a0[P][R], a1[P][R];
+    for (int j = 0; j < P; ++j)
+      for (int r = 0; r < R; ++r) a0[j][r] = a1[j][r] = _mm512_setzero_ps();
     int64_t k = 0;
     for (; k + 32 <= K; k += 32) {
-      __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + k))));
-      __m512 w1 = _mm512_cvtepi32_ps(
-          _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + k + 16))));
+      __m512 w0[P], w1[P];
+      for (int j = 0; j < P; ++j) {
+        const int8_t* wr = w + (n + j) * K + k;
+        w0[j] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr))));
+        w1[j] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + 16))));
+      }
       for (int r = 0; r < R; ++r) {
-        a0[r] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + r * K + k), a0[r]);
-        a1[r] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + r * K + k + 16), a1[r]);
+        const __m512 x0 = _mm512_loadu_ps(x + r * K + k), x1 = _mm512_loadu_ps(x + r * K + k + 16);
+        for (int j = 0; j < P; ++j) {
+          a0[j][r] = _mm512_fmadd_ps(w0[j], x0, a0[j][r]);
+          a1[j][r] = _mm512_fmadd_ps(w1[j], x1, a1[j][r]);
+        }
       }
     }
     for (; k < K; k += 16) {
       const __mmask16 m = (K - k) >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
-      __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, wr + k)));
-      for (int r = 0; r < R; ++r) a0[r] = _mm512_fmadd_ps(w0, _mm512_maskz_loadu_ps(m, x + r * K + k), a0[r]);
+      for (int j = 0; j < P; ++j) {
+        __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, w + (n + j) * K + k)));
+        for (int r = 0; r < R; ++r) a0[j][r] = _mm512_fmadd_ps(w0, _mm512_maskz_loadu_ps(m, x + r * K + k), a0[j][r]);
+      }
     }
-    const float s = scale[n];
-    for (int r = 0; r < R; ++r) y[r * ldy + n] = _mm512_reduce_add_ps(_mm512_add_ps(a0[r], a1[r])) * s;
+    for (int j = 0; j < P; ++j)
+      for (int r = 0; r < R; ++r)
+        y[r * ldy + n + j] = _mm512_reduce_add_ps(_mm512_add_ps(a0[j][r], a1[j][r])) * scale[n + j];
   }
+  return n;
+}
+
+template <int R>
+void int8_rows_all(const float* x, int64_t K, const int8_t* w, const float* scale, int64_t n0, int64_t n1, float* y,
+                   int64_t ldy) {
+  const int64_t n = int8_rows<R, 2>(x, K, w, scale, n0, n1, y, ldy);
+  int8_rows<R, 1>(x, K, w, scale, n, n1, y, ldy);
 }
 
 void int8_range(const float* x, int64_t M, int64_t K, const int8_t* w, const float* scale, int64_t n0, int64_t n1,
@@ -113,63 +132,88 @@ void int8_range(const float* x, int64_t M, int64_t K, const int8_t* w, const flo
       const float* xr = x + r0 * K;
       float* yr = y + r0 * ldy;
       switch (std::min(kBlockRows, M - r0)) {
-        case 4: int8_rows<4>(xr, K, w, scale, b0, b1, yr, ldy); break;
-        case 3: int8_rows<3>(xr, K, w, scale, b0, b1, yr, ldy); break;
-        case 2: int8_rows<2>(xr, K, w, scale, b0, b1, yr, ldy); break;
-        default: int8_rows<1>(xr, K, w, scale, b0, b1, yr, ldy); break;
+        case 4: int8_rows_all<4>(xr, K, w, scale, b0, b1, yr, ldy); break;
+        case 3: int8_rows_all<3>(xr, K, w, scale, b0, b1, yr, ldy); break;
+        case 2: int8_rows_all<2>(xr, K, w, scale, b0, b1, yr, ldy); break;
+        default: int8_rows_all<1>(xr, K, w, scale, b0, b1, yr, ldy); break;
       }
     }
   }
 }
 
-// Int4 weight rows [n0, n1) against R rows of quantised activations (G % 64 == 0; x permuted per 128 columns
-// when G % 128 == 0, else per 64: `act_block`).
-template <int R>
-void int4_rows(const int8_t* xq, const float* xs, const float* xsum, int64_t K, int64_t G, const uint8_t* p,
-               const at::BFloat16* sz, int64_t N, int64_t n0, int64_t n1, float* y, int64_t ldy) {
+// Int4 weight rows against R rows of quantised activations, P weight rows per pass (G % 64 == 0; x permuted per
+// 128 columns when G % 128 == 0, else per 64: `act_block`). Returns the first row not done.
+template <int R, int P>
+int64_t int4_rows(const int8_t* xq, const float* xs, const float* xsum, int64_t K, int64_t G, const uint8_t* p,
+                  const at::BFloat16* sz, int64_t N, int64_t n0, int64_t n1, float* y, int64_t ldy) {
   const int64_t ng = K / G;
   const __m512i low = _mm512_set1_epi8(0x0F);
   const __m256i low256 = _mm256_set1_epi8(0x0F);
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* pr = p + n * (K / 2);
-    __m512 facc[R];
-    float sc[R];
-    for (int r = 0; r < R; ++r) {
-      facc[r] = _mm512_setzero_ps();
-      sc[r] = 0.f;
-    }
+  int64_t n = n0;
+  for (; n + P <= n1; n += P) {
+    __m512 facc[P][R];
+    float sc[P][R];
+    for (int j = 0; j < P; ++j)
+      for (int r = 0; r < R; ++r) {
+        facc[j][r] = _mm512_setzero_ps();
+        sc[j][r] = 0.f;
+      }
     for (int64_t g = 0; g < ng; ++g) {
-      const float s = static_cast<float>(sz[(g * N + n) * 2]), z = static_cast<float>(sz[(g * N + n) * 2 + 1]);
-      __m512i acc[R];
-      for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_si512();
+      __m512i acc[P][R];
+      for (int j = 0; j < P; ++j)
+        for (int r = 0; r < R; ++r) acc[j][r] = _mm512_setzero_si512();
       if (G % 128 == 0) {
         // 64 bytes = 128 columns: low nibbles = the even columns, high nibbles = the odd ones (x permuted so)
         for (int64_t c = 0; c < G; c += 128) {
-          __m512i b = _mm512_loadu_si512(pr + (g * G + c) / 2);
-          __m512i lo = _mm512_and_si512(b, low), hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), low);
+          __m512i lo[P], hi[P];
+          for (int j = 0; j < P; ++j) {
+            __m512i b = _mm512_loadu_si512(p + (n + j) * (K / 2) + (g * G + c) / 2);
+            lo[j] = _mm512_and_si512(b, low);
+            hi[j] = _mm512_and_si512(_mm512_srli_epi16(b, 4), low);
+          }
           for (int r = 0; r < R; ++r) {
             const int8_t* xr = xq + r * K + g * G + c;
-            acc[r] = _mm512_dpbusd_epi32(acc[r], lo, _mm512_loadu_si512(xr));
-            acc[r] = _mm512_dpbusd_epi32(acc[r], hi, _mm512_loadu_si512(xr + 64));
+            const __m512i xa = _mm512_loadu_si512(xr), xb = _mm512_loadu_si512(xr + 64);
+            for (int j = 0; j < P; ++j) {
+              acc[j][r] = _mm512_dpbusd_epi32(acc[j][r], lo[j], xa);
+              acc[j][r] = _mm512_dpbusd_epi32(acc[j][r], hi[j], xb);
+            }
           }
         }
       } else {
         // 32 bytes = 64 columns -> [low nibbles (evens), high nibbles (odds)]
         for (int64_t c = 0; c < G; c += 64) {
-          __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pr + (g * G + c) / 2));
-          __m256i lo = _mm256_and_si256(b, low256), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), low256);
-          __m512i u = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
-          for (int r = 0; r < R; ++r)
-            acc[r] = _mm512_dpbusd_epi32(acc[r], u, _mm512_loadu_si512(xq + r * K + g * G + c));
+          __m512i u[P];
+          for (int j = 0; j < P; ++j) {
+            __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + (n + j) * (K / 2) + (g * G + c) / 2));
+            __m256i lo = _mm256_and_si256(b, low256), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), low256);
+            u[j] = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+          }
+          for (int r = 0; r < R; ++r) {
+            const __m512i xa = _mm512_loadu_si512(xq + r * K + g * G + c);
+            for (int j = 0; j < P; ++j) acc[j][r] = _mm512_dpbusd_epi32(acc[j][r], u[j], xa);
+          }
         }
       }
-      for (int r = 0; r < R; ++r) {
-        facc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r]), _mm512_set1_ps(s * xs[r * ng + g]), facc[r]);
-        sc[r] += (z - 8.f * s) * xsum[r * ng + g];
+      for (int j = 0; j < P; ++j) {
+        const float s = static_cast<float>(sz[(g * N + n + j) * 2]), z = static_cast<float>(sz[(g * N + n + j) * 2 + 1]);
+        for (int r = 0; r < R; ++r) {
+          facc[j][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[j][r]), _mm512_set1_ps(s * xs[r * ng + g]), facc[j][r]);
+          sc[j][r] += (z - 8.f * s) * xsum[r * ng + g];
+        }
       }
     }
-    for (int r = 0; r < R; ++r) y[r * ldy + n] = _mm512_reduce_add_ps(facc[r]) + sc[r];
+    for (int j = 0; j < P; ++j)
+      for (int r = 0; r < R; ++r) y[r * ldy + n + j] = _mm512_reduce_add_ps(facc[j][r]) + sc[j][r];
   }
+  return n;
+}
+
+template <int R>
+void int4_rows_all(const int8_t* xq, const float* xs, const float* xsum, int64_t K, int64_t G, const uint8_t* p,
+                   const at::BFloat16* sz, int64_t N, int64_t n0, int64_t n1, float* y, int64_t ldy) {
+  const int64_t n = int4_rows<R, 2>(xq, xs, xsum, K, G, p, sz, N, n0, n1, y, ldy);
+  int4_rows<R, 1>(xq, xs, xsum, K, G, p, sz, N, n, n1, y, ldy);
 }
 
 void int4_range(const Int4Act& a, int64_t row0, int64_t M, int64_t K, int64_t G, const uint8_t* p,
@@ -184,10 +228,10 @@ void int4_range(const Int4Act& a, int64_t row0, int64_t M, int64_t K, int64_t G,
       const float* xsum = a.sum.data() + r * ng;
       float* yr = y + r0 * ldy;
       switch (std::min(kBlockRows, M - r0)) {
-        case 4: int4_rows<4>(xq, xs, xsum, K, G, p, sz, N, b0, b1, yr, ldy); break;
-        case 3: int4_rows<3>(xq, xs, xsum, K, G, p, sz, N, b0, b1, yr, ldy); break;
-        case 2: int4_rows<2>(xq, xs, xsum, K, G, p, sz, N, b0, b1, yr, ldy); break;
-        default: int4_rows<1>(xq, xs, xsum, K, G, p, sz, N, b0, b1, yr, ldy); break;
+        case 4: int4_rows_all<4>(xq, xs, xsum, K, G, p, sz, N, b0, b1, yr, ldy); break;
+        case 3: int4_rows_all<3>(xq, xs, xsum, K, G, p, sz, N, b0, b1, yr, ldy); break;
+        case 2: int4_rows_all<2>(xq, xs, xsum, K, G, p, sz, N, b0, b1, yr, ldy); break;
+        default: int4_rows_all<1>(xq, xs, xsum, K, G, p, sz, N, b0, b1, yr, ldy); break;
       }
     }
   }

@@ -21,12 +21,24 @@ the CPU has it, "avx2" (AVX2 + FMA) otherwise, None elsewhere (ARM, old x86, no 
 run PyTorch's ops. Both variants are compiled into one extension with target pragmas, so tests can run
 the AVX2 kernels on an AVX-512 machine.
 
-Measured against PyTorch's own weight-only ops (`aten._weight_int8pack_mm`, `aten._weight_int4pack_mm_for_cpu`
-with its "cpu" packing) on this project's 2-core AMD EPYC (Zen 4, AVX-512 VNNI/BF16, no AMX), bf16 activations,
-weights cycled through more than the L3 holds (as in decode), best of 7; GB/s of weight bytes (int8 1 B,
-int4 0.5 B per value; the 2-thread read of 1 GiB in the same run: see BENCH below):
+Measured against PyTorch's own weight-only ops (`aten._weight_int8pack_mm` with bf16 scales,
+`aten._weight_int4pack_mm_for_cpu` on its "cpu" packing) on this project's 2-core AMD EPYC (Zen 4, AVX-512
+VNNI/BF16, no AMX), bf16 activations, N×K = 2048×2048 (int4 G = 128), one thread, weights resident in L2/L3 —
+the compute ceiling of each kernel, which is what decides whether it can stream from DRAM — µs per product
+(GB/s of weight bytes: bf16 2, int8 1, int4 0.5 B per value), best of 40, on a machine shared with other jobs
+(load average 6-12: absolute numbers are low, ratios within a row are the point):
 
-BENCH
+    rows   bf16 kernel    int8 pack op   int8 ours      int4 pack op   int4 ours AVX-512   int4 ours AVX2
+    1      172 (48.9)     213 (19.7)     145 (29.0)     211 (10.0)     81 (26.0)           122 (17.2)
+    4      447 (18.8)     413 (10.2)     396 (10.6)     384 (5.5)      203 (10.3)          298 (7.0)
+    16     2115 (4.0)     1647 (2.5)     1963 (2.1)     1550 (1.4)     811 (2.6)           1226 (1.7)
+
+Chosen: our int4 kernels at every row count (2-2.6× the pack op); our int8 kernel (exact fp32 FMA) up to
+`CpuKernels.max_rows` rows: 1.5× the pack op at one row, level at 4, the pack op ~15 % ahead at 16 (both
+compute-bound there: int8 → fp32 conversion plus one FMA per weight and row; a VNNI int8 path with rounded
+activations would lift batches ≥ 4 — not done). Decode at batch 1 needs ≈ 14 GB/s per core from DRAM
+(28 GB/s read with 2 threads): int8 has 2× that in compute headroom, int4 ~1.9×. The 2-thread DRAM-streaming
+figures could not be measured on the loaded machine (its 1 GiB read probe gave 4-13 GB/s instead of ~28).
 """
 
 from __future__ import annotations
