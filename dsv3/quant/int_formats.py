@@ -16,9 +16,12 @@ kernels of dsv3.kernels read as is — no repacking at load):
     The int4 "cpu" packing (PyTorch's pack op, machine-dependent) is a load-time choice for the stock pack op
     only: never a file format, and the dsv3 kernels do not read it.
 
-The math is in dsv3.quant.intq. Each product picks one of two stock-PyTorch paths by the number of activation
-rows (`max_pack_rows`), decided per call and logged at debug level; `stats`, when given, counts the
-dequantise path (the pack path dequantises nothing), which is how tests see which path ran:
+The math is in dsv3.quant.intq. With `kernels` (a `Kernels` backend, e.g. dsv3.kernels.CpuKernels, handed over by
+`use_kernels(model, kernels)`) a product first asks the backend (`int8_linear`, `int8_expert_linear`, `int4_linear`,
+`int4_expert_linear`: dsv3's C++ kernels, few rows, int4 "rows" packing only); where it returns None, or without
+kernels, it picks one of two stock-PyTorch paths by the number of activation rows (`max_pack_rows`), decided per
+call and logged at debug level; `stats`, when given, counts the dequantise path (the pack path and the kernels
+dequantise nothing), which is how tests see which path ran:
 
     pack        few rows (decode): PyTorch's weight-only ops read the integer bytes directly —
                 `aten._weight_int8pack_mm(x, q, s)` and `aten._weight_int4pack_mm_for_cpu(x, packed, G, sz)`
