@@ -20,9 +20,10 @@ their format, then filled chunk by chunk — LOAD_CHUNK_ELEMENTS values in whole
 up rows, or of a matrix) are read from the file (`pread` of those rows only; FP8 dequantised over the blocks
 that hold them), quantised and written into place — peak memory is the quantised model plus one chunk.
 
-int4 packing: "cpu" (the layout of PyTorch's int4 pack op, so decode uses `_weight_int4pack_mm_for_cpu`) where
-that op writes a layout dsv3 reads (intq.cpu_layout_supported) and the matrix has a multiple of 64 rows;
-"rows" (portable, dequantised per tile) otherwise. The choice is logged.
+int4 packing: "rows" (portable; what dsv3's int4 CPU kernels read) wherever those kernels run (x86-64 with AVX2 or
+AVX-512 VNNI, dsv3.kernels.int_kernels.best_isa); else "cpu" (the layout of PyTorch's int4 pack op, so decode uses
+`_weight_int4pack_mm_for_cpu`) where that op writes a layout dsv3 reads (intq.cpu_layout_supported) and the
+matrix has a multiple of 64 rows; "rows" (dequantised per tile) otherwise. The choice is logged.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from torch import nn
 from dsv3.checkpoint.fp8 import Fp8Spec, dequantize_checked
 from dsv3.checkpoint.keys import Source
 from dsv3.checkpoint.safetensors_io import CheckpointReader
+from dsv3.kernels import int_kernels
 from dsv3.model.moe import RoutedExperts
 from dsv3.model.weights import Linear
 from dsv3.quant import intq
@@ -89,7 +91,10 @@ def int4_format(out: int, group_size: int, device: torch.device) -> Int4Grouped:
     """The int4 format of a matrix with `out` rows (per expert for a stack) in groups of `group_size`: zero
     points on the integer grid (what compressed-tensors stores, so the model saves as it is held), packed in
     the layout of PyTorch's int4 op where it applies (see the module docstring)."""
-    cpu = device.type == "cpu" and out % intq.CPU_BLOCK_ROWS == 0 and intq.cpu_layout_supported()
+    # "rows" wherever dsv3's int4 CPU kernels run (they read only that packing and beat the pack op:
+    # dsv3/kernels/int_kernels.py); PyTorch's "cpu" packing only where its pack op is the fastest decode path
+    cpu = (device.type == "cpu" and out % intq.CPU_BLOCK_ROWS == 0 and int_kernels.best_isa() is None
+           and intq.cpu_layout_supported())
     return Int4Grouped(group_size=group_size, layout="cpu" if cpu else "rows", integer_zero=True)
 
 

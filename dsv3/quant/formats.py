@@ -18,7 +18,7 @@ object chosen at load time (`from_pretrained(..., fp8="keep")`) or by an explici
     Int8PerChannel, Int4Grouped   int8 per output channel, int4 per group of inputs (dsv3.quant.int_formats)
 
 Kernels are an explicit backend object handed to a format (`Kernels` below; `dsv3.kernels.CpuKernels`
-implements it for bf16 weights), never a global or a swapped class: `Plain()` runs stock PyTorch ops,
+implements it for bf16, int8 and int4 weights), never a global or a swapped class: `Plain()` runs stock PyTorch ops,
 `Plain(kernels=CpuKernels())` the C++ GEMV kernels where they apply. A format's `stats` (a `DequantStats`),
 when given, counts what it dequantises — how the tests see that a decode step touches only the chosen experts.
 
@@ -57,6 +57,23 @@ class Kernels(Protocol):
 
     def expert_linear(self, x: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor | None:
         """y[p] = x[p] @ weight[ids[p]]ᵀ, ids sorted; x [P, K], weight [E, N, K] -> [P, N] fp32."""
+
+    # int8 / int4 weights in the stored layouts of dsv3.quant.int_formats (Int8PerChannel, Int4Grouped "rows")
+    def int8_linear(self, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
+        """x [M, K] @ (q [N, K] int8 · scale [N] fp32)ᵀ -> [M, N] fp32."""
+
+    def int8_expert_linear(self, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
+                           ids: torch.Tensor) -> torch.Tensor | None:
+        """y[p] = x[p] @ W[ids[p]]ᵀ, ids sorted; q [E, N, K] int8, scale [E, N] -> [P, N] fp32."""
+
+    def int4_linear(self, x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor,
+                    group_size: int) -> torch.Tensor | None:
+        """x [M, K] @ Wᵀ, packed uint8 [N, K/2] ("rows"), scale_zero bf16 [K/G, N, 2] -> [M, N] fp32 (a kernel
+        may round x to int8 per group first; its docs say so)."""
+
+    def int4_expert_linear(self, x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor, group_size: int,
+                           ids: torch.Tensor) -> torch.Tensor | None:
+        """y[p] = x[p] @ W[ids[p]]ᵀ, ids sorted; packed [E, N, K/2], scale_zero [E, K/G, N, 2] -> [P, N] fp32."""
 
 
 @dataclass

@@ -4,9 +4,24 @@
     Int8PerChannel  w int8 [.., out, in] + w_scale fp32 [.., out]                                  1 + 4/in
     Int4Grouped     w_packed uint8 [.., out, in/2] + w_scale_zero bf16 [.., in/G, out, 2]          0.5 + 4/G
 
-The math is in dsv3.quant.intq. Each product picks one of two stock-PyTorch paths by the number of activation
-rows (`max_pack_rows`), decided per call and logged at debug level; `stats`, when given, counts the
-dequantise path (the pack path dequantises nothing), which is how tests see which path ran:
+Stored layout (stable: what `state_dict`, `save_pretrained` and `dsv3 convert --quantize` write, and what the C++
+kernels of dsv3.kernels read as is — no repacking at load):
+
+    Int8PerChannel  `w`            int8  [.., out, in]      row-major, q in [-127, 127]
+                    `w_scale`      fp32  [.., out]          W[r, c] = q[r, c] · s[r]
+    Int4Grouped     `w_packed`     uint8 [.., out, in/2]    layout "rows": byte j of a row = column 2j (low
+                                                            nibble) | column 2j+1 (high nibble), codes 0..15
+                    `w_scale_zero` bf16  [.., in/G, out, 2] (scale, zero): W[r, c] = (code - 8)·scale + zero,
+                                                            G = group_size (64 or 128; 32 only where needed)
+    The int4 "cpu" packing (PyTorch's pack op, machine-dependent) is a load-time choice for the stock pack op
+    only: never a file format, and the dsv3 kernels do not read it.
+
+The math is in dsv3.quant.intq. With `kernels` (a `Kernels` backend, e.g. dsv3.kernels.CpuKernels, handed over by
+`use_kernels(model, kernels)`) a product first asks the backend (`int8_linear`, `int8_expert_linear`, `int4_linear`,
+`int4_expert_linear`: dsv3's C++ kernels, few rows, int4 "rows" packing only); where it returns None, or without
+kernels, it picks one of two stock-PyTorch paths by the number of activation rows (`max_pack_rows`), decided per
+call and logged at debug level; `stats`, when given, counts the dequantise path (the pack path and the kernels
+dequantise nothing), which is how tests see which path ran:
 
     pack        few rows (decode): PyTorch's weight-only ops read the integer bytes directly —
                 `aten._weight_int8pack_mm(x, q, s)` and `aten._weight_int4pack_mm_for_cpu(x, packed, G, sz)`
@@ -37,7 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3.quant import intq
-from dsv3.quant.formats import DequantStats, ExpertBatch, WeightFormat
+from dsv3.quant.formats import DequantStats, ExpertBatch, Kernels, WeightFormat
 from dsv3.quant.fp8 import CHUNK_ELEMENTS, TILE_ELEMENTS
 
 logger = logging.getLogger(__name__)
@@ -68,6 +83,14 @@ class _IntFormat(WeightFormat):
     tile_elements: int
     chunk_elements: int
     stats: DequantStats | None
+    kernels: Kernels | None
+
+    # the backend's kernels for one matrix (expert is None) or a sorted expert stack; None: not applicable
+    def _kernel_mm(self, module: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor | None:
+        raise NotImplementedError
+
+    def _kernel_grouped(self, module: nn.Module, name: str, xs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor | None:
+        raise NotImplementedError
 
     # per format: dense of rows [r0, r1) (or of `experts`), and the pack op on one matrix
     def _dense(self, module: nn.Module, name: str, dtype: torch.dtype, experts: torch.Tensor | None = None,
@@ -90,8 +113,13 @@ class _IntFormat(WeightFormat):
     def linear(self, module: nn.Module, name: str, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         cols = x.shape[-1]
         x2 = x.reshape(-1, cols)                                               # [M, in]
-        y = self._pack_mm(module, name, x2, None) if _pack_ok(x2, x2.shape[0], self.max_pack_rows) else None
+        y = self._kernel_mm(module, name, x2) if self.kernels is not None else None   # [M, out] fp32
         if y is not None:
+            _log_path(self, x2.shape[0], "kernel")
+            if bias is not None:
+                y = y + bias                                                   # in fp32, one rounding
+            return y.to(x.dtype).view(*x.shape[:-1], y.shape[-1])
+        if _pack_ok(x2, x2.shape[0], self.max_pack_rows) and (y := self._pack_mm(module, name, x2, None)) is not None:
             _log_path(self, x2.shape[0], "pack op")
         else:
             _log_path(self, x2.shape[0], "dequantise per tile")
@@ -109,6 +137,11 @@ class _IntFormat(WeightFormat):
 
     def grouped(self, module: nn.Module, name: str, xs: torch.Tensor, batch: ExpertBatch) -> torch.Tensor:
         """xs [P, in] sorted by expert -> [P, out]; only the experts with rows are read."""
+        if self.kernels is not None:
+            y = self._kernel_grouped(module, name, xs, batch.ids)              # [P, out] fp32, or None
+            if y is not None:
+                _log_path(self, xs.shape[0], "expert kernel")
+                return y
         if torch.compiler.is_compiling():
             # a compiled step cannot read the counts on the host: each row's expert, gathered and dequantised
             dense = self.matrix(module, name, xs.dtype, batch.ids)             # [P, out, in]
@@ -143,6 +176,9 @@ class _IntFormat(WeightFormat):
     def with_stats(self, stats: DequantStats | None) -> WeightFormat:
         return replace(self, stats=stats)  # type: ignore[type-var]
 
+    def with_kernels(self, kernels: Kernels | None) -> WeightFormat:
+        return self if kernels is self.kernels else replace(self, kernels=kernels)  # type: ignore[type-var]
+
 
 @dataclass(frozen=True)
 class Int8PerChannel(_IntFormat):
@@ -152,6 +188,7 @@ class Int8PerChannel(_IntFormat):
     tile_elements: int = TILE_ELEMENTS
     chunk_elements: int = CHUNK_ELEMENTS
     stats: DequantStats | None = field(default=None, compare=False)
+    kernels: Kernels | None = field(default=None, compare=False)
 
     def tensor_names(self, name: str) -> tuple[str, ...]:
         return name, name + "_scale"
@@ -179,6 +216,12 @@ class Int8PerChannel(_IntFormat):
             q, s = q[rows], s[rows]
         return intq.dequantize_int8(q, s, dtype)
 
+    def _kernel_mm(self, module: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor | None:
+        return self.kernels.int8_linear(x, getattr(module, name), getattr(module, name + "_scale"))
+
+    def _kernel_grouped(self, module: nn.Module, name: str, xs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor | None:
+        return self.kernels.int8_expert_linear(xs, getattr(module, name), getattr(module, name + "_scale"), ids)
+
     def _pack_mm(self, module: nn.Module, name: str, x: torch.Tensor, expert: int | None) -> torch.Tensor | None:
         q, s = getattr(module, name), getattr(module, name + "_scale")
         if expert is not None:
@@ -205,6 +248,7 @@ class Int4Grouped(_IntFormat):
     tile_elements: int = TILE_ELEMENTS
     chunk_elements: int = CHUNK_ELEMENTS
     stats: DequantStats | None = field(default=None, compare=False)
+    kernels: Kernels | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.group_size not in intq.INT4_GROUP_SIZES:
@@ -256,6 +300,18 @@ class Int4Grouped(_IntFormat):
         codes = intq.unpack_cpu(packed) if self.layout == "cpu" else intq.unpack_rows(packed)
         sz = sz.transpose(-3, -2)                                              # [.., out, in/G, 2]
         return intq.dequantize_int4(codes, sz[..., 0], sz[..., 1], dtype)
+
+    def _kernel_mm(self, module: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor | None:
+        if self.layout != "rows":
+            return None
+        return self.kernels.int4_linear(x, getattr(module, name + "_packed"), getattr(module, name + "_scale_zero"),
+                                        self.group_size)
+
+    def _kernel_grouped(self, module: nn.Module, name: str, xs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor | None:
+        if self.layout != "rows":
+            return None
+        return self.kernels.int4_expert_linear(xs, getattr(module, name + "_packed"),
+                                               getattr(module, name + "_scale_zero"), self.group_size, ids)
 
     def _pack_mm(self, module: nn.Module, name: str, x: torch.Tensor, expert: int | None) -> torch.Tensor | None:
         if self.layout != "cpu" or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):

@@ -155,6 +155,16 @@ def dequantize_int4(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
     return (grouped * scale.float()[..., None] + zero.float()[..., None]).view(codes.shape).to(dtype)
 
 
+def quantize_activations(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """x [..., K] -> x̂ [..., K] fp32: x rounded to int8 per (row, group of `group_size` values), symmetric,
+    scale amax/127 — what the int4 CPU kernels multiply (dsv3/kernels/cpu_int.cpp) instead of x."""
+    *lead, cols = x.shape
+    xg = x.float().reshape(*lead, cols // group_size, group_size)          # [..., K/G, G]
+    xs = xg.abs().amax(-1, keepdim=True) / INT8_MAX
+    q = torch.round(xg / torch.where(xs > 0, xs, torch.ones_like(xs))).clamp_(-INT8_MAX, INT8_MAX)
+    return (q * xs).reshape(x.shape)
+
+
 def pack_rows(codes: torch.Tensor) -> torch.Tensor:
     """codes [..., cols] (0..15) -> [..., cols/2] uint8: column 2j in the low nibble, 2j+1 in the high one."""
     c = codes.to(torch.uint8)
