@@ -128,8 +128,8 @@ def decode_step_bytes(model: DeepseekV3ForCausalLM, batch: int, context: int,
     weights = sum(_nbytes(layer, skip=("mlp.experts.",)) for layer in base.layers)
     for layer, touched in zip(moe_layers, experts_touched):
         experts = layer.mlp.experts
-        per_expert = (experts.gate_up_proj[0].numel() * experts.gate_up_proj.element_size()
-                      + experts.down_proj[0].numel() * experts.down_proj.element_size())
+        # Whatever tensors the weight format holds (bf16 stacks, FP8 + scales, int8/int4 + scales): 1/E each.
+        per_expert = _nbytes(experts) / experts.num_experts
         weights += round(touched * per_expert)
     emb = base.embed_tokens.weight
     weights += batch * emb.shape[1] * emb.element_size() + _nbytes(base.norm) + _nbytes(model.lm_head)
@@ -159,6 +159,44 @@ def prefill_flops(config: DeepseekV3Config, batch: int, length: int, logits_rows
     scores = h * length * (length + 1) // 2 * (config.qk_head_dim + config.v_head_dim)   # QKᵀ and PV, causal
     per_seq = 2 * length * params + 2 * scores * config.num_hidden_layers + 2 * logits_rows * d * config.vocab_size
     return batch * per_seq
+
+
+FP8_PROJECTIONS = ("q_a_proj", "q_b_proj", "q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj",
+                   "gate_proj", "up_proj", "down_proj")
+
+
+def write_fp8_checkpoint(src: Path, dst: Path, block_size: tuple[int, int] = (128, 128),
+                         max_shard_bytes: int = 2 * 2**30) -> None:
+    """Write the bf16 checkpoint `src` as DeepSeek block FP8 in `dst`: every projection of attention, the dense
+    MLPs and the experts as float8_e4m3fn `weight` + fp32 `weight_scale_inv` per 128x128 block (as DeepSeek
+    publishes V3); embeddings, LM head, norms and router as stored. One tensor in memory at a time;
+    config.json (with quantization_config) last, so a directory with a config.json is complete."""
+    from dsv3.checkpoint.atomic import atomic_write_text
+    from dsv3.checkpoint.safetensors_io import CheckpointReader, save_safetensors_sharded
+    from dsv3.quant.fp8 import quantize_fp8_blocks
+
+    def tensors(reader: CheckpointReader):  # noqa: ANN202
+        for key in reader.keys():
+            t = reader.get(key)
+            parts = key.split(".")
+            if key.endswith(".weight") and len(parts) >= 2 and parts[-2] in FP8_PROJECTIONS:
+                q, scale_inv = quantize_fp8_blocks(t, block_size)
+                yield key, q
+                yield key.removesuffix(".weight") + ".weight_scale_inv", scale_inv
+            else:
+                yield key, t
+
+    dst.mkdir(parents=True, exist_ok=True)
+    with CheckpointReader(src) as reader:
+        save_safetensors_sharded(tensors(reader), dst, max_shard_bytes=max_shard_bytes)
+    for f in src.iterdir():
+        if f.is_file() and not f.name.endswith(".safetensors") and f.name not in ("config.json",
+                                                                                   "model.safetensors.index.json"):
+            (dst / f.name).write_bytes(f.read_bytes())
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                     "weight_block_size": list(block_size)}
+    atomic_write_text(dst / "config.json", json.dumps(config, indent=2) + "\n")
 
 
 def peak_rss_gb() -> float:
