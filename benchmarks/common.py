@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import resource
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,32 +61,23 @@ BANDWIDTH_METHOD = "best of {repeats} fp32 x.sum() over a {size_mb} MiB buffer (
 
 
 def memory_bandwidth_gbs(size_mb: int = 1024, repeats: int = 10) -> float:
-    """Read bandwidth in GB/s: the best of `repeats` fp32 sums over a buffer far larger than the caches.
+    """Read bandwidth in GB/s: the best of `repeats` fp32 sums over a `size_mb` buffer with torch's threads
+    (benchmarks/probes.py measures it, with the triad and 1 thread beside it: `machine_probes`).
+    `BANDWIDTH_METHOD.format(...)` describes the measurement for reports."""
+    from probes import bandwidth
 
-    fp32 because torch's vectorised fp32 reduction keeps up with memory, while a bf16 sum is
-    compute-bound on CPUs without native bf16 arithmetic and under-reports by an order of magnitude.
-    `BANDWIDTH_METHOD.format(...)` describes the measurement for reports.
-    """
-    x = torch.ones(size_mb * 2**20 // 4, dtype=torch.float32)
-    x.sum()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        x.sum()
-        best = min(best, time.perf_counter() - t)
-    return x.numel() * 4 / best / 1e9
+    threads = torch.get_num_threads()
+    return bandwidth(threads, repeats=repeats, read_mib=size_mb)[f"read {threads}t"]["best"]
 
 
 def matmul_peak_gflops(n: int = 2048, dtype: torch.dtype = torch.bfloat16, repeats: int = 5) -> float:
-    """Best-of-`repeats` GFLOP/s of one [n, n] @ [n, n] matmul: the compute roofline for prefill."""
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best / 1e9
+    """Best-of-`repeats` GFLOP/s of one [n, n] @ [n, n] bf16 matmul: the compute roofline for prefill
+    (benchmarks/probes.py `gemm_peaks` measures it with the bench model's own GEMM shapes beside it)."""
+    if dtype != torch.bfloat16 or n != 2048:
+        raise ValueError(f"matmul_peak_gflops(n={n}, dtype={dtype}): probes.gemm_peaks measures bf16 2048^3")
+    from probes import PEAK_KEY, gemm_peaks
+
+    return gemm_peaks(None, repeats=repeats)[PEAK_KEY]["best_gflops"]
 
 
 @dataclass
