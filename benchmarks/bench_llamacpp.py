@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import gc
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -98,11 +99,12 @@ def log(msg: str) -> None:
 
 def run(cmd: list[str], what: str, **kwargs: Any) -> subprocess.CompletedProcess:
     """Run `cmd`; on failure raise with the command and the last lines of its output."""
-    log(f"{what}: {' '.join(str(c) for c in cmd)}")
+    shown = ["<shim>" if "\n" in str(c) else str(c) for c in cmd]      # the converter's shim is a script
+    log(f"{what}: {' '.join(shown)}")
     proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, **kwargs)
     if proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-30:])
-        raise RuntimeError(f"{what} failed (exit {proc.returncode}): {' '.join(str(c) for c in cmd)}\n{tail}")
+        raise RuntimeError(f"{what} failed (exit {proc.returncode}): {' '.join(shown)}\n{tail}")
     return proc
 
 
@@ -274,13 +276,18 @@ def run_dsv3(precision: str, bf16_dir: Path, fp8_dir: Path, args: argparse.Names
     log(f"  loaded in {time.perf_counter() - t:.0f} s")
     rows = measure_dsv3(model, precision, "default", args)
     kernels, why_not = kernels_module() if not args.no_kernels else (None, "--no-kernels")
+    enabled = False
     if kernels is not None:
-        enabled = kernels.use_cpu_kernels(model)
+        try:
+            enabled = kernels.use_cpu_kernels(model)
+        except Exception as e:  # noqa: BLE001 - a kernel build failure must not lose the other rows
+            why_not = f"use_cpu_kernels failed on {precision}: {type(e).__name__}: {e}"
+            kernels = None
         if enabled:
             rows += measure_dsv3(model, precision, "kernels", args)
-        else:
+        elif kernels is not None:
             why_not = "use_cpu_kernels(model) returned False on this machine"
-    if kernels is None or not enabled:
+    if not enabled:
         if not any(why_not in n for n in notes):
             notes.append(f"no dsv3 kernels rows: {why_not}")
     del model
@@ -403,10 +410,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prefill", type=int, default=512)
     p.add_argument("--gen", type=int, default=64, help="llama-bench -n")
     p.add_argument("--llama-reps", type=int, default=3, help="llama-bench -r")
-    p.add_argument("--steps", type=int, default=24, help="timed dsv3 decode steps per context")
-    p.add_argument("--budget-s", type=float, default=15.0, help="stop a dsv3 decode measurement after this long "
+    p.add_argument("--steps", type=int, default=16, help="timed dsv3 decode steps per context")
+    p.add_argument("--budget-s", type=float, default=10.0, help="stop a dsv3 decode measurement after this long "
                    "once 3 steps ran")
-    p.add_argument("--prefill-reps", type=int, default=3)
+    p.add_argument("--prefill-reps", type=int, default=2, help="timed dsv3 prefills (after an untimed one)")
     p.add_argument("--no-repack", action="store_true", help="llama.cpp with its default repack setting only")
     p.add_argument("--no-kernels", action="store_true", help="no dsv3 'kernels' rows")
     p.add_argument("--skip-llamacpp", action="store_true")
@@ -467,11 +474,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             repack = None if args.no_repack or t == "bf16" else [0, 1]
             results = llama_bench(bin_dir, ggufs[t], threads, args.llama_reps, [CONTEXT_TO_DEPTH.get(c, c)
                                   for c in args.contexts], args.gen, args.prefill, repack)
-            rows += llama_rows(results, t, gguf_bytes_per_token(src, ggufs[t], config))
+            new_rows = llama_rows(results, t, gguf_bytes_per_token(src, ggufs[t], config))
+            if repack is None:                       # llama.cpp's default (repack on where it has a layout)
+                for r in new_rows:
+                    r["config"] = "default"
+            rows += new_rows
             for r in rows[-len(results):]:
                 log(f"  llama.cpp {r['precision']} {r['config']} {r['kind']} d{r['context']}: {r['tok_s']:.2f} tok/s")
 
     if not args.skip_dsv3:
+        from dsv3.checkpoint.loader import load_pretrained
+
+        auto = "kernels" in inspect.signature(load_pretrained).parameters
+        notes.append("dsv3 'default' rows: from_pretrained as it loads by default (" + (
+            "its kernels= argument left at its default" if auto else "no kernels= argument in this dsv3: stock "
+            "PyTorch paths") + "); 'kernels' rows: the same model after dsv3.kernels.use_cpu_kernels(model)")
         for precision in args.precisions:
             loads.append(load_average())
             rows += run_dsv3(precision, bf16_dir, fp8_dir, args, notes)
