@@ -179,9 +179,9 @@ def write_fp8_checkpoint(src: Path, dst: Path, block_size: tuple[int, int] = (12
     dst.mkdir(parents=True, exist_ok=True)
     with CheckpointReader(src) as reader:
         save_safetensors_sharded(tensors(reader), dst, max_shard_bytes=max_shard_bytes)
-    for f in src.iterdir():
-        if f.is_file() and not f.name.endswith(".safetensors") and f.name not in ("config.json",
-                                                                                   "model.safetensors.index.json"):
+    skip = ("config.json", "model.safetensors.index.json")
+    for f in src.iterdir():                     # tokenizer and generation files; not weights, markers or config
+        if f.is_file() and not f.name.startswith(".") and not f.name.endswith(".safetensors") and f.name not in skip:
             (dst / f.name).write_bytes(f.read_bytes())
     config = json.loads((src / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
