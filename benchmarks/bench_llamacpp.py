@@ -11,8 +11,9 @@ One run, one set of weights, side by side:
    and its pre-tokenizer — DeepSeek-V3's regexes — is named "deepseek-v3" for the converter, which only
    recognises known tokenizers by a hash of their output). The same checkpoint is written once more as
    DeepSeek block FP8 (128×128 e4m3 + scale_inv on every projection, as DeepSeek publishes V3).
-3. llama.cpp: convert_hf_to_gguf.py -> GGUF bf16, llama-quantize -> Q8_0 and Q4_K_M, then
-   `llama-bench -t T -p 512 -n 64 -d 0,2048,8192 -r R -o json`, the quantised files with `--repack 0,1`
+3. llama.cpp: convert_hf_to_gguf.py -> GGUF bf16, llama-quantize -> Q8_0 and Q4_K_M, then llama-bench -t T
+   -r R -o json: `-p 512 -n 0 -d 0` (prefill) and `-p 0 -n 64 -d 0,2048,8192` (decode; prefill at depth too with
+   --prefill-depths), the quantised files with `--repack 0,1`
    (llama.cpp's CPU repacking of Q8_0/Q4_K weights into interleaved layouts; it needs care on AMX machines,
    where the stock build aborts unless `--repack 0`; the fastest configuration is the one compared).
 4. dsv3 on the same weights: bf16, int8 (`from_pretrained(quantization="int8")`), int4 ("int4"), FP8 kept as
@@ -101,7 +102,7 @@ def run(cmd: list[str], what: str, **kwargs: Any) -> subprocess.CompletedProcess
     """Run `cmd`; on failure raise with the command and the last lines of its output."""
     shown = ["<shim>" if "\n" in str(c) else str(c) for c in cmd]      # the converter's shim is a script
     log(f"{what}: {' '.join(shown)}")
-    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, **kwargs)
+    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, errors="replace", **kwargs)
     if proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-30:])
         raise RuntimeError(f"{what} failed (exit {proc.returncode}): {' '.join(shown)}\n{tail}")
@@ -409,6 +410,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--contexts", type=int, nargs="+", default=[128, 2048, 8192])
     p.add_argument("--prefill", type=int, default=512)
     p.add_argument("--gen", type=int, default=64, help="llama-bench -n")
+    p.add_argument("--prefill-depths", type=int, nargs="+", default=[0], help="llama-bench -d of its prefill runs")
     p.add_argument("--llama-reps", type=int, default=3, help="llama-bench -r")
     p.add_argument("--steps", type=int, default=16, help="timed dsv3 decode steps per context")
     p.add_argument("--budget-s", type=float, default=10.0, help="stop a dsv3 decode measurement after this long "
@@ -472,8 +474,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for t in types:
             loads.append(load_average())
             repack = None if args.no_repack or t == "bf16" else [0, 1]
-            results = llama_bench(bin_dir, ggufs[t], threads, args.llama_reps, [CONTEXT_TO_DEPTH.get(c, c)
-                                  for c in args.contexts], args.gen, args.prefill, repack)
+            # Two calls: prefill at the --prefill-depths (default 0 only: what the comparison uses), decode at
+            # every context's depth (llama-bench fills each depth once and restores it for every rep).
+            results = llama_bench(bin_dir, ggufs[t], threads, args.llama_reps, args.prefill_depths, 0, args.prefill,
+                                  repack)
+            results += llama_bench(bin_dir, ggufs[t], threads, args.llama_reps, [CONTEXT_TO_DEPTH.get(c, c)
+                                   for c in args.contexts], args.gen, 0, repack)
             new_rows = llama_rows(results, t, gguf_bytes_per_token(src, ggufs[t], config))
             if repack is None:                       # llama.cpp's default (repack on where it has a layout)
                 for r in new_rows:
@@ -503,13 +509,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         machine=dict(cpu=platform.processor() or platform.machine(), cores=os.cpu_count(), threads=threads,
                      torch=torch.__version__),
         llamacpp=llama_info, load=" | ".join(loads), probes=probes, probes_start=probes_start, probes_end=probes_end,
-        method=("llama.cpp: llama-bench -t {t} -p {p} -n {n} -d {d} -r {r} -o json (avg of its reps; Q8_0/Q4_K_M with "
-                "--repack 0,1); dsv3: decode = median of up to {s} single-token steps after the latent cache is "
-                "filled with random values for the context (context 128 vs llama.cpp depth 0), prefill = median of "
-                "{pr} prefills of {p} tokens into a fresh static cache, logits of the last position. % BW = weight "
-                "bytes per token x tok/s / best read bandwidth; % peak = prefill matmul FLOPs / s / best bf16 GEMM "
-                "2048^3; both probes run at start and end, best of either.").format(
-            t=threads, p=args.prefill, n=args.gen, d=",".join(str(CONTEXT_TO_DEPTH.get(c, c)) for c in args.contexts),
+        method=("llama.cpp: llama-bench -t {t} -p {p} -n 0 -d {pd} and -p 0 -n {n} -d {d}, -r {r} -o json (avg of "
+                "its reps; Q8_0/Q4_K_M with --repack 0,1); dsv3: decode = median of up to {s} single-token steps "
+                "after the latent cache is filled with random values for the context (context 128 vs llama.cpp "
+                "depth 0), prefill = median of {pr} prefills of {p} tokens (after an untimed one) into a fresh static "
+                "cache, logits of the last position. % BW = weight bytes per token x tok/s / best read bandwidth; "
+                "% peak = prefill matmul FLOPs / s / best bf16 GEMM 2048^3; both probes run at start and end, best "
+                "of either.").format(
+            t=threads, p=args.prefill, n=args.gen, pd=",".join(map(str, args.prefill_depths)),
+            d=",".join(str(CONTEXT_TO_DEPTH.get(c, c)) for c in args.contexts),
             r=args.llama_reps, s=args.steps, pr=args.prefill_reps),
         notes=notes, rows=rows, goals=goals(rows, args.contexts), rss_gb=peak_rss_gb(),
     )
