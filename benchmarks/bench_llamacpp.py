@@ -276,7 +276,8 @@ def run_dsv3(precision: str, bf16_dir: Path, fp8_dir: Path, args: argparse.Names
     model = load_dsv3(precision, bf16_dir, fp8_dir)
     log(f"  loaded in {time.perf_counter() - t:.0f} s")
     rows = measure_dsv3(model, precision, "default", args)
-    kernels, why_not = kernels_module() if not args.no_kernels else (None, "--no-kernels")
+    kernels, why_not = (kernels_module() if not args.no_kernels and precision in args.kernel_rows
+                        else (None, f"not asked for {precision} (--kernel-rows {' '.join(args.kernel_rows)})"))
     enabled = False
     if kernels is not None:
         try:
@@ -418,6 +419,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prefill-reps", type=int, default=2, help="timed dsv3 prefills (after an untimed one)")
     p.add_argument("--no-repack", action="store_true", help="llama.cpp with its default repack setting only")
     p.add_argument("--no-kernels", action="store_true", help="no dsv3 'kernels' rows")
+    p.add_argument("--kernel-rows", nargs="+", choices=PRECISIONS, default=list(PRECISIONS),
+                   help="precisions that get a 'kernels' row beside the default one")
     p.add_argument("--skip-llamacpp", action="store_true")
     p.add_argument("--skip-dsv3", action="store_true")
     p.add_argument("--quick", action="store_true", help="fewer reps and steps (numbers noisier)")
