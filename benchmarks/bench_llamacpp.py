@@ -276,8 +276,10 @@ def run_dsv3(precision: str, bf16_dir: Path, fp8_dir: Path, args: argparse.Names
     model = load_dsv3(precision, bf16_dir, fp8_dir)
     log(f"  loaded in {time.perf_counter() - t:.0f} s")
     rows = measure_dsv3(model, precision, "default", args)
-    kernels, why_not = (kernels_module() if not args.no_kernels and precision in args.kernel_rows
-                        else (None, f"not asked for {precision} (--kernel-rows {' '.join(args.kernel_rows)})"))
+    if args.no_kernels or precision not in args.kernel_rows:
+        kernels, why_not = None, "--no-kernels" if args.no_kernels else f"--kernel-rows {' '.join(args.kernel_rows)}"
+    else:
+        kernels, why_not = kernels_module()
     enabled = False
     if kernels is not None:
         try:
