@@ -515,7 +515,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      torch=torch.__version__),
         llamacpp=llama_info, load=" | ".join(loads), probes=probes, probes_start=probes_start, probes_end=probes_end,
         method=("llama.cpp: llama-bench -t {t} -p {p} -n 0 -d {pd} and -p 0 -n {n} -d {d}, -r {r} -o json (avg of "
-                "its reps; Q8_0/Q4_K_M with --repack 0,1); dsv3: decode = median of up to {s} single-token steps "
+                "its reps; Q8_0/Q4_K_M {rp}); dsv3: decode = median of up to {s} single-token steps "
                 "after the latent cache is filled with random values for the context (context 128 vs llama.cpp "
                 "depth 0), prefill = median of {pr} prefills of {p} tokens (after an untimed one) into a fresh static "
                 "cache, logits of the last position. % BW = weight bytes per token x tok/s / best read bandwidth; "
@@ -523,7 +523,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "of either.").format(
             t=threads, p=args.prefill, n=args.gen, pd=",".join(map(str, args.prefill_depths)),
             d=",".join(str(CONTEXT_TO_DEPTH.get(c, c)) for c in args.contexts),
-            r=args.llama_reps, s=args.steps, pr=args.prefill_reps),
+            r=args.llama_reps, s=args.steps, pr=args.prefill_reps,
+            rp="at llama.cpp's default repack setting (--no-repack)" if args.no_repack else "with --repack 0,1"),
         notes=notes, rows=rows, goals=goals(rows, args.contexts), rss_gb=peak_rss_gb(),
     )
     print_report(result)
