@@ -45,15 +45,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import (  # noqa: E402
-    BANDWIDTH_METHOD,
     bench_config,
     decode_step_bytes,
-    matmul_peak_gflops,
-    memory_bandwidth_gbs,
     peak_rss_gb,
     prefill_flops,
     random_model,
 )
+from probes import format_probes, machine_probes  # noqa: E402
 
 from dsv3 import DeepseekV3Config, DeepseekV3ForCausalLM  # noqa: E402
 from dsv3.generation.generate import DecodeStep, generate, make_cache  # noqa: E402
@@ -260,9 +258,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
     log(f"torch {torch.__version__}, {threads} threads; measuring memory bandwidth and matmul peak")
-    bandwidth = memory_bandwidth_gbs()
-    bw_method = BANDWIDTH_METHOD.format(repeats=10, size_mb=1024, threads=threads)
-    gemm_peak = matmul_peak_gflops()
+    # benchmarks/probes.py: read and triad with 1 and `threads` threads, bf16 GEMM peaks, best and median of many;
+    # decode % of roofline divides by the best read, prefill % of peak by the best bf16 2048^3 GEMM.
+    probes = machine_probes(None if args.tiny else bench_config(), threads, quick=args.quick)
+    bandwidth, bw_method = probes["decode_roofline_gbs"], probes["decode_roofline_method"]
+    gemm_peak = probes["gemm_peak_gflops"]
     log(f"read bandwidth {bandwidth:.1f} GB/s; bf16 matmul peak {gemm_peak:.0f} GFLOP/s")
 
     # No MTP module: plain decoding never runs it and transformers has none (the bench shape is 2.36 B params).
@@ -381,6 +381,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cache_bytes = cache_bytes_per_token_layer(model, hf)
     result = summarise(args, config, bandwidth, bw_method, gemm_peak, threads, decode, prefills, generates,
                        experts_touched, cache_bytes, notes, rss_loaded, params_b)
+    result["machine"]["probes"] = probes
     print_report(result)
     line = json.dumps(rounded(result), separators=(",", ":"))
     if args.out:
@@ -505,6 +506,8 @@ def print_report(r: dict[str, Any]) -> None:
           f"torch {m['torch']}")
     print(f"memory read bandwidth {m['read_bandwidth_gbs']:.1f} GB/s ({m['bandwidth_method']}); "
           f"bf16 matmul peak {m['bf16_matmul_gflops']:.0f} GFLOP/s")
+    if "probes" in m:
+        print(format_probes(m["probes"]))
     for note in r["notes"]:
         print(f"note: {note}")
     print(f"method: {r['method']}")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import resource
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,32 +61,23 @@ BANDWIDTH_METHOD = "best of {repeats} fp32 x.sum() over a {size_mb} MiB buffer (
 
 
 def memory_bandwidth_gbs(size_mb: int = 1024, repeats: int = 10) -> float:
-    """Read bandwidth in GB/s: the best of `repeats` fp32 sums over a buffer far larger than the caches.
+    """Read bandwidth in GB/s: the best of `repeats` fp32 sums over a `size_mb` buffer with torch's threads
+    (benchmarks/probes.py measures it, with the triad and 1 thread beside it: `machine_probes`).
+    `BANDWIDTH_METHOD.format(...)` describes the measurement for reports."""
+    from probes import bandwidth
 
-    fp32 because torch's vectorised fp32 reduction keeps up with memory, while a bf16 sum is
-    compute-bound on CPUs without native bf16 arithmetic and under-reports by an order of magnitude.
-    `BANDWIDTH_METHOD.format(...)` describes the measurement for reports.
-    """
-    x = torch.ones(size_mb * 2**20 // 4, dtype=torch.float32)
-    x.sum()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        x.sum()
-        best = min(best, time.perf_counter() - t)
-    return x.numel() * 4 / best / 1e9
+    threads = torch.get_num_threads()
+    return bandwidth(threads, repeats=repeats, read_mib=size_mb)[f"read {threads}t"]["best"]
 
 
 def matmul_peak_gflops(n: int = 2048, dtype: torch.dtype = torch.bfloat16, repeats: int = 5) -> float:
-    """Best-of-`repeats` GFLOP/s of one [n, n] @ [n, n] matmul: the compute roofline for prefill."""
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best / 1e9
+    """Best-of-`repeats` GFLOP/s of one [n, n] @ [n, n] bf16 matmul: the compute roofline for prefill
+    (benchmarks/probes.py `gemm_peaks` measures it with the bench model's own GEMM shapes beside it)."""
+    if dtype != torch.bfloat16 or n != 2048:
+        raise ValueError(f"matmul_peak_gflops(n={n}, dtype={dtype}): probes.gemm_peaks measures bf16 2048^3")
+    from probes import PEAK_KEY, gemm_peaks
+
+    return gemm_peaks(None, repeats=repeats)[PEAK_KEY]["best_gflops"]
 
 
 @dataclass
@@ -128,8 +118,8 @@ def decode_step_bytes(model: DeepseekV3ForCausalLM, batch: int, context: int,
     weights = sum(_nbytes(layer, skip=("mlp.experts.",)) for layer in base.layers)
     for layer, touched in zip(moe_layers, experts_touched):
         experts = layer.mlp.experts
-        per_expert = (experts.gate_up_proj[0].numel() * experts.gate_up_proj.element_size()
-                      + experts.down_proj[0].numel() * experts.down_proj.element_size())
+        # Whatever tensors the weight format holds (bf16 stacks, FP8 + scales, int8/int4 + scales): 1/E each.
+        per_expert = _nbytes(experts) / experts.num_experts
         weights += round(touched * per_expert)
     emb = base.embed_tokens.weight
     weights += batch * emb.shape[1] * emb.element_size() + _nbytes(base.norm) + _nbytes(model.lm_head)
@@ -159,6 +149,44 @@ def prefill_flops(config: DeepseekV3Config, batch: int, length: int, logits_rows
     scores = h * length * (length + 1) // 2 * (config.qk_head_dim + config.v_head_dim)   # QKᵀ and PV, causal
     per_seq = 2 * length * params + 2 * scores * config.num_hidden_layers + 2 * logits_rows * d * config.vocab_size
     return batch * per_seq
+
+
+FP8_PROJECTIONS = ("q_a_proj", "q_b_proj", "q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj",
+                   "gate_proj", "up_proj", "down_proj")
+
+
+def write_fp8_checkpoint(src: Path, dst: Path, block_size: tuple[int, int] = (128, 128),
+                         max_shard_bytes: int = 2 * 2**30) -> None:
+    """Write the bf16 checkpoint `src` as DeepSeek block FP8 in `dst`: every projection of attention, the dense
+    MLPs and the experts as float8_e4m3fn `weight` + fp32 `weight_scale_inv` per 128x128 block (as DeepSeek
+    publishes V3); embeddings, LM head, norms and router as stored. One tensor in memory at a time;
+    config.json (with quantization_config) last, so a directory with a config.json is complete."""
+    from dsv3.checkpoint.atomic import atomic_write_text
+    from dsv3.checkpoint.safetensors_io import CheckpointReader, save_safetensors_sharded
+    from dsv3.quant.fp8 import quantize_fp8_blocks
+
+    def tensors(reader: CheckpointReader):  # noqa: ANN202
+        for key in reader.keys():
+            t = reader.get(key)
+            parts = key.split(".")
+            if key.endswith(".weight") and len(parts) >= 2 and parts[-2] in FP8_PROJECTIONS:
+                q, scale_inv = quantize_fp8_blocks(t, block_size)
+                yield key, q
+                yield key.removesuffix(".weight") + ".weight_scale_inv", scale_inv
+            else:
+                yield key, t
+
+    dst.mkdir(parents=True, exist_ok=True)
+    with CheckpointReader(src) as reader:
+        save_safetensors_sharded(tensors(reader), dst, max_shard_bytes=max_shard_bytes)
+    skip = ("config.json", "model.safetensors.index.json")
+    for f in src.iterdir():                     # tokenizer and generation files; not weights, markers or config
+        if f.is_file() and not f.name.startswith(".") and not f.name.endswith(".safetensors") and f.name not in skip:
+            (dst / f.name).write_bytes(f.read_bytes())
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                     "weight_block_size": list(block_size)}
+    atomic_write_text(dst / "config.json", json.dumps(config, indent=2) + "\n")
 
 
 def peak_rss_gb() -> float:
