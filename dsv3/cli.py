@@ -32,7 +32,6 @@ import torch
 logger = logging.getLogger("dsv3")
 
 SHIPPED_MODEL = Path(__file__).resolve().parent / "assets" / "dsv3-pystd"
-KERNELS_MIN_HIDDEN = 1024
 
 
 def _add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -53,7 +52,8 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", help="compile the decode step with torch.compile")
     p.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch")
     p.add_argument("--kernels", choices=["auto", "on", "off"], default="auto",
-                   help="C++ CPU decode kernels for bf16 weights (auto: when on CPU in bf16 and they build)")
+                   help="C++ CPU decode kernels for bf16 and FP8 weights (auto, as from_pretrained: on the CPU, in "
+                        "bf16, hidden size >= 1024, where they build)")
     p.add_argument("--quantization", choices=["int8", "int4"], default=None,
                    help="quantise linear and expert weights while loading (weight-only; int8 per channel, int4 "
                         "per group of 128 inputs)")
@@ -83,6 +83,7 @@ def _check_json_object(path: Path) -> None:
 
 def load_model_and_tokenizer(args: argparse.Namespace) -> tuple[Any, Any]:
     from dsv3 import DeepseekV3Config, DeepseekV3ForCausalLM
+    from dsv3.kernels import select_kernels
     from dsv3.tokenizer import AutoTokenizer, tokenizer_for_model
 
     if args.threads:
@@ -95,6 +96,7 @@ def load_model_and_tokenizer(args: argparse.Namespace) -> tuple[Any, Any]:
         torch.manual_seed(0)
         tokenizer = AutoTokenizer.from_pretrained()
         model = DeepseekV3ForCausalLM(DeepseekV3Config.tiny(vocab_size=129280)).eval()
+        select_kernels(model, args.kernels)       # from_pretrained's rule (a tiny model keeps the stock ops)
         return model, tokenizer
     path = args.model or SHIPPED_MODEL
     if not (path / "config.json").is_file():
@@ -103,24 +105,9 @@ def load_model_and_tokenizer(args: argparse.Namespace) -> tuple[Any, Any]:
     for name in ("config.json", "generation_config.json", "tokenizer_config.json"):
         _check_json_object(path / name)
     model = DeepseekV3ForCausalLM.from_pretrained(path, torch_dtype=args.dtype, device_map=args.device,
-                                                  quantization=args.quantization)
-    _maybe_use_kernels(model, args.kernels)
+                                                  quantization=args.quantization, kernels=args.kernels)
     tokenizer = tokenizer_for_model(path, model.config.vocab_size)   # falls back (with a warning) when it fits
     return model, tokenizer
-
-
-def _maybe_use_kernels(model: Any, choice: str) -> None:
-    from dsv3.kernels import use_cpu_kernels
-
-    if choice == "off":
-        return
-    # auto: only where weight reads dominate a step (bf16 on the CPU, a model of real width); on small models
-    # such as the shipped one the custom-op call overhead outweighs the bandwidth gained (benchmarks/).
-    if choice == "auto" and (model.device.type != "cpu" or model.dtype != torch.bfloat16
-                             or model.config.hidden_size < KERNELS_MIN_HIDDEN):
-        return
-    if not use_cpu_kernels(model) and choice == "on":
-        raise SystemExit("error: --kernels on, but the CPU kernels cannot be built here (need AVX-512 and g++)")
 
 
 def _generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:

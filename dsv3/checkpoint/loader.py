@@ -54,6 +54,7 @@ from dsv3.checkpoint.keys import SCALE_SUFFIX, LoadPlan, Source, is_mtp_key, pie
 from dsv3.checkpoint.quantize import check_quantization, plan_quantization, quantize_loaded
 from dsv3.checkpoint.safetensors_io import CheckpointReader
 from dsv3.config import DeepseekV3Config, check_keyword_arguments
+from dsv3.kernels import check_kernels_choice, select_kernels
 from dsv3.model.moe import RoutedExperts
 from dsv3.model.rope import RotaryEmbedding
 from dsv3.model.weights import hold_formats
@@ -172,14 +173,15 @@ def prepare_load(cls: type, reader: CheckpointReader, config: DeepseekV3Config, 
 def load_pretrained(cls: type, path: str | os.PathLike, torch_dtype: Any = "auto", device_map: Any = None,
                     config: DeepseekV3Config | None = None, progress: bool | None = None, strict: bool = True,
                     fp8: str = "dequantize", load_mtp: bool | None = None, dtype: Any = None,
-                    quantization: str | None = None, **config_overrides: Any) -> nn.Module:
+                    quantization: str | None = None, kernels: str = "auto", **config_overrides: Any) -> nn.Module:
     """Load a HF checkpoint directory (single file or index + shards, bf16/fp16/fp32 or block FP8).
 
     torch_dtype: a dtype, "bfloat16"/"float16"/"float32", or "auto" (config.json's torch_dtype); `dtype` is the
     transformers-5 spelling. device_map: "auto" (GPU when present), "cpu", "cuda", "cuda:N", a device.
     fp8: "dequantize" or "keep" (see module docstring). quantization: None, "int8" or "int4" — weight-only
     quantisation while loading, one tensor at a time (dsv3.checkpoint.quantize says which tensors).
-    progress: a bar on stderr (default: when a tty).
+    progress: a bar on stderr (default: when a tty). kernels: "auto" (CPU kernels where they help), "on" or "off"
+    (dsv3.kernels.select_kernels; the choice is `model.kernels`).
     Any other keyword must be a config field and overrides config.json (transformers semantics); an unknown
     one is an UnknownArgumentError naming the closest accepted name. `trust_remote_code` and
     `low_cpu_mem_usage` are accepted and have no effect (dsv3 runs its own code and always loads one copy).
@@ -203,6 +205,7 @@ def load_pretrained(cls: type, path: str | os.PathLike, torch_dtype: Any = "auto
     if config_overrides:
         config = config.replace(**config_overrides)
     check_quantization(quantization, fp8)
+    check_kernels_choice(kernels)
     target_dtype = resolve_dtype(torch_dtype, config)
     device = resolve_device(device_map)
     with CheckpointReader(path) as reader:
@@ -232,6 +235,7 @@ def load_pretrained(cls: type, path: str | os.PathLike, torch_dtype: Any = "auto
                 del out
     _finish(model, prep.config, device)
     model.eval()
+    select_kernels(model, kernels)
     return model
 
 

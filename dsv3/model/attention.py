@@ -21,12 +21,18 @@ r+dr, like multi-query attention with S·H query rows):
     o     = einsum("bshc,hdc->bshd", o_lat, W_UV)              [B,S,H,dv]
 
 Both paths are exact for any S at any start position (the mask is the same), so chunked prefill
-and speculative verification can use either. Per head, the expanded path costs about
+and speculative verification can use either. Decode (S = 1, no mask) may run the absorbed attention
+through `kernels.latent_decode` (an `AttentionKernels` object handed to the layers by
+`use_attention_kernels`, e.g. dsv3.kernels.CpuKernels: one fused pass per cache read for all heads);
+it returns None where it does not apply and the matmuls run. Per head, the expanded path costs about
 T·r·(dn+dv) + S·T·(dn+dr+dv) multiply-adds and the absorbed one S·r·(dn+dv) + S·T·(2r+dr);
 `choose_path` picks the cheaper.
 """
 
 from __future__ import annotations
+
+import logging
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +44,16 @@ from dsv3.model.norm import RMSNorm
 from dsv3.model.rope import apply_rope
 from dsv3.model.weights import weight_matrix
 
+logger = logging.getLogger(__name__)
+
 MLA_PATHS = ("auto", "naive", "absorbed")
+
+
+class AttentionKernels(Protocol):
+    """Optional fast single-token decode over the latent cache; None where it does not apply."""
+
+    def latent_decode(self, query: torch.Tensor, latent: torch.Tensor, r: int, scale: float) -> torch.Tensor | None:
+        """softmax(query·latentᵀ·scale)·latent[..., :r]: query [B, H, r+dr], latent [B, T, r+dr] -> [B, H, r] fp32."""
 
 
 def choose_path(config: DeepseekV3Config, s: int, t: int, path: str = "auto") -> str:
@@ -89,9 +104,13 @@ def latent_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     For the absorbed path's shape (one shared key/value "head" of width r+dr, S·H query rows) this is
     several times faster on the CPU than scaled_dot_product_attention, whose kernels tile for many
     heads of width ≤ 256 (8192 cached tokens: 3.8 ms against 22 ms per layer, benchmarks/).
+    The scores are computed as key·queryᵀ ([T, S·H]: the T cached rows as the GEMM's long side, read in
+    place) and transposed once in fp32: the other orientation (S·H rows against a transposed [T, r+dr]
+    operand) ran 3–8× slower on this project's CPU at T = 8192 (same products, same fp32 sums).
     Masked scores get fp32's minimum rather than -inf: transformers' numerics, finite for padding queries.
     """
-    scores = torch.matmul(query, key.transpose(-1, -2)).float().mul_(scale)      # [B, 1, S*H, T]
+    scores = torch.matmul(key, query.transpose(-1, -2)).transpose(-1, -2)         # [B, 1, S*H, T] (a view)
+    scores = scores.to(torch.float32, memory_format=torch.contiguous_format).mul_(scale)
     if mask is not None:
         scores = scores.masked_fill_(~mask, torch.finfo(torch.float32).min)
     probs = scores.softmax(-1).to(value.dtype)
@@ -118,6 +137,7 @@ class MultiHeadLatentAttention(nn.Module):
         self.kv_b_proj = nn.Linear(self.r, h * (self.dn + self.dv), bias=False)
         self.o_proj = nn.Linear(h * self.dv, d, bias=bias)
         self.scale = config.softmax_scale
+        self.kernels: AttentionKernels | None = None     # set by use_attention_kernels
 
     def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, mask: torch.Tensor | None,
                 cache: LatentCacheView | None = None, path: str = "auto",
@@ -187,8 +207,13 @@ class MultiHeadLatentAttention(nn.Module):
                                         latent.device)
         if mask is not None:
             mask = mask[:, :, :, None, :].expand(-1, -1, -1, h, -1).reshape(mask.shape[0], 1, s * h, -1)
-        probs = None
-        if dropout > 0.0 and not return_probs:
+        probs = o = None
+        if self.kernels is not None and s == 1 and mask is None and dropout == 0.0 and not return_probs:
+            o = self.kernels.latent_decode(query.view(b, h, -1), latent, self.r, self.scale)   # [B, H, r] fp32
+            o = None if o is None else o.to(latent.dtype)
+        if o is not None:   # the decode kernel ran
+            pass
+        elif dropout > 0.0 and not return_probs:
             o = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, scale=self.scale,
                                                attn_mask=None if mask is None else additive_mask(mask, query.dtype))
         else:
@@ -198,3 +223,12 @@ class MultiHeadLatentAttention(nn.Module):
                 o = torch.matmul(probs, value) if dropout > 0.0 else o
                 probs = probs.view(b, s, h, t).transpose(1, 2)              # [B, H, S, T]
         return torch.einsum("bshc,hdc->bshd", o.view(b, s, h, self.r), w_uv), probs   # [B, S, H, dv]
+
+
+def use_attention_kernels(model: nn.Module, kernels: AttentionKernels | None) -> int:
+    """Hand `kernels` to every MLA layer of `model` (None: the matmul path). Returns the number of layers."""
+    layers = [m for m in model.modules() if isinstance(m, MultiHeadLatentAttention)]
+    for layer in layers:
+        layer.kernels = kernels
+    logger.info("MLA decode: %s for %d layers", type(kernels).__name__ if kernels else "matmuls", len(layers))
+    return len(layers)
