@@ -196,3 +196,44 @@ def test_fp8_kept_model_with_kernels_decodes_like_the_dequantising_one(fp8_check
             assert stats.calls == fast.config.num_hidden_layers and stats.experts == 0, stats
     use_kernels(fast, None)
     assert all(f.kernels is None for m in experts for f in m.formats.values())
+
+
+# -- MLA's absorbed path with an FP8 kv_b_proj: W_UK and W_UV read as stored ----------------------------------------
+@pytest.mark.parametrize("rows", [(0, 40), (0, 16), (16, 40), (5, 6)])
+def test_fp8_transposed_head_kernel_matches_reference(rows: tuple[int, int]) -> None:
+    w, s = _stack(6, 20, 72, 1, (40, 32), seed=9)                      # [6, 40, 72]: one 40-row block per head
+    idx = torch.tensor([0, 0, 2, 3, 3, 3, 5])
+    x = torch.randn(len(idx), rows[1] - rows[0], generator=torch.Generator().manual_seed(2))
+    got = kernels.fp8_expert_linear_t(x, w, s, idx, rows[0], rows[1], 40, 32)
+    want = kernels.reference_fp8_expert_linear_t(x, w, s, idx, rows, (40, 32))
+    dense = dequantize_fp8_stacked(w[idx], s[idx], (40, 32), torch.float32)[:, rows[0]: rows[1]]
+    assert_close(got, want, 1e-5 * float((x.abs()[:, :, None] * dense.abs()).sum(1).max()), "fp8 transposed kernel")
+
+
+def test_absorbed_attention_reads_an_fp8_kv_b_as_stored() -> None:
+    from dsv3.config import DeepseekV3Config
+    from dsv3.model.attention import MultiHeadLatentAttention
+    from dsv3.model.rope import RotaryEmbedding
+
+    torch.manual_seed(0)
+    cfg = DeepseekV3Config.tiny()                                      # dn + dv = 16 + 24 = 40 rows per head
+    mla = MultiHeadLatentAttention(cfg, 0).eval()
+    stats = DequantStats()
+    block = (cfg.qk_nope_head_dim + cfg.v_head_dim, 32)                # whole heads per row block
+    mla.kv_b_proj = Linear.from_linear(mla.kv_b_proj, Fp8Blocks(block, stats=stats))
+    x = torch.randn(2, 1, cfg.hidden_size)
+    freqs = RotaryEmbedding(cfg)(torch.tensor([[7], [7]]))
+    latent = torch.randn(2, 8, cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+
+    class Fixed:
+        def update(self, layer_idx: int, new: torch.Tensor) -> torch.Tensor:
+            return torch.cat([latent[:, :7], new], 1)
+
+    with torch.no_grad():
+        want = mla(x, freqs, None, Fixed(), path="absorbed")
+        assert stats.calls == 1                                         # kv_b_proj dequantised once
+        mla.kv_b_proj.format = mla.kv_b_proj.format.with_kernels(kernels.CpuKernels())
+        stats.reset()
+        got = mla(x, freqs, None, Fixed(), path="absorbed")
+    assert stats.calls == 0                                             # W_UK and W_UV read as stored
+    assert_close(got, want, 1e-5 * float(want.abs().max()), "absorbed MLA, FP8 kv_b: kernels vs dequantise")

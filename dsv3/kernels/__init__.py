@@ -133,6 +133,30 @@ def _(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, ids: torch
     return x.new_empty(x.shape[0], weight.shape[1], dtype=torch.float32)
 
 
+@torch.library.custom_op("dsv3::fp8_expert_linear_t", mutates_args=())
+def fp8_expert_linear_t(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, ids: torch.Tensor, row0: int,
+                        row1: int, block_rows: int, block_cols: int) -> torch.Tensor:
+    """y[p] = x[p] @ dequant(weight[ids[p]])[row0:row1], ids sorted; x [P, row1-row0], weight [E, N, K] e4m3,
+    scale_inv [E, ceil(N/bo), ceil(K/bi)] -> [P, K] fp32 (MLA's q_nope·W_UK with heads as experts)."""
+    return _fp8_extension().expert_linear_t(x, weight.view(torch.uint8), scale_inv.contiguous(), ids, row0, row1,
+                                            block_rows, block_cols)
+
+
+@fp8_expert_linear_t.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, ids: torch.Tensor, row0: int, row1: int,
+      block_rows: int, block_cols: int) -> torch.Tensor:
+    return x.new_empty(x.shape[0], weight.shape[2], dtype=torch.float32)
+
+
+def reference_fp8_expert_linear_t(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, ids: torch.Tensor,
+                                  rows: tuple[int, int], block: tuple[int, int]) -> torch.Tensor:
+    """The slow reference of `fp8_expert_linear_t`: dequantise the listed experts to fp32, then bmm."""
+    from dsv3.quant.fp8 import dequantize_fp8_stacked
+
+    dense = dequantize_fp8_stacked(weight[ids], scale_inv[ids], block, torch.float32)[:, rows[0]: rows[1]]
+    return torch.bmm(x.float()[:, None, :], dense).squeeze(1)                   # [P, K]
+
+
 def reference_fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor,
                          block: tuple[int, int]) -> torch.Tensor:
     """The slow reference of `fp8_linear`: dequantise to fp32, then F.linear (fp32 out)."""
@@ -248,6 +272,12 @@ class CpuKernels:
         if not _fp8_kernel_ok(x, weight, x.shape[0], self.max_expert_rows):
             return None
         return fp8_expert_linear(x, weight, scale_inv, ids, block[0], block[1], parts)
+
+    def fp8_expert_linear_t(self, x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, ids: torch.Tensor,
+                            rows: tuple[int, int], block: tuple[int, int]) -> torch.Tensor | None:
+        if not _fp8_kernel_ok(x, weight, x.shape[0], self.max_expert_rows):
+            return None
+        return fp8_expert_linear_t(x, weight, scale_inv, ids, rows[0], rows[1], block[0], block[1])
 
     # -- MLA decode (dsv3.model.attention.AttentionKernels) -------------------------------------------------------
     def latent_decode(self, query: torch.Tensor, latent: torch.Tensor, r: int, scale: float) -> torch.Tensor | None:

@@ -246,7 +246,75 @@ torch::Tensor expert_linear(torch::Tensor x, torch::Tensor w, torch::Tensor s, t
   return y;
 }
 
+// The transposed product over a row range, for MLA's absorbed query (q_nope · W_UK with heads as experts):
+//   y[p, :] = Σ_{j < n1-n0} x[p, j] · W[ids[p]][n0 + j, :]      x [P, n1-n0], w [E,N,K] (one grid), ids sorted
+// Jobs are (run, column block): each streams its rows' bytes once and accumulates axpy-style into y.
+torch::Tensor expert_linear_t(torch::Tensor x, torch::Tensor w, torch::Tensor s, torch::Tensor ids, int64_t n0,
+                              int64_t n1, int64_t bo, int64_t bi) {
+  TORCH_CHECK(w.scalar_type() == at::kByte && w.is_contiguous() && w.dim() == 3, "w must be contiguous uint8 [E,N,K]");
+  TORCH_CHECK(s.scalar_type() == at::kFloat && s.is_contiguous(), "scale_inv must be contiguous fp32");
+  const int64_t E = w.size(0), N = w.size(1), K = w.size(2), rb = (N + bo - 1) / bo, cb = (K + bi - 1) / bi;
+  TORCH_CHECK(bo > 0 && bi > 0 && 0 <= n0 && n0 <= n1 && n1 <= N, "rows [n0, n1) must lie in [0, N)");
+  TORCH_CHECK(s.dim() == 3 && s.size(0) == E && s.size(1) == rb && s.size(2) == cb,
+              "scale_inv must be [E, ceil(N/bo), ceil(K/bi)]");
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == n1 - n0, "x must be [P, n1-n0]");
+  TORCH_CHECK(ids.dim() == 1 && ids.size(0) == x.size(0) && ids.scalar_type() == at::kLong, "ids must be int64 [P]");
+  auto xf = x.to(at::kFloat).contiguous();
+  auto ic = ids.contiguous();
+  const int64_t P = xf.size(0), J = n1 - n0;
+  const int64_t* ip = ic.data_ptr<int64_t>();
+  std::vector<int64_t> runs;
+  for (int64_t p = 0; p < P;) {
+    int64_t q = p;
+    while (q < P && ip[q] == ip[p]) ++q;
+    TORCH_CHECK(ip[p] >= 0 && ip[p] < E, "expert id ", ip[p], " out of range [0, ", E, ")");
+    TORCH_CHECK(p == 0 || ip[p] > ip[p - 1], "ids must be sorted ascending");
+    runs.insert(runs.end(), {ip[p], p, q - p});
+    p = q;
+  }
+  const int64_t R = static_cast<int64_t>(runs.size()) / 3;
+  auto y = torch::zeros({P, K}, xf.options());
+  const float* xp = xf.data_ptr<float>();
+  const float* sp = s.data_ptr<float>();
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  float* yp = y.data_ptr<float>();
+  const int64_t* rp = runs.data();
+  at::parallel_for(0, R * cb, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> a;
+    for (int64_t job = begin; job < end; ++job) {
+      const int64_t run = job / cb, c = job % cb;
+      const int64_t e = rp[3 * run], first = rp[3 * run + 1], count = rp[3 * run + 2];
+      const int64_t k0 = c * bi, k1 = std::min(K, k0 + bi);
+      a.resize(count);
+      for (int64_t j = 0; j < J; ++j) {
+        const int64_t n = n0 + j;
+        const float sc = sp[(e * rb + n / bo) * cb + c] * kHalfExp;
+        for (int64_t q = 0; q < count; ++q) a[q] = xp[(first + q) * J + j] * sc;
+        const uint8_t* wr = wp + (e * N + n) * K;
+#if defined(__AVX512F__)
+        for (int64_t k = k0; k < k1; k += 16) {
+          const __mmask16 m = (k1 - k) >= 16 ? static_cast<__mmask16>(0xFFFF)
+                                             : static_cast<__mmask16>((1u << (k1 - k)) - 1);
+          const __m512 wv = cvt16_masked(wr + k, m);
+          for (int64_t q = 0; q < count; ++q) {
+            float* yr = yp + (first + q) * K + k;
+            _mm512_mask_storeu_ps(yr, m, _mm512_fmadd_ps(_mm512_set1_ps(a[q]), wv, _mm512_maskz_loadu_ps(m, yr)));
+          }
+        }
+#else
+        for (int64_t k = k0; k < k1; ++k)
+          for (int64_t q = 0; q < count; ++q) yp[(first + q) * K + k] += a[q] * e4m3_scaled(wr[k]);
+#endif
+      }
+      for (int64_t q = 0; q < count; ++q)
+        for (int64_t k = k0; k < k1; ++k) yp[(first + q) * K + k] *= kHalfExp;
+    }
+  });
+  return y;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("expert_linear_t", &expert_linear_t, "y[p] = x[p] @ W[ids[p]][n0:n1] (block FP8, ids sorted)");
   m.def("linear", &linear, "y = x @ W.T for a block-FP8 (e4m3) weight and a few rows of x (fp32 out)");
   m.def("expert_linear", &expert_linear, "y[p] = x[p] @ W[ids[p]].T for block-FP8 expert stacks, ids sorted");
 }

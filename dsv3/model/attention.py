@@ -43,6 +43,7 @@ from dsv3.config import DeepseekV3Config
 from dsv3.model.norm import RMSNorm
 from dsv3.model.rope import apply_rope
 from dsv3.model.weights import weight_matrix
+from dsv3.quant.formats import Fp8Blocks
 
 logger = logging.getLogger(__name__)
 
@@ -196,9 +197,17 @@ class MultiHeadLatentAttention(nn.Module):
                   dropout: float, return_probs: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         b, s, h, _ = q_nope.shape
         t = latent.shape[1]
-        w = weight_matrix(self.kv_b_proj, q_nope.dtype).view(h, self.dn + self.dv, self.r)   # FP8-held: dequantised
-        w_uk, w_uv = w[:, : self.dn], w[:, self.dn:]                      # [H, dn, r], [H, dv, r]
-        q_lat = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)              # [B, S, H, r]
+        fmt = getattr(self.kv_b_proj, "format", None)
+        q_lat = w_uv = None
+        if isinstance(fmt, Fp8Blocks):   # FP8 kv_b_proj: the kernels read W_UK / W_UV as stored where they apply
+            q_lat = fmt.head_products(self.kv_b_proj, "weight", q_nope.reshape(b * s, h, self.dn), (0, self.dn),
+                                      transposed=True)                     # [B*S, H, r] fp32, or None
+        if q_lat is not None:
+            q_lat = q_lat.reshape(b, s, h, self.r).to(q_nope.dtype)
+        else:
+            w = weight_matrix(self.kv_b_proj, q_nope.dtype).view(h, self.dn + self.dv, self.r)   # FP8: dequantised
+            w_uk, w_uv = w[:, : self.dn], w[:, self.dn:]                  # [H, dn, r], [H, dv, r]
+            q_lat = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)          # [B, S, H, r]
         query = torch.cat([q_lat, q_pe], dim=-1).view(b, 1, s * h, self.r + self.dr)
         key = latent[:, None]                                              # [B, 1, T, r+dr]
         value = latent[:, None, :, : self.r]                               # [B, 1, T, r]
@@ -222,7 +231,14 @@ class MultiHeadLatentAttention(nn.Module):
                 probs = F.dropout(probs, dropout, self.training)
                 o = torch.matmul(probs, value) if dropout > 0.0 else o
                 probs = probs.view(b, s, h, t).transpose(1, 2)              # [B, H, S, T]
-        return torch.einsum("bshc,hdc->bshd", o.view(b, s, h, self.r), w_uv), probs   # [B, S, H, dv]
+        o = o.reshape(b, s, h, self.r)
+        if w_uv is None:   # (FP8 kv_b_proj through the kernels)
+            out = fmt.head_products(self.kv_b_proj, "weight", o.reshape(b * s, h, self.r),
+                                    (self.dn, self.dn + self.dv), transposed=False)   # [B*S, H, dv] fp32, or None
+            if out is not None:
+                return out.reshape(b, s, h, self.dv).to(o.dtype), probs
+            w_uv = weight_matrix(self.kv_b_proj, o.dtype).view(h, self.dn + self.dv, self.r)[:, self.dn:]
+        return torch.einsum("bshc,hdc->bshd", o, w_uv), probs            # [B, S, H, dv]
 
 
 def use_attention_kernels(model: nn.Module, kernels: AttentionKernels | None) -> int:

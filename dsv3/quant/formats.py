@@ -297,6 +297,31 @@ class Fp8Blocks(WeightFormat):
             y[r0:r1] = F.grouped_mm(xs[r0:r1], dense.transpose(1, 2), offs=offs)
         return y
 
+    def head_products(self, module: nn.Module, name: str, x: torch.Tensor, rows: tuple[int, int],
+                      transposed: bool) -> torch.Tensor | None:
+        """Per-head products with a weight whose rows are H equal groups (MLA's kv_b_proj viewed [H, dn+dv, r]),
+        the FP8 bytes read by the kernels, heads as experts: x [P, H, rows] -> [P, H, in] = x_h·W_h[rows] when
+        `transposed` (q_nope·W_UK), else x [P, H, in] -> [P, H, rows] = x_h·W_h[rows]ᵀ (o·W_UVᵀ); fp32.
+        None where no kernels apply or a head's rows are not whole row blocks: the caller dequantises."""
+        w, s = getattr(module, name), getattr(module, name + SCALE_INV)
+        p, h = x.shape[:2]
+        bo = self.block_size[0]
+        if self.kernels is None or not hasattr(self.kernels, "fp8_expert_linear_t") or w.shape[0] % (h * bo):
+            return None
+        per_head = w.shape[0] // h
+        w3, s3 = w.view(h, per_head, w.shape[1]), s.view(h, per_head // bo, s.shape[1])   # [H, R, in], [H, R/bo, C]
+        ids = torch.arange(h, device=x.device).repeat_interleave(p)                   # [H*P] sorted by head
+        xs = x.transpose(0, 1).reshape(h * p, x.shape[2])                              # [H*P, rows | in]
+        if transposed:
+            y = self.kernels.fp8_expert_linear_t(xs, w3, s3, ids, rows, self.block_size)   # [H*P, in]
+        else:
+            y = self.kernels.fp8_expert_linear(xs, w3, s3, ids, self.block_size, 1)      # [H*P, R]
+            y = None if y is None else y[:, rows[0]: rows[1]]
+        if y is None:
+            return None
+        _log_path(self, h * p, "kernel (heads)")
+        return y.view(h, p, -1).transpose(0, 1)                                        # [P, H, ...]
+
     def with_stats(self, stats: DequantStats | None) -> Fp8Blocks:
         return replace(self, stats=stats)
 
