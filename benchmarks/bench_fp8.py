@@ -11,7 +11,9 @@ Rows, each a decode step (batch 1 by default) over a static cache filled with ra
     fp8 kernels      FP8 bytes read in C++ + MLA decode kernel
 
 Rounds alternate the rows (the machine is shared: a slow spell hits every row), and each row reports the median
-over rounds of its median step. Weight bytes per step and GB/s are printed next to tokens/s.
+over rounds of its median step, in wall time and in CPU time of the process (all threads: on a machine shared
+with other jobs, CPU time per step is the steadier measure of what a step costs; `--threads 1` makes the two
+comparable).
 
     python benchmarks/bench_fp8.py --contexts 128 8192
 The last stdout line is one JSON object.
@@ -92,18 +94,20 @@ def weight_bytes(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def decode_median(model: DeepseekV3ForCausalLM, batch: int, context: int, steps: int) -> float:
+def decode_median(model: DeepseekV3ForCausalLM, batch: int, context: int, steps: int) -> tuple[float, float]:
+    """(median wall seconds, median process CPU seconds) of one decode step."""
     step = DecodeStep(model, compile=False)
     cache = fill_dsv3_cache(model, batch, context, steps + 3)
     tokens = torch.randint(2, model.config.vocab_size, (batch, steps + 2), generator=torch.Generator().manual_seed(1))
-    times = []
+    wall, cpu = [], []
     for i in range(steps + 2):
         pos = torch.full((batch, 1), context + i, dtype=torch.long)
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         step(tokens[:, i:i + 1], pos, cache, None)
         if i >= 2:
-            times.append(time.perf_counter() - t)
-    return statistics.median(times)
+            wall.append(time.perf_counter() - t)
+            cpu.append(time.process_time() - c)
+    return statistics.median(wall), statistics.median(cpu)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -115,6 +119,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--fp8-head", action="store_true", help="also hold the LM head in FP8 (DeepSeek's checkpoints "
                    "keep it bf16)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--rows", nargs="+", default=["bf16 stock", "bf16 kernels", "fp8 stock", "fp8 kernels"],
+                   help="rows to run (fp8 stock, the path before the FP8 kernels, takes seconds per step)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -132,31 +138,38 @@ def main(argv: list[str] | None = None) -> None:
         use_attention_kernels(model, kernels if on else None)
         return model
 
-    names = ["bf16 stock", "bf16 kernels", "fp8 stock", "fp8 kernels"]
+    names = args.rows
     results: dict[tuple[str, int], list[float]] = {}
+    cpu_results: dict[tuple[str, int], list[float]] = {}
     for r in range(args.rounds):
         for context in args.contexts:
             for name in names:
                 log(f"round {r} ctx {context} {name}")
-                results.setdefault((name, context), []).append(decode_median(setup(name), args.batch, context,
-                                                                             args.steps))
+                wall, cpu = decode_median(setup(name), args.batch, context, args.steps)
+                results.setdefault((name, context), []).append(wall)
+                cpu_results.setdefault((name, context), []).append(cpu)
     use_cpu_kernels(bf16)   # (leave both as the default would)
     bw = memory_bandwidth_gbs()
     rows = []
     print(f"bench shape, batch {args.batch}, threads {torch.get_num_threads()}, read bandwidth {bw:.1f} GB/s, "
           f"LM head {'FP8' if args.fp8_head else 'bf16'}")
-    print(f"{'row':<14}{'context':>8}{'tok/s':>9}{'ms/step':>9}{'vs bf16 kernels':>17}")
+    print(f"{'row':<14}{'context':>8}{'tok/s':>9}{'ms/step':>9}{'CPU ms/step':>13}{'tok/CPU-s':>11}"
+          f"{'vs bf16 kernels (CPU)':>23}")
     for context in args.contexts:
-        ref = statistics.median(results[("bf16 kernels", context)])
+        ref = statistics.median(cpu_results[("bf16 kernels", context)]) if "bf16 kernels" in names else None
         for name in names:
-            sec = statistics.median(results[(name, context)])
+            sec, cpu = statistics.median(results[(name, context)]), statistics.median(cpu_results[(name, context)])
+            rel = ref / cpu if ref else float("nan")
             rows.append(dict(row=name, context=context, batch=args.batch, tok_s=args.batch / sec, ms=sec * 1e3,
-                             vs_bf16_kernels=ref / sec, rounds=[round(1e3 * x, 2) for x in results[(name, context)]]))
-            print(f"{name:<14}{context:>8}{args.batch / sec:>9.2f}{sec * 1e3:>9.1f}{ref / sec:>16.2f}x")
-    step_s = {key: statistics.median(v) for key, v in results.items()}
-    ctx_ratio = {name: step_s[(name, args.contexts[0])] / step_s[(name, args.contexts[-1])] for name in names}
+                             cpu_ms=cpu * 1e3, tok_per_cpu_s=args.batch / cpu, vs_bf16_kernels_cpu=rel,
+                             rounds_ms=[round(1e3 * x, 2) for x in results[(name, context)]],
+                             rounds_cpu_ms=[round(1e3 * x, 2) for x in cpu_results[(name, context)]]))
+            print(f"{name:<14}{context:>8}{args.batch / sec:>9.2f}{sec * 1e3:>9.1f}{cpu * 1e3:>13.1f}"
+                  f"{args.batch / cpu:>11.2f}{rel:>22.2f}x")
+    cpu_s = {key: statistics.median(v) for key, v in cpu_results.items()}
+    ctx_ratio = {name: cpu_s[(name, args.contexts[0])] / cpu_s[(name, args.contexts[-1])] for name in names}
     for name, ratio in ctx_ratio.items():
-        print(f"{name}: decode at context {args.contexts[-1]} = {ratio:.2f}x decode at {args.contexts[0]}")
+        print(f"{name}: decode at context {args.contexts[-1]} = {ratio:.2f}x decode at {args.contexts[0]} (CPU time)")
     print(json.dumps(dict(bench="fp8", bandwidth_gbs=bw, fp8_head=args.fp8_head, weights_bf16_bytes=weight_bytes(bf16),
                           weights_fp8_bytes=weight_bytes(fp8), rows=rows, context_ratio=ctx_ratio)))
 
