@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    config = bench_config()
+    config = bench_config(num_nextn_predict_layers=0)   # (MTP is not run by a decode step: 1.1 GB less)
     log("building the bf16 model and its FP8 twin")
     bf16 = random_model(config)
     fp8 = fp8_twin(bf16, args.fp8_head)
