@@ -47,7 +47,6 @@ T = TypeVar("T")
 logger = logging.getLogger("dsv3")
 
 SHIPPED_MODEL = Path(__file__).resolve().parent / "assets" / "dsv3-pystd"
-KERNELS_MIN_HIDDEN = 1024
 
 
 def _add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -68,7 +67,8 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", help="compile the decode step with torch.compile")
     p.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch")
     p.add_argument("--kernels", choices=["auto", "on", "off"], default="auto",
-                   help="C++ CPU decode kernels for bf16 weights (auto: when on CPU in bf16 and they build)")
+                   help="C++ CPU decode kernels for bf16, FP8 and int8/int4 weights (auto, as from_pretrained: on "
+                        "the CPU, hidden size >= 1024, where they build)")
     p.add_argument("--timeout", type=positive_float, default=600.0, metavar="SECONDS",
                    help="under torchrun: how long a rank waits for the others in a collective before failing")
     p.add_argument("--quantization", choices=["int8", "int4"], default=None,
@@ -203,6 +203,7 @@ def run_sharded(args: argparse.Namespace, body: Callable[[Run], int]) -> int:
 
 def load_model_and_tokenizer(args: argparse.Namespace, run: Run | None = None) -> tuple[Any, Any]:
     from dsv3 import DeepseekV3Config, DeepseekV3ForCausalLM
+    from dsv3.kernels import select_kernels
     from dsv3.tokenizer import AutoTokenizer, tokenizer_for_model
 
     run = run or Run()
@@ -220,6 +221,7 @@ def load_model_and_tokenizer(args: argparse.Namespace, run: Run | None = None) -
             from dsv3.model.parallel import shard_model
 
             shard_model(model, run.ctx)
+        select_kernels(model, args.kernels)       # from_pretrained's rule (a tiny model keeps the stock ops)
         return model, tokenizer
     path = args.model or SHIPPED_MODEL
     if not (path / "config.json").is_file():
@@ -229,24 +231,9 @@ def load_model_and_tokenizer(args: argparse.Namespace, run: Run | None = None) -
         _check_json_object(path / name)
     sharded = dict(device_map=run.device, parallel=run.ctx) if run.ctx.is_parallel else dict(device_map=args.device)
     model = DeepseekV3ForCausalLM.from_pretrained(path, torch_dtype=args.dtype, quantization=args.quantization,
-                                                  **sharded)
-    _maybe_use_kernels(model, args.kernels)
+                                                  kernels=args.kernels, **sharded)
     tokenizer = tokenizer_for_model(path, model.config.vocab_size)   # falls back (with a warning) when it fits
     return model, tokenizer
-
-
-def _maybe_use_kernels(model: Any, choice: str) -> None:
-    from dsv3.kernels import use_cpu_kernels
-
-    if choice == "off":
-        return
-    # auto: only where weight reads dominate a step (bf16 on the CPU, a model of real width); on small models
-    # such as the shipped one the custom-op call overhead outweighs the bandwidth gained (benchmarks/).
-    if choice == "auto" and (model.device.type != "cpu" or model.dtype != torch.bfloat16
-                             or model.config.hidden_size < KERNELS_MIN_HIDDEN):
-        return
-    if not use_cpu_kernels(model) and choice == "on":
-        raise SystemExit("error: --kernels on, but the CPU kernels cannot be built here (need AVX-512 and g++)")
 
 
 def _generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:

@@ -66,6 +66,7 @@ from dsv3.checkpoint.quantize import check_quantization, load_quantizing, plan_q
 from dsv3.checkpoint.quantized import is_quantized_checkpoint, load_quantized
 from dsv3.checkpoint.safetensors_io import CheckpointReader
 from dsv3.config import DeepseekV3Config, check_keyword_arguments
+from dsv3.kernels import check_kernels_choice, select_kernels
 from dsv3.model.moe import RoutedExperts
 from dsv3.model.parallel import Region, shard_model
 from dsv3.model.rope import RotaryEmbedding
@@ -201,14 +202,16 @@ def load_pretrained(cls: type, path: str | os.PathLike, torch_dtype: Any = "auto
                     config: DeepseekV3Config | None = None, progress: bool | None = None, strict: bool = True,
                     fp8: str = "dequantize", load_mtp: bool | None = None, dtype: Any = None,
                     quantization: str | None = None, tp_plan: str | None = None,
-                    parallel: ParallelContext | None = None, **config_overrides: Any) -> nn.Module:
+                    parallel: ParallelContext | None = None, kernels: str = "auto",
+                    **config_overrides: Any) -> nn.Module:
     """Load a HF checkpoint directory (single file or index + shards, bf16/fp16/fp32 or block FP8).
 
     torch_dtype: a dtype, "bfloat16"/"float16"/"float32", or "auto" (config.json's torch_dtype); `dtype` is the
     transformers-5 spelling. device_map: "auto" (GPU when present), "cpu", "cuda", "cuda:N", a device.
     fp8: "dequantize" or "keep" (see module docstring). quantization: None, "int8" or "int4" — weight-only
     quantisation while loading, one tensor at a time (dsv3.checkpoint.quantize says which tensors).
-    progress: a bar on stderr (default: when a tty).
+    progress: a bar on stderr (default: when a tty). kernels: "auto" (CPU kernels where they help), "on" or "off"
+    (dsv3.kernels.select_kernels; the choice is `model.kernels`).
     parallel: this process's ParallelContext — the model is sharded for it (tensor + expert parallelism,
     dsv3.model.parallel) and each rank reads only its part of the weights; `model.parallel` remembers it.
     tp_plan: None or "auto" (transformers' spelling). With parallel=None, tp_plan="auto" or a torchrun
@@ -237,6 +240,7 @@ def load_pretrained(cls: type, path: str | os.PathLike, torch_dtype: Any = "auto
     if config_overrides:
         config = config.replace(**config_overrides)
     check_quantization(quantization, fp8)
+    check_kernels_choice(kernels)
     target_dtype = resolve_dtype(torch_dtype, config)
     if tp_plan not in TP_PLANS:
         raise ValueError(f"tp_plan={tp_plan!r}: expected None or 'auto' (shard over the processes torchrun "
@@ -258,8 +262,10 @@ def load_pretrained(cls: type, path: str | os.PathLike, torch_dtype: Any = "auto
                                   "yet; load its bf16/FP8 source with quantization='int8'|'int4' under torchrun "
                                   "(each rank quantises its own part)")
         with CheckpointReader(path) as reader:
-            return load_quantized(cls, reader, config, target_dtype, device, quantization, load_mtp, strict,
-                                  sys.stderr.isatty() if progress is None else progress)
+            model = load_quantized(cls, reader, config, target_dtype, device, quantization, load_mtp, strict,
+                                   sys.stderr.isatty() if progress is None else progress)
+        select_kernels(model, kernels)
+        return model
     with CheckpointReader(path) as reader:
         prep = prepare_load(cls, reader, config, fp8, load_mtp, strict, parallel)
         model, plan = prep.model, prep.plan
@@ -299,6 +305,7 @@ def load_pretrained(cls: type, path: str | os.PathLike, torch_dtype: Any = "auto
                 del out
     _finish(model, prep.config, device)
     model.eval()
+    select_kernels(model, kernels)
     return model
 
 

@@ -14,6 +14,11 @@ int8 / int4 weights (Int8PerChannel, Int4Grouped "rows"): `CpuKernels` also carr
 dsv3/kernels/int_kernels.py (cpu_int.cpp; AVX-512 VNNI or AVX2, `int_isa` chosen at run time and logged),
 so `use_cpu_kernels(model)` switches a quantised model's decode onto them too. `calls` counts which kernels
 ran (outside compiled graphs) — how tests see the path.
+Block-FP8 weights (`Fp8Blocks`, fp8="keep") have their own kernels (cpu_fp8.cpp, a separate extension
+`dsv3_cpu_fp8`): `dsv3::fp8_linear` and `dsv3::fp8_expert_linear` read the e4m3 bytes and their block scales
+directly (1 byte per weight, converted in registers), for at most `MAX_ROWS` rows (`MAX_EXPERT_ROWS` pairs);
+`CpuKernels.fp8_linear` / `fp8_expert_linear` return None elsewhere (e5m2, more rows, autograd, no AVX-512),
+and the format then dequantises per tile (`reference_fp8_linear` is the slow reference).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3.kernels import int_kernels
+from dsv3.model.attention import use_attention_kernels
 from dsv3.model.weights import use_kernels
 
 logger = logging.getLogger(__name__)
@@ -59,6 +65,30 @@ def available() -> bool:
     return _extension() is not None
 
 
+@functools.cache
+def _fp8_extension() -> Any | None:
+    """Build (first use) or load the block-FP8 extension (cpu_fp8.cpp); None when no compiler or AVX-512."""
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        logger.info("FP8 CPU kernels need AVX-512 (this CPU: %s); FP8 weights dequantise per tile",
+                    torch.backends.cpu.get_cpu_capability())
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        ext = load(name="dsv3_cpu_fp8", sources=[str(Path(__file__).with_name("cpu_fp8.cpp"))],
+                   extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+    except Exception as e:  # noqa: BLE001 - no compiler, headers, ...: FP8 weights dequantise per tile
+        logger.warning("could not build the dsv3 FP8 CPU kernels (%s); FP8 weights dequantise per tile", e)
+        return None
+    logger.info("FP8 CPU kernels (AVX-512) built: FP8 weights are read as stored for up to %d rows", MAX_ROWS)
+    return ext
+
+
+def fp8_available() -> bool:
+    """Whether the block-FP8 kernels run on this machine (AVX-512 and a C++ compiler; built on first call)."""
+    return _fp8_extension() is not None
+
+
 @torch.library.custom_op("dsv3::bf16_linear", mutates_args=())
 def bf16_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x [M, K] (any float dtype) @ weight[N, K]ᵀ (bf16) -> [M, N] fp32."""
@@ -81,6 +111,123 @@ def _(x: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return x.new_empty(x.shape[0], weight.shape[1], dtype=torch.float32)
 
 
+@torch.library.custom_op("dsv3::fp8_linear", mutates_args=())
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, block_rows: int,
+               block_cols: int) -> torch.Tensor:
+    """x [M, K] @ dequant(weight [N, K] e4m3, scale_inv [ceil(N/bo), ceil(K/bi)])ᵀ -> [M, N] fp32."""
+    return _fp8_extension().linear(x, weight.view(torch.uint8), scale_inv.contiguous(), block_rows, block_cols)
+
+
+@fp8_linear.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, block_rows: int,
+      block_cols: int) -> torch.Tensor:
+    return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("dsv3::fp8_expert_linear", mutates_args=())
+def fp8_expert_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, ids: torch.Tensor,
+                      block_rows: int, block_cols: int, parts: int) -> torch.Tensor:
+    """y[p] = x[p] @ dequant(weight[ids[p]])ᵀ, ids sorted; x [P, K], weight [E, N, K] e4m3,
+    scale_inv [E, parts·ceil(N/parts/bo), ceil(K/bi)] -> [P, N] fp32. Experts absent from ids are not read."""
+    return _fp8_extension().expert_linear(x, weight.view(torch.uint8), scale_inv.contiguous(), ids, block_rows,
+                                          block_cols, parts)
+
+
+@fp8_expert_linear.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, ids: torch.Tensor, block_rows: int,
+      block_cols: int, parts: int) -> torch.Tensor:
+    return x.new_empty(x.shape[0], weight.shape[1], dtype=torch.float32)
+
+
+@torch.library.custom_op("dsv3::fp8_expert_linear_t", mutates_args=())
+def fp8_expert_linear_t(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, ids: torch.Tensor, row0: int,
+                        row1: int, block_rows: int, block_cols: int) -> torch.Tensor:
+    """y[p] = x[p] @ dequant(weight[ids[p]])[row0:row1], ids sorted; x [P, row1-row0], weight [E, N, K] e4m3,
+    scale_inv [E, ceil(N/bo), ceil(K/bi)] -> [P, K] fp32 (MLA's q_nope·W_UK with heads as experts)."""
+    return _fp8_extension().expert_linear_t(x, weight.view(torch.uint8), scale_inv.contiguous(), ids, row0, row1,
+                                            block_rows, block_cols)
+
+
+@fp8_expert_linear_t.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, ids: torch.Tensor, row0: int, row1: int,
+      block_rows: int, block_cols: int) -> torch.Tensor:
+    return x.new_empty(x.shape[0], weight.shape[2], dtype=torch.float32)
+
+
+def reference_fp8_expert_linear_t(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, ids: torch.Tensor,
+                                  rows: tuple[int, int], block: tuple[int, int]) -> torch.Tensor:
+    """The slow reference of `fp8_expert_linear_t`: dequantise the listed experts to fp32, then bmm."""
+    from dsv3.quant.fp8 import dequantize_fp8_stacked
+
+    dense = dequantize_fp8_stacked(weight[ids], scale_inv[ids], block, torch.float32)[:, rows[0]: rows[1]]
+    return torch.bmm(x.float()[:, None, :], dense).squeeze(1)                   # [P, K]
+
+
+def reference_fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor,
+                         block: tuple[int, int]) -> torch.Tensor:
+    """The slow reference of `fp8_linear`: dequantise to fp32, then F.linear (fp32 out)."""
+    from dsv3.quant.fp8 import dequantize_fp8_blocks
+
+    return F.linear(x.float(), dequantize_fp8_blocks(weight, scale_inv, block, torch.float32))
+
+
+def reference_fp8_expert_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, ids: torch.Tensor,
+                                block: tuple[int, int], parts: int) -> torch.Tensor:
+    """The slow reference of `fp8_expert_linear`: dequantise the listed experts to fp32, then bmm."""
+    from dsv3.quant.fp8 import dequantize_fp8_stacked
+
+    dense = dequantize_fp8_stacked(weight[ids], scale_inv[ids], block, torch.float32, parts)   # [P, N, K]
+    return torch.bmm(dense, x.float()[:, :, None]).squeeze(-1)
+
+
+# -- single-query MLA decode over the latent cache (cpu_attention.cpp) -----------------------------------------
+@functools.cache
+def _attention_extension() -> Any | None:
+    """Build (first use) or load the MLA decode extension; None without AVX512-BF16 or a compiler."""
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        logger.info("the MLA decode kernel needs AVX-512 (this CPU: %s); using matmuls",
+                    torch.backends.cpu.get_cpu_capability())
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        ext = load(name="dsv3_cpu_attention", sources=[str(Path(__file__).with_name("cpu_attention.cpp"))],
+                   extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+    except Exception as e:  # noqa: BLE001 - no compiler, headers, ...: the matmul path
+        logger.warning("could not build the dsv3 MLA decode kernel (%s); using matmuls", e)
+        return None
+    if not ext.fast_path():
+        logger.info("the MLA decode kernel needs AVX512-BF16 (not compiled in on this CPU); using matmuls")
+        return None
+    return ext
+
+
+def attention_available() -> bool:
+    """Whether the single-query MLA decode kernel runs here (AVX512-BF16 and a C++ compiler)."""
+    return _attention_extension() is not None
+
+
+@torch.library.custom_op("dsv3::mla_decode", mutates_args=())
+def mla_decode(query: torch.Tensor, latent: torch.Tensor, r: int, scale: float) -> torch.Tensor:
+    """softmax(query·latentᵀ·scale)·latent[..., :r] for one new token: query [B, H, D], latent [B, T, D] (bf16)
+    -> [B, H, r] fp32 (scores and softmax in fp32)."""
+    ext = _attention_extension()
+    scores = ext.scores(query, latent, scale)                                  # [B, T, Hp] fp32
+    probs = scores.softmax(1)                                                  # over T
+    return ext.values(probs, latent, r)[:, : query.shape[1]]                   # [B, H, r]
+
+
+@mla_decode.register_fake
+def _(query: torch.Tensor, latent: torch.Tensor, r: int, scale: float) -> torch.Tensor:
+    return query.new_empty(query.shape[0], query.shape[1], r, dtype=torch.float32)
+
+
+def reference_mla_decode(query: torch.Tensor, latent: torch.Tensor, r: int, scale: float) -> torch.Tensor:
+    """The slow reference of `mla_decode`, all in fp32."""
+    probs = (torch.matmul(query.float(), latent.float().transpose(1, 2)) * scale).softmax(-1)   # [B, H, T]
+    return torch.matmul(probs, latent[..., :r].float())
+
+
 def reference_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.linear(x.float(), weight.float())
 
@@ -92,6 +239,12 @@ def reference_expert_linear(x: torch.Tensor, weight: torch.Tensor, ids: torch.Te
 def _kernel_ok(x: torch.Tensor, weight: torch.Tensor, rows: int, limit: int) -> bool:
     return (weight.dtype == torch.bfloat16 and x.device.type == "cpu" and rows <= limit
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
+
+
+def _fp8_kernel_ok(x: torch.Tensor, weight: torch.Tensor, rows: int, limit: int) -> bool:
+    return (weight.dtype == torch.float8_e4m3fn and x.device.type == "cpu" and rows <= limit
+            and weight.is_contiguous() and not (torch.is_grad_enabled() and x.requires_grad)
+            and fp8_available())
 
 
 class CpuKernels:
@@ -182,6 +335,32 @@ class CpuKernels:
             return None
         self._count("int4_expert_linear")
         return int_kernels.int4_expert_linear(x, packed, scale_zero, group_size, ids, self._int4_isa(group_size))
+    # -- block FP8 (Fp8Blocks): e4m3 bytes read as stored ------------------------------------------------------
+    def fp8_linear(self, x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor,
+                   block: tuple[int, int]) -> torch.Tensor | None:
+        if not _fp8_kernel_ok(x, weight, x.shape[0], self.max_rows):
+            return None
+        return fp8_linear(x, weight, scale_inv, block[0], block[1])
+
+    def fp8_expert_linear(self, x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, ids: torch.Tensor,
+                          block: tuple[int, int], parts: int) -> torch.Tensor | None:
+        if not _fp8_kernel_ok(x, weight, x.shape[0], self.max_expert_rows):
+            return None
+        return fp8_expert_linear(x, weight, scale_inv, ids, block[0], block[1], parts)
+
+    def fp8_expert_linear_t(self, x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, ids: torch.Tensor,
+                            rows: tuple[int, int], block: tuple[int, int]) -> torch.Tensor | None:
+        if not _fp8_kernel_ok(x, weight, x.shape[0], self.max_expert_rows):
+            return None
+        return fp8_expert_linear_t(x, weight, scale_inv, ids, rows[0], rows[1], block[0], block[1])
+
+    # -- MLA decode (dsv3.model.attention.AttentionKernels) -------------------------------------------------------
+    def latent_decode(self, query: torch.Tensor, latent: torch.Tensor, r: int, scale: float) -> torch.Tensor | None:
+        if (query.dtype != torch.bfloat16 or latent.dtype != torch.bfloat16 or latent.device.type != "cpu"
+                or latent.stride(-1) != 1 or (torch.is_grad_enabled() and query.requires_grad)
+                or not attention_available()):
+            return None
+        return mla_decode(query, latent, r, scale)
 
     def __repr__(self) -> str:
         return f"CpuKernels(max_rows={self.max_rows}, max_expert_rows={self.max_expert_rows}, int_isa={self.int_isa!r})"
@@ -193,5 +372,63 @@ def use_cpu_kernels(model: nn.Module) -> bool:
     kernels cannot be built on this machine (neither the bf16 nor the int8/int4 ones)."""
     if not (available() or int_kernels.best_isa() is not None):
         return False
-    use_kernels(model, CpuKernels())
+    kernels = CpuKernels()
+    use_kernels(model, kernels)
+    use_attention_kernels(model, kernels)
     return True
+
+
+# -- the default for library users: from_pretrained(..., kernels="auto") -------------------------------------
+KERNEL_CHOICES = ("auto", "on", "off")
+KERNELS_MIN_HIDDEN = 1024   # below this width the custom-op call overhead outweighs the bandwidth gained
+
+
+def check_kernels_choice(choice: str) -> str:
+    if choice not in KERNEL_CHOICES:
+        raise ValueError(f"kernels={choice!r}: expected 'auto' (the CPU kernels where they help), 'on' (require "
+                         "them) or 'off' (stock PyTorch ops)")
+    return choice
+
+
+def _holds_fp8(model: nn.Module) -> bool:
+    from dsv3.quant.formats import Fp8Blocks
+
+    return any(isinstance(f, Fp8Blocks) for m in model.modules()
+               for f in ([getattr(m, "format", None)] + list(getattr(m, "formats", {}).values())))
+
+
+def select_kernels(model: nn.Module, choice: str = "auto") -> CpuKernels | None:
+    """Run `model` through the CPU kernels or not, per `choice` (KERNEL_CHOICES), and return the kernels chosen
+    (None: stock PyTorch ops). The choice is logged and recorded as `model.kernels`.
+
+    "auto" picks the kernels where weight reads dominate a decode step: a model on the CPU, in bf16 (FP8-kept
+    weights included), of width >= KERNELS_MIN_HIDDEN, on a CPU where they build (AVX-512 and a C++
+    compiler; built once, ~1 min, then cached by torch.utils.cpp_extension). Small models (the shipped one,
+    the test presets) and GPUs keep the stock ops without building anything. "on" requires the kernels
+    (ValueError where they cannot run); "off" never uses them.
+    """
+    check_kernels_choice(choice)
+    kernels: CpuKernels | None = None
+    if choice == "off":
+        reason = "kernels='off'"
+    elif model.device.type != "cpu" and choice == "auto":
+        reason = f"the model is on {model.device.type}"
+    elif model.dtype != torch.bfloat16 and choice == "auto":
+        reason = f"the model is in {model.dtype} (the kernels read bf16 or FP8 weights)"
+    elif model.config.hidden_size < KERNELS_MIN_HIDDEN and choice == "auto":
+        reason = f"hidden_size {model.config.hidden_size} < {KERNELS_MIN_HIDDEN}: call overhead would outweigh them"
+    elif not available():
+        if choice == "on":
+            raise ValueError("kernels='on', but the dsv3 CPU kernels cannot be built here (they need AVX-512 and a "
+                             "C++ compiler); pass kernels='auto' or 'off'")
+        reason = "they cannot be built on this machine"
+    else:
+        kernels = CpuKernels()
+        use_kernels(model, kernels)
+        use_attention_kernels(model, kernels)
+        reason = f"kernels={choice!r}"
+        if _holds_fp8(model):   # build the FP8 extension now (logged), not inside the first forward pass
+            reason += ", FP8 weights read as stored" if fp8_available() else ", FP8 weights dequantised per tile"
+    logger.info("kernels: %s (%s)", kernels or "stock PyTorch ops", reason)
+    model.kernels = kernels
+    return kernels

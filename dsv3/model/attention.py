@@ -21,12 +21,18 @@ r+dr, like multi-query attention with S·H query rows):
     o     = einsum("bshc,hdc->bshd", o_lat, W_UV)              [B,S,H,dv]
 
 Both paths are exact for any S at any start position (the mask is the same), so chunked prefill
-and speculative verification can use either. Per head, the expanded path costs about
+and speculative verification can use either. Decode (S = 1, no mask) may run the absorbed attention
+through `kernels.latent_decode` (an `AttentionKernels` object handed to the layers by
+`use_attention_kernels`, e.g. dsv3.kernels.CpuKernels: one fused pass per cache read for all heads);
+it returns None where it does not apply and the matmuls run. Per head, the expanded path costs about
 T·r·(dn+dv) + S·T·(dn+dr+dv) multiply-adds and the absorbed one S·r·(dn+dv) + S·T·(2r+dr);
 `choose_path` picks the cheaper.
 """
 
 from __future__ import annotations
+
+import logging
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -38,8 +44,18 @@ from dsv3.model.norm import RMSNorm
 from dsv3.model.rope import apply_rope
 from dsv3.model.weights import weight_matrix
 from dsv3.parallel.context import SINGLE, ParallelContext
+from dsv3.quant.formats import Fp8Blocks
+
+logger = logging.getLogger(__name__)
 
 MLA_PATHS = ("auto", "naive", "absorbed")
+
+
+class AttentionKernels(Protocol):
+    """Optional fast single-token decode over the latent cache; None where it does not apply."""
+
+    def latent_decode(self, query: torch.Tensor, latent: torch.Tensor, r: int, scale: float) -> torch.Tensor | None:
+        """softmax(query·latentᵀ·scale)·latent[..., :r]: query [B, H, r+dr], latent [B, T, r+dr] -> [B, H, r] fp32."""
 
 
 def choose_path(config: DeepseekV3Config, s: int, t: int, path: str = "auto") -> str:
@@ -90,9 +106,13 @@ def latent_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     For the absorbed path's shape (one shared key/value "head" of width r+dr, S·H query rows) this is
     several times faster on the CPU than scaled_dot_product_attention, whose kernels tile for many
     heads of width ≤ 256 (8192 cached tokens: 3.8 ms against 22 ms per layer, benchmarks/).
+    The scores are computed as key·queryᵀ ([T, S·H]: the T cached rows as the GEMM's long side, read in
+    place) and transposed once in fp32: the other orientation (S·H rows against a transposed [T, r+dr]
+    operand) ran 3–8× slower on this project's CPU at T = 8192 (same products, same fp32 sums).
     Masked scores get fp32's minimum rather than -inf: transformers' numerics, finite for padding queries.
     """
-    scores = torch.matmul(query, key.transpose(-1, -2)).float().mul_(scale)      # [B, 1, S*H, T]
+    scores = torch.matmul(key, query.transpose(-1, -2)).transpose(-1, -2)         # [B, 1, S*H, T] (a view)
+    scores = scores.to(torch.float32, memory_format=torch.contiguous_format).mul_(scale)
     if mask is not None:
         scores = scores.masked_fill_(~mask, torch.finfo(torch.float32).min)
     probs = scores.softmax(-1).to(value.dtype)
@@ -122,6 +142,7 @@ class MultiHeadLatentAttention(nn.Module):
         # Sharded (dsv3/model/parallel.py): this rank's `num_heads` heads of q_b/q and kv_b, o_proj row-parallel,
         # the outputs summed over the ranks. The latent (q_a, kv_a and their norms, the cache) is whole on each.
         self.parallel: ParallelContext = SINGLE
+        self.kernels: AttentionKernels | None = None     # set by use_attention_kernels
 
     def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, mask: torch.Tensor | None,
                 cache: LatentCacheView | None = None, path: str = "auto",
@@ -182,9 +203,17 @@ class MultiHeadLatentAttention(nn.Module):
                   dropout: float, return_probs: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         b, s, h, _ = q_nope.shape
         t = latent.shape[1]
-        w = weight_matrix(self.kv_b_proj, q_nope.dtype).view(h, self.dn + self.dv, self.r)   # FP8-held: dequantised
-        w_uk, w_uv = w[:, : self.dn], w[:, self.dn:]                      # [H, dn, r], [H, dv, r]
-        q_lat = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)              # [B, S, H, r]
+        fmt = getattr(self.kv_b_proj, "format", None)
+        q_lat = w_uv = None
+        if isinstance(fmt, Fp8Blocks):   # FP8 kv_b_proj: the kernels read W_UK / W_UV as stored where they apply
+            q_lat = fmt.head_products(self.kv_b_proj, "weight", q_nope.reshape(b * s, h, self.dn), (0, self.dn),
+                                      transposed=True)                     # [B*S, H, r] fp32, or None
+        if q_lat is not None:
+            q_lat = q_lat.reshape(b, s, h, self.r).to(q_nope.dtype)
+        else:
+            w = weight_matrix(self.kv_b_proj, q_nope.dtype).view(h, self.dn + self.dv, self.r)   # FP8: dequantised
+            w_uk, w_uv = w[:, : self.dn], w[:, self.dn:]                  # [H, dn, r], [H, dv, r]
+            q_lat = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)          # [B, S, H, r]
         query = torch.cat([q_lat, q_pe], dim=-1).view(b, 1, s * h, self.r + self.dr)
         key = latent[:, None]                                              # [B, 1, T, r+dr]
         value = latent[:, None, :, : self.r]                               # [B, 1, T, r]
@@ -193,8 +222,13 @@ class MultiHeadLatentAttention(nn.Module):
                                         latent.device)
         if mask is not None:
             mask = mask[:, :, :, None, :].expand(-1, -1, -1, h, -1).reshape(mask.shape[0], 1, s * h, -1)
-        probs = None
-        if dropout > 0.0 and not return_probs:
+        probs = o = None
+        if self.kernels is not None and s == 1 and mask is None and dropout == 0.0 and not return_probs:
+            o = self.kernels.latent_decode(query.view(b, h, -1), latent, self.r, self.scale)   # [B, H, r] fp32
+            o = None if o is None else o.to(latent.dtype)
+        if o is not None:   # the decode kernel ran
+            pass
+        elif dropout > 0.0 and not return_probs:
             o = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, scale=self.scale,
                                                attn_mask=None if mask is None else additive_mask(mask, query.dtype))
         else:
@@ -203,4 +237,20 @@ class MultiHeadLatentAttention(nn.Module):
                 probs = F.dropout(probs, dropout, self.training)
                 o = torch.matmul(probs, value) if dropout > 0.0 else o
                 probs = probs.view(b, s, h, t).transpose(1, 2)              # [B, H, S, T]
-        return torch.einsum("bshc,hdc->bshd", o.view(b, s, h, self.r), w_uv), probs   # [B, S, H, dv]
+        o = o.reshape(b, s, h, self.r)
+        if w_uv is None:   # (FP8 kv_b_proj through the kernels)
+            out = fmt.head_products(self.kv_b_proj, "weight", o.reshape(b * s, h, self.r),
+                                    (self.dn, self.dn + self.dv), transposed=False)   # [B*S, H, dv] fp32, or None
+            if out is not None:
+                return out.reshape(b, s, h, self.dv).to(o.dtype), probs
+            w_uv = weight_matrix(self.kv_b_proj, o.dtype).view(h, self.dn + self.dv, self.r)[:, self.dn:]
+        return torch.einsum("bshc,hdc->bshd", o, w_uv), probs            # [B, S, H, dv]
+
+
+def use_attention_kernels(model: nn.Module, kernels: AttentionKernels | None) -> int:
+    """Hand `kernels` to every MLA layer of `model` (None: the matmul path). Returns the number of layers."""
+    layers = [m for m in model.modules() if isinstance(m, MultiHeadLatentAttention)]
+    for layer in layers:
+        layer.kernels = kernels
+    logger.info("MLA decode: %s for %d layers", type(kernels).__name__ if kernels else "matmuls", len(layers))
+    return len(layers)

@@ -18,15 +18,18 @@ object chosen at load time (`from_pretrained(..., fp8="keep")`) or by an explici
     Int8PerChannel, Int4Grouped   int8 per output channel, int4 per group of inputs (dsv3.quant.int_formats)
 
 Kernels are an explicit backend object handed to a format (`Kernels` below; `dsv3.kernels.CpuKernels`
-implements it for bf16, int8 and int4 weights), never a global or a swapped class: `Plain()` runs stock PyTorch ops,
-`Plain(kernels=CpuKernels())` the C++ GEMV kernels where they apply. A format's `stats` (a `DequantStats`),
-when given, counts what it dequantises — how the tests see that a decode step touches only the chosen experts.
+implements it for bf16, int8 and int4 weights, and `Fp8Kernels` for block FP8), never a global or a swapped
+class: `Plain()` runs stock PyTorch ops, `Plain(kernels=CpuKernels())` the C++ GEMV kernels where they apply,
+`Fp8Blocks(kernels=CpuKernels())` reads the FP8 bytes in C++ where they apply (dequantises per tile elsewhere).
+A format's `stats` (a `DequantStats`), when given, counts what it dequantises — how the tests see that a decode
+step touches only the chosen experts, and that the kernels (which dequantise nothing) ran.
 
 Formats are small frozen dataclasses below `dsv3.model` (they import torch and `dsv3.quant` only).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field, replace
 from typing import ClassVar, Protocol
 
@@ -44,6 +47,8 @@ from dsv3.quant.fp8 import (
     fp8_scale_shape,
     quantize_fp8_blocks,
 )
+
+logger = logging.getLogger(__name__)
 
 SCALE_INV = "_scale_inv"      # `weight` -> `weight_scale_inv`, `gate_up_proj` -> `gate_up_proj_scale_inv`
 
@@ -74,6 +79,22 @@ class Kernels(Protocol):
     def int4_expert_linear(self, x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor, group_size: int,
                            ids: torch.Tensor) -> torch.Tensor | None:
         """y[p] = x[p] @ W[ids[p]]ᵀ, ids sorted; packed [E, N, K/2], scale_zero [E, K/G, N, 2] -> [P, N] fp32."""
+
+
+class Fp8Kernels(Protocol):
+    """Optional fast ops for block-FP8 weights (`Fp8Blocks`): they read the FP8 bytes and block scales as
+    stored. Each returns None when it does not apply (dtype, device, rows, autograd): the format then
+    dequantises per tile / per used expert. A `Kernels` object may implement these too (duck-typed: a
+    backend without them leaves FP8 weights on the dequantise path)."""
+
+    def fp8_linear(self, x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor,
+                   block: tuple[int, int]) -> torch.Tensor | None:
+        """x [M, K] @ dequant(weight [N, K], scale_inv [ceil(N/bo), ceil(K/bi)])ᵀ -> [M, N] fp32."""
+
+    def fp8_expert_linear(self, x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, ids: torch.Tensor,
+                          block: tuple[int, int], parts: int) -> torch.Tensor | None:
+        """y[p] = x[p] @ dequant(weight[ids[p]])ᵀ, ids sorted, only the experts in ids read; x [P, K],
+        weight [E, N, K], scale_inv [E, parts·ceil(N/parts/bo), ceil(K/bi)] -> [P, N] fp32."""
 
 
 @dataclass
@@ -207,6 +228,7 @@ class Fp8Blocks(WeightFormat):
     tile_elements: int = TILE_ELEMENTS
     chunk_elements: int = CHUNK_ELEMENTS
     stats: DequantStats | None = field(default=None, compare=False)
+    kernels: Fp8Kernels | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.dtype not in FP8_DTYPES.values():
@@ -255,13 +277,30 @@ class Fp8Blocks(WeightFormat):
 
     def linear(self, module: nn.Module, name: str, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         w, s = getattr(module, name), getattr(module, name + SCALE_INV)
+        if self.kernels is not None and hasattr(self.kernels, "fp8_linear"):
+            rows = x.numel() // x.shape[-1]
+            y = self.kernels.fp8_linear(x.reshape(rows, x.shape[-1]), w, s, self.block_size)   # [rows, out] fp32
+            if y is not None:
+                _log_path(self, rows, "kernel")
+                if bias is not None:
+                    y = y + bias
+                return y.to(x.dtype).view(*x.shape[:-1], w.shape[0])
+        _log_path(self, x.numel() // x.shape[-1], "dequantise")
         if self.stats is not None:
             self.stats.record(w.numel() * x.element_size())
         return fp8_block_linear(x, w, s, self.block_size, bias, self.tile_elements)
 
     def grouped(self, module: nn.Module, name: str, xs: torch.Tensor, batch: ExpertBatch) -> torch.Tensor:
-        """Dequantise only the experts that have rows, a chunk of them at a time, each chunk one grouped GEMM."""
+        """Kernels (when given and they apply) read the FP8 bytes of the experts that have rows; otherwise
+        dequantise only those experts, a chunk of them at a time, each chunk one grouped GEMM."""
         w = getattr(module, name)                                              # [E, out, in] fp8
+        if self.kernels is not None and hasattr(self.kernels, "fp8_expert_linear"):
+            y = self.kernels.fp8_expert_linear(xs, w, getattr(module, name + SCALE_INV), batch.ids,
+                                               self.block_size, self.parts)   # [P, out] fp32, or None
+            if y is not None:
+                _log_path(self, xs.shape[0], "kernel")
+                return y
+        _log_path(self, xs.shape[0], "dequantise")
         used = batch.counts.nonzero().flatten()                                # [U] experts with rows
         ends = batch.offs[used].tolist()                                       # row end of each used expert
         starts = (batch.offs[used] - batch.counts[used]).tolist()
@@ -275,8 +314,41 @@ class Fp8Blocks(WeightFormat):
             y[r0:r1] = F.grouped_mm(xs[r0:r1], dense.transpose(1, 2), offs=offs)
         return y
 
+    def head_products(self, module: nn.Module, name: str, x: torch.Tensor, rows: tuple[int, int],
+                      transposed: bool) -> torch.Tensor | None:
+        """Per-head products with a weight whose rows are H equal groups (MLA's kv_b_proj viewed [H, dn+dv, r]),
+        the FP8 bytes read by the kernels, heads as experts: x [P, H, rows] -> [P, H, in] = x_h·W_h[rows] when
+        `transposed` (q_nope·W_UK), else x [P, H, in] -> [P, H, rows] = x_h·W_h[rows]ᵀ (o·W_UVᵀ); fp32.
+        None where no kernels apply or a head's rows are not whole row blocks: the caller dequantises."""
+        w, s = getattr(module, name), getattr(module, name + SCALE_INV)
+        p, h = x.shape[:2]
+        bo = self.block_size[0]
+        if self.kernels is None or not hasattr(self.kernels, "fp8_expert_linear_t") or w.shape[0] % (h * bo):
+            return None
+        per_head = w.shape[0] // h
+        w3, s3 = w.view(h, per_head, w.shape[1]), s.view(h, per_head // bo, s.shape[1])   # [H, R, in], [H, R/bo, C]
+        ids = torch.arange(h, device=x.device).repeat_interleave(p)                   # [H*P] sorted by head
+        xs = x.transpose(0, 1).reshape(h * p, x.shape[2])                              # [H*P, rows | in]
+        if transposed:
+            y = self.kernels.fp8_expert_linear_t(xs, w3, s3, ids, rows, self.block_size)   # [H*P, in]
+        else:
+            y = self.kernels.fp8_expert_linear(xs, w3, s3, ids, self.block_size, 1)      # [H*P, R]
+            y = None if y is None else y[:, rows[0]: rows[1]]
+        if y is None:
+            return None
+        _log_path(self, h * p, "kernel (heads)")
+        return y.view(h, p, -1).transpose(0, 1)                                        # [P, H, ...]
+
     def with_stats(self, stats: DequantStats | None) -> Fp8Blocks:
         return replace(self, stats=stats)
+
+    def with_kernels(self, kernels: Fp8Kernels | None) -> Fp8Blocks:
+        return self if kernels is self.kernels else replace(self, kernels=kernels)
+
+
+def _log_path(fmt: WeightFormat, rows: int, path: str) -> None:
+    if not torch.compiler.is_compiling():                      # (a compiled graph cannot call the logger)
+        logger.debug("%s: %d rows, %s", type(fmt).__name__, rows, path)
 
 
 def keep_fixed_dtypes(module: nn.Module, formats: dict[str, WeightFormat], fn, recurse: bool):  # noqa: ANN001, ANN201

@@ -1,0 +1,156 @@
+"""Fast by default: `from_pretrained(..., kernels="auto")` picks the CPU kernels where they help (and says so in the
+log and in `model.kernels`), "off" opts out, "on" requires them, anything else is a clear error. And the MLA decode
+kernel (dsv3/kernels/cpu_attention.cpp) against its fp32 reference and against the matmul path it replaces."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from dsv3 import DeepseekV3Config, DeepseekV3ForCausalLM, kernels
+from dsv3.generation.generate import make_cache
+from dsv3.model.attention import MultiHeadLatentAttention, use_attention_kernels
+from dsv3.model.weights import Linear
+from tests.oracle import assert_close, left_padded_batch
+
+needs_kernels = pytest.mark.skipif(not kernels.available(), reason="CPU kernels need AVX-512 and a C++ compiler")
+needs_attention = pytest.mark.skipif(not kernels.attention_available(),
+                                     reason="the MLA decode kernel needs AVX512-BF16 and a C++ compiler")
+
+
+@pytest.fixture(scope="module")
+def wide_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small bf16 checkpoint as wide as the kernels' threshold (hidden_size 1024)."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("wide")
+    cfg = DeepseekV3Config.tiny(hidden_size=kernels.KERNELS_MIN_HIDDEN, num_hidden_layers=2, torch_dtype="bfloat16")
+    DeepseekV3ForCausalLM(cfg).to(torch.bfloat16).save_pretrained(path)
+    return path
+
+
+def _layers_with_kernels(model: torch.nn.Module) -> tuple[int, int]:
+    linears = [m for m in model.modules() if isinstance(m, Linear) and m.format.kernels is not None]
+    attention = [m for m in model.modules() if isinstance(m, MultiHeadLatentAttention) and m.kernels is not None]
+    return len(linears), len(attention)
+
+
+@needs_kernels
+def test_from_pretrained_picks_the_kernels_by_default_where_they_help(wide_checkpoint: Path,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="dsv3.kernels"):
+        model = DeepseekV3ForCausalLM.from_pretrained(wide_checkpoint)
+    assert isinstance(model.kernels, kernels.CpuKernels)
+    n_linear, n_attention = _layers_with_kernels(model)
+    assert n_linear > 0 and n_attention >= model.config.num_hidden_layers      # (+ the MTP layer)
+    assert "kernels: CpuKernels" in caplog.text and "kernels='auto'" in caplog.text
+    off = DeepseekV3ForCausalLM.from_pretrained(wide_checkpoint, kernels="off")
+    assert off.kernels is None and _layers_with_kernels(off) == (0, 0)
+    ids = torch.randint(0, model.config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = off(ids).logits.float(), model(ids).logits.float()
+    assert_close(got, want, 0.05 * float(want.abs().max()), "default kernels vs kernels='off'")
+
+
+def test_auto_keeps_the_stock_ops_for_small_or_fp32_models(wide_checkpoint: Path,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    small = DeepseekV3ForCausalLM(DeepseekV3Config.tiny()).to(torch.bfloat16).eval()   # the test presets, the
+    with caplog.at_level(logging.INFO, logger="dsv3.kernels"):                        # shipped model: no build
+        assert kernels.select_kernels(small) is None
+        fp32 = DeepseekV3ForCausalLM.from_pretrained(wide_checkpoint, torch_dtype=torch.float32)
+    assert small.kernels is None and _layers_with_kernels(small) == (0, 0)
+    assert fp32.kernels is None and _layers_with_kernels(fp32) == (0, 0)
+    assert "hidden_size 64 < 1024" in caplog.text and "the model is in torch.float32" in caplog.text
+
+
+def test_bad_kernels_value_is_a_clear_error_before_loading(wide_checkpoint: Path) -> None:
+    with pytest.raises(ValueError, match=r"kernels='fast'.*'auto'.*'on'.*'off'"):
+        DeepseekV3ForCausalLM.from_pretrained(wide_checkpoint, kernels="fast")
+
+
+def test_kernels_on_where_they_cannot_run_is_a_clear_error(wide_checkpoint: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kernels, "available", lambda: False)
+    with pytest.raises(ValueError, match="kernels='on'.*cannot be built"):
+        DeepseekV3ForCausalLM.from_pretrained(wide_checkpoint, kernels="on")
+    model = DeepseekV3ForCausalLM.from_pretrained(wide_checkpoint)            # auto: the stock ops, no error
+    assert model.kernels is None
+
+
+def test_cli_uses_the_library_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dsv3 import cli
+
+    seen = {}
+
+    def fake_from_pretrained(path, **kwargs):  # noqa: ANN001, ANN202
+        seen.update(kwargs)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(DeepseekV3ForCausalLM, "from_pretrained", fake_from_pretrained)
+    for argv, want in ((["generate", "x"], "auto"), (["generate", "x", "--kernels", "off"], "off")):
+        seen.clear()
+        with pytest.raises(SystemExit):
+            cli.main(argv)
+        assert seen.get("kernels") == want
+
+
+# -- the MLA decode kernel ------------------------------------------------------------------------------------------
+@needs_attention
+@pytest.mark.parametrize("b, h, t", [(1, 16, 8192), (2, 5, 37), (1, 128, 300), (3, 16, 1), (1, 17, 9)])
+def test_mla_decode_kernel_matches_fp32_reference(b: int, h: int, t: int) -> None:
+    g = torch.Generator().manual_seed(h + t)
+    cache = torch.randn(b, t + 11, 576, generator=g).bfloat16()
+    latent = cache[:, :t]                                              # a strided view, as a static cache returns
+    query = (torch.randn(b, h, 576, generator=g) * 0.3).bfloat16()
+    got = kernels.mla_decode(query, latent, 512, 0.135)
+    want = kernels.reference_mla_decode(query, latent, 512, 0.135)
+    assert_close(got, want, 1e-5 * float(want.abs().max()) + 1e-7, "mla decode kernel")
+
+
+class CountingAttention(kernels.CpuKernels):
+    def __init__(self) -> None:
+        super().__init__()
+        self.served = 0
+
+    def latent_decode(self, query: torch.Tensor, latent: torch.Tensor, r: int, scale: float) -> torch.Tensor | None:
+        y = super().latent_decode(query, latent, r, scale)
+        self.served += y is not None
+        return y
+
+
+@needs_attention
+def test_decode_with_the_attention_kernel_is_as_accurate_as_the_matmul_path() -> None:
+    torch.manual_seed(0)
+    cfg = DeepseekV3Config.tiny(num_attention_heads=5, num_key_value_heads=5)
+    model = DeepseekV3ForCausalLM(cfg).eval()
+    ids = torch.randint(0, cfg.vocab_size, (2, 12))
+
+    def decode(m: DeepseekV3ForCausalLM) -> torch.Tensor:
+        cache = make_cache(m, "static", 2, 12)
+        with torch.no_grad():
+            out = [m(ids[:, :6], past_key_values=cache).logits[:, -1]]
+            out += [m(ids[:, t:t + 1], past_key_values=cache).logits[:, -1] for t in range(6, 12)]
+        return torch.stack(out, 1).float()
+
+    exact = decode(model)
+    model.to(torch.bfloat16)
+    stock = decode(model)
+    counting = CountingAttention()
+    use_attention_kernels(model, counting)
+    fast = decode(model)
+    assert counting.served == 6 * cfg.num_hidden_layers                  # every decode step, no prefill
+    stock_err, fast_err = float((stock - exact).abs().max()), float((fast - exact).abs().max())
+    assert fast_err <= 1.5 * stock_err + 1e-3, f"attention kernel {fast_err:.2e} vs matmuls {stock_err:.2e}"
+    assert_close(fast, stock, 4 * stock_err + 1e-3, "attention kernel vs matmuls (bf16)")
+
+    # a padded batch needs a mask: the matmul path runs, the kernel is not asked
+    counting.served = 0
+    pad_ids, mask = left_padded_batch(cfg.vocab_size, [5, 3])
+    cache = make_cache(model, "static", 2, 6)
+    with torch.no_grad():
+        model(pad_ids, attention_mask=mask, past_key_values=cache)
+        model(pad_ids[:, :1], attention_mask=torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1),
+              past_key_values=cache)
+    assert counting.served == 0
