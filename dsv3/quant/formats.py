@@ -30,6 +30,7 @@ Formats are small frozen dataclasses below `dsv3.model` (they import torch and `
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field, replace
 from typing import ClassVar, Protocol
 
@@ -189,7 +190,7 @@ class Plain(WeightFormat):
     def linear(self, module: nn.Module, name: str, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         w = getattr(module, name)
         if self.kernels is not None:
-            rows = x.numel() // x.shape[-1]
+            rows = math.prod(x.shape[:-1])
             y = self.kernels.linear(x.reshape(rows, x.shape[-1]), w)        # [rows, out] fp32, or None
             if y is not None:
                 if bias is not None:
@@ -278,14 +279,14 @@ class Fp8Blocks(WeightFormat):
     def linear(self, module: nn.Module, name: str, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         w, s = getattr(module, name), getattr(module, name + SCALE_INV)
         if self.kernels is not None and hasattr(self.kernels, "fp8_linear"):
-            rows = x.numel() // x.shape[-1]
+            rows = math.prod(x.shape[:-1])
             y = self.kernels.fp8_linear(x.reshape(rows, x.shape[-1]), w, s, self.block_size)   # [rows, out] fp32
             if y is not None:
                 _log_path(self, rows, "kernel")
                 if bias is not None:
                     y = y + bias
                 return y.to(x.dtype).view(*x.shape[:-1], w.shape[0])
-        _log_path(self, x.numel() // x.shape[-1], "dequantise")
+        _log_path(self, math.prod(x.shape[:-1]), "dequantise")
         if self.stats is not None:
             self.stats.record(w.numel() * x.element_size())
         return fp8_block_linear(x, w, s, self.block_size, bias, self.tile_elements)
