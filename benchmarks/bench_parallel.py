@@ -37,7 +37,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO))
 
-from common import bench_config  # noqa: E402
+from common import bench_config, random_model  # noqa: E402
 
 from dsv3 import DeepseekV3Config, DeepseekV3ForCausalLM  # noqa: E402
 from dsv3.generation.generate import DecodeStep, make_cache  # noqa: E402
@@ -50,31 +50,10 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-@torch.no_grad()
 def random_sharded_model(config: DeepseekV3Config, parallel: ParallelContext, dtype: torch.dtype,
                          seed: int = 0) -> DeepseekV3ForCausalLM:
     """This rank's shard of a random-weight model, never the whole model (built on meta, sharded, filled)."""
-    from dsv3.model.parallel import shard_model
-    from dsv3.model.rope import RotaryEmbedding
-
-    with torch.device("meta"):
-        model = DeepseekV3ForCausalLM(config)
-    shard_model(model, parallel)
-    model.to_empty(device="cpu")
-    model.to(dtype)
-    gen = torch.Generator().manual_seed(seed)   # same draws on every rank: equal shard shapes, same order
-    for name, p in model.named_parameters():
-        if name.endswith("norm.weight"):
-            p.fill_(1.0)
-        elif p.dim() >= 2:
-            p.normal_(0, config.initializer_range, generator=gen)
-        else:
-            p.zero_()
-    for name, b in model.named_buffers():
-        if name.endswith("e_score_correction_bias"):
-            b.uniform_(-0.01, 0.01, generator=gen)
-    model.model.rotary_emb = RotaryEmbedding(config)
-    return model.eval()
+    return random_model(config, dtype, seed, parallel)
 
 
 @torch.no_grad()

@@ -20,10 +20,16 @@ def bench_config(**overrides) -> DeepseekV3Config:
 
 
 @torch.no_grad()
-def random_model(config: DeepseekV3Config, dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> DeepseekV3ForCausalLM:
-    """Random weights allocated directly in `dtype` (never a full fp32 copy)."""
+def random_model(config: DeepseekV3Config, dtype: torch.dtype = torch.bfloat16, seed: int = 0,
+                 parallel=None) -> DeepseekV3ForCausalLM:  # noqa: ANN001 - a dsv3.parallel.ParallelContext
+    """Random weights allocated directly in `dtype` (never a full fp32 copy). With `parallel`, this rank's shard
+    only (built on meta and sharded first); the draws are the same on every rank (equal shard shapes, same order)."""
     with torch.device("meta"):
         model = DeepseekV3ForCausalLM(config)
+    if parallel is not None:
+        from dsv3.model.parallel import shard_model
+
+        shard_model(model, parallel)
     model.to_empty(device="cpu")
     model.to(dtype)
     gen = torch.Generator().manual_seed(seed)
