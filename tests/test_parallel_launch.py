@@ -231,9 +231,11 @@ from dsv3.parallel.launch import ParallelError, start_parallel, stop_parallel
 try:
     ctx, device = start_parallel("auto", timeout=datetime.timedelta(seconds=float(sys.argv[1])))
 except ParallelError as e:
-    print("ParallelError:", e, "| cause:", type(e.__cause__).__name__)
+    sys.stdout.write(f"ParallelError: {e} | cause: {type(e.__cause__).__name__}\\n")
+    sys.stdout.flush()
     sys.exit(3)
-print(f"started {ctx.rank} {ctx.world_size} {device}", flush=True)
+sys.stdout.write(f"started {ctx.rank} {ctx.world_size} {device}\\n")   # one write: ranks share the pipe
+sys.stdout.flush()
 stop_parallel()
 """
 
@@ -282,7 +284,7 @@ def test_peer_that_never_arrives_times_out_with_the_timeout_named(start: str) ->
 def test_two_ranks_start_and_agree(start: str) -> None:
     done = run([*LAUNCHER, "--nproc_per_node=2", "--master-port", str(free_port()), start, "60"])
     assert done.returncode == 0, done.stderr[-2000:]
-    assert sorted(re.findall(r"started \d \d \w+", done.stdout)) == ["started 0 2 cpu", "started 1 2 cpu"], done.stdout
+    assert sorted(re.findall(r"started \d \d (?:cpu|cuda:\d+)", done.stdout)) == ["started 0 2 cpu", "started 1 2 cpu"], done.stdout
 
 
 # ---------------------------------------------------------------- in-process: what start_parallel decides
