@@ -237,3 +237,32 @@ def test_absorbed_attention_reads_an_fp8_kv_b_as_stored() -> None:
         got = mla(x, freqs, None, Fixed(), path="absorbed")
     assert stats.calls == 0                                             # W_UK and W_UV read as stored
     assert_close(got, want, 1e-5 * float(want.abs().max()), "absorbed MLA, FP8 kv_b: kernels vs dequantise")
+
+
+@pytest.mark.parametrize("parts, experts, rows", [(1, None, (0, 300)), (1, None, (70, 260)),
+                                                  (2, [6, 1, 1], (0, 80)), (2, [0, 7], (30, 75))])
+def test_fp8_dense_kernel_equals_the_reference_bit_for_bit(parts: int, experts: list[int] | None,
+                                                           rows: tuple[int, int]) -> None:
+    cpu = kernels.CpuKernels()
+    if experts is None:
+        w, s = _fp8(300, 200, (128, 128), seed=7)
+        want = dequantize_fp8_blocks(w, s, (128, 128), torch.bfloat16)
+        got = cpu.fp8_dense(w, s, torch.bfloat16, None, rows, (128, 128), 1)
+    else:
+        w, s = _stack(8, 40, 72, parts, (32, 32), seed=4)
+        ids = torch.tensor(experts)
+        want = dequantize_fp8_stacked(w[ids], s[ids], (32, 32), torch.bfloat16, parts, "w", 1 << 20)
+        got = cpu.fp8_dense(w, s, torch.bfloat16, ids, rows, (32, 32), parts)
+    assert torch.equal(got, want[..., rows[0]: rows[1], :])
+    assert cpu.fp8_dense(w, s, torch.float32, None if experts is None else ids, rows, (32, 32), parts) is None
+
+
+def test_fp8_blocks_prefill_dequantises_per_tile_through_the_kernel() -> None:
+    stock = _fp8_layer(300, 200, Fp8Blocks())
+    cpu = kernels.CpuKernels()
+    fast = _fp8_layer(300, 200, Fp8Blocks(kernels=cpu, tile_elements=200 * 64))   # 5 tiles of 64 rows
+    x = torch.randn(1, 40, 200).bfloat16()                                         # 40 rows: past the GEMV kernel
+    with torch.no_grad():
+        got, want = fast(x), stock(x)
+    assert cpu.calls["fp8_dense"] == 5
+    assert_close(got.float(), want.float(), 0.01 * float(want.float().abs().max()), "tiles via the kernel vs stock")

@@ -243,3 +243,61 @@ def test_int4_loading_packs_rows_where_the_kernels_run() -> None:
     plan = plan_quantization(model, "int4", torch.device("cpu"))
     int4 = [f for f in plan.values() for f in (f if isinstance(f, tuple) else (f,)) if isinstance(f, Int4Grouped)]
     assert int4 and all(f.layout == "rows" for f in int4)
+
+
+# -- dequantising to bf16 for prefill (cpu_int.cpp int8_dense / int4_dense) ---------------------------------------
+dense_kernels = pytest.mark.skipif("avx512_vnni" not in ISAS, reason="the dequantising kernels are AVX-512 only")
+
+
+@dense_kernels
+@pytest.mark.parametrize("lead, rows", [((), (0, 37)), ((), (5, 30)), ((6,), (0, 40)), ((6,), (3, 17))])
+def test_dense_kernels_equal_the_references_bit_for_bit(lead: tuple[int, ...], rows: tuple[int, int]) -> None:
+    g = torch.Generator().manual_seed(len(lead) + rows[0])
+    n = 40 if lead else 37
+    experts = torch.tensor([4, 0, 4, 2]) if lead else None
+    kernels = CpuKernels()
+    for k in (100, 2048):                                            # int8: any width (masked tail)
+        q, s = _int8(n, k, g, lead)
+        got = kernels.int8_dense(q, s, torch.bfloat16, experts, rows)
+        qe, se = (q[experts], s[experts]) if lead else (q, s)
+        want = intq.dequantize_int8(qe, se, torch.bfloat16)[..., rows[0]: rows[1], :]
+        assert torch.equal(got, want), f"int8 dense {lead} {rows} K={k}"
+    for k, group in ((2048, 128), (192, 64), (96, 32)):
+        packed, sz = _int4(n, k, group, g, lead)
+        got = kernels.int4_dense(packed, sz, group, torch.bfloat16, experts, rows)
+        pe, sze = (packed[experts], sz[experts]) if lead else (packed, sz)
+        szt = sze.transpose(-3, -2)
+        want = intq.dequantize_int4(intq.unpack_rows(pe), szt[..., 0], szt[..., 1], torch.bfloat16)
+        assert torch.equal(got, want[..., rows[0]: rows[1], :]), f"int4 dense {lead} {rows} K={k} G={group}"
+    assert kernels.calls["int8_dense"] == 2 and kernels.calls["int4_dense"] == 3
+    assert kernels.int8_dense(q, s, torch.float32, experts, rows) is None       # bf16 only: the stock path
+
+
+@dense_kernels
+def test_dense_results_share_one_buffer_except_under_autograd() -> None:
+    q, s = _int8(64, 128, torch.Generator().manual_seed(0))
+    kernels = CpuKernels()
+    with torch.no_grad():
+        a = kernels.int8_dense(q, s, torch.bfloat16, None, (0, 64))
+        b = kernels.int8_dense(q, s, torch.bfloat16, None, (0, 32))
+    assert a.data_ptr() == b.data_ptr()                              # reused: no fresh pages per tile
+    c = kernels.int8_dense(q, s, torch.bfloat16, None, (0, 64))     # grad mode: may be saved for backward
+    assert c.data_ptr() != a.data_ptr() and torch.equal(c, intq.dequantize_int8(q, s, torch.bfloat16))
+
+
+@dense_kernels
+@pytest.mark.parametrize("fmt", FORMATS[:2], ids=lambda f: type(f).__name__)
+def test_prefill_rows_dequantise_through_the_dense_kernels(fmt) -> None:  # noqa: ANN001
+    torch.manual_seed(6)
+    dense = torch.nn.Linear(256, 300, bias=True)
+    stock = Linear.from_linear(dense, fmt)
+    fast = Linear.from_linear(dense, fmt.with_kernels(None))
+    fast.load_state_dict(stock.state_dict())
+    kernels = CpuKernels()
+    use_kernels(fast, kernels)
+    x = torch.randn(2, 40, 256).bfloat16()                            # 80 rows: past the GEMV kernels
+    with torch.no_grad():
+        got, want = fast(x), stock(x)
+    op = "int8_dense" if isinstance(fmt, Int8PerChannel) else "int4_dense"
+    assert kernels.calls[op] >= 1 and kernels.calls["int8_linear"] + kernels.calls["int4_linear"] == 0
+    assert torch.equal(got, want)                                    # the same bf16 matrix, the same GEMM

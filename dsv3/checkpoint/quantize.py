@@ -2,7 +2,8 @@
 
 Which tensors (decided on the meta model, before any data is read — `plan_quantization`):
 
-    every decoder linear (MLA projections, dense MLP, shared experts), every routed-expert stack, MTP's eh_proj
+    every decoder linear (MLA projections but kv_b_proj, dense MLP, shared experts), every routed-expert
+    stack, MTP's eh_proj
         int8: Int8PerChannel; int4: Int4Grouped with groups of `group_size` (128) inputs, smaller (64, 32)
         where the input width needs it, int8 for a matrix no group size divides; int4 zero points are
         integers (intq.quantize_int4_integer_zero), the grid compressed-tensors stores, so a quantised model
@@ -10,6 +11,11 @@ Which tensors (decided on the meta model, before any data is read — `plan_quan
     LM heads (lm_head, MTP's shared_head.head)
         Int8PerChannel in both modes: the head decides every token and int8 keeps it within the quality bar;
         it is one matrix, so int4 would save little (llama.cpp's Q4_K_M keeps its output matrix at 6 bits too)
+    kv_b_proj (W_UK, W_UV)
+        as loaded: decode runs the absorbed attention, which multiplies each head's query and output by its
+        slice of kv_b_proj as matrices (W_UK transposed) — not a product the int kernels compute, so a
+        quantised kv_b_proj was dequantised by PyTorch ops every step (int4 on the bench shape: ~18 ms of a
+        44 ms step, for 3 % of its bytes)
     embeddings, norms, the router (fp32 by the numerics policy)
         as loaded: an embedding lookup reads only the rows of the step's tokens, so quantising it saves memory
         but no time
@@ -52,6 +58,7 @@ QUANTIZATIONS = ("int8", "int4")
 LOAD_CHUNK_ELEMENTS = intq.CHUNK_ELEMENTS   # values quantised at a time while loading (16 MiB of fp32)
 ROW_ALIGN = 128                             # chunks of whole 128-row blocks: FP8 block rows, int4 64-row packing
 HEADS = ("lm_head", "shared_head.head")
+KEPT = ("kv_b_proj",)                       # linears held as loaded (see the module docstring)
 
 
 def check_quantization(quantization: str | None, fp8: str) -> None:
@@ -112,6 +119,8 @@ def plan_quantization(model: nn.Module, quantization: str, device: torch.device,
         if isinstance(module, (nn.Linear, Linear)):
             if isinstance(module, nn.Linear) and holders[id(module.weight)] > 1:
                 logger.info("%s: weight shared with another module (tied), kept as loaded", name)
+                continue
+            if name.endswith("." + KEPT[0]):
                 continue
             head = name == HEADS[0] or name.endswith("." + HEADS[1])
             if quantization == "int8" or head:

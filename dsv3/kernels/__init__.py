@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -154,6 +155,14 @@ def _(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, ids: torch
     return x.new_empty(x.shape[0], weight.shape[2], dtype=torch.float32)
 
 
+@torch.library.custom_op("dsv3::fp8_dense", mutates_args=("out",))
+def fp8_dense(weight: torch.Tensor, scale_inv: torch.Tensor, experts: torch.Tensor, r0: int, r1: int,
+              block_rows: int, block_cols: int, parts: int, out: torch.Tensor) -> None:
+    """out (bf16 [(U,) r1-r0, K]) = rows [r0, r1) of a block-FP8 weight (or of the `experts` of a stack)."""
+    _fp8_extension().dense(weight.view(torch.uint8), scale_inv.contiguous(), experts, r0, r1, block_rows, block_cols,
+                           parts, out)
+
+
 def reference_fp8_expert_linear_t(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, ids: torch.Tensor,
                                   rows: tuple[int, int], block: tuple[int, int]) -> torch.Tensor:
     """The slow reference of `fp8_expert_linear_t`: dequantise the listed experts to fp32, then bmm."""
@@ -247,6 +256,10 @@ def _fp8_kernel_ok(x: torch.Tensor, weight: torch.Tensor, rows: int, limit: int)
             and fp8_available())
 
 
+def _experts(experts: torch.Tensor | None) -> torch.Tensor:
+    return int_kernels._NO_EXPERTS if experts is None else experts.to(torch.long)
+
+
 class CpuKernels:
     """The `Kernels` backend (dsv3.quant.formats) of the C++ GEMV kernels: bf16 weights on the CPU (AVX-512),
     int8/int4 weights (`int_isa`: "auto" picks `int_kernels.best_isa()`, or "avx512_vnni" / "avx2", None for
@@ -262,6 +275,7 @@ class CpuKernels:
                                "check dsv3.kernels.available() first, or run without kernels")
         self.max_rows, self.max_expert_rows = max_rows, max_expert_rows
         self.calls: Counter[str] = Counter()
+        self._scratch = torch.empty(0, dtype=torch.bfloat16)   # reused by the *_dense methods
         logger.info("CPU kernels: bf16 %s, int8/int4 %s", "on" if self.bf16 else "off (needs AVX-512)",
                     self.int_isa or "off (PyTorch ops)")
 
@@ -353,6 +367,58 @@ class CpuKernels:
         if not _fp8_kernel_ok(x, weight, x.shape[0], self.max_expert_rows):
             return None
         return fp8_expert_linear_t(x, weight, scale_inv, ids, rows[0], rows[1], block[0], block[1])
+
+    # -- dequantising to bf16 for prefill's GEMMs (many rows): int8 / int4 / FP8 ------------------------------------
+    # Without autograd the result is a view of one buffer this object reuses (fresh memory would cost a page
+    # fault per 4 KB written — measured: dequantising the bench shape's weights for one prefill took 1.3 s
+    # instead of ~0.3): valid until the next *_dense call, which is how the formats use it (one tile or chunk
+    # of experts, multiplied at once). Under autograd (the result saved for backward) or inside a compiled graph
+    # each call gets its own tensor.
+    def _dense_out(self, weight: torch.Tensor, experts: torch.Tensor | None, rows: tuple[int, int],
+                   cols: int) -> torch.Tensor:
+        shape = (rows[1] - rows[0], cols) if weight.dim() == 2 else (len(experts), rows[1] - rows[0], cols)
+        n = math.prod(shape)
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return torch.empty(shape, dtype=torch.bfloat16)
+        if self._scratch.numel() < n:
+            self._scratch = torch.empty(n, dtype=torch.bfloat16)
+        return self._scratch[:n].view(shape)
+
+    def _dense_ok(self, weight: torch.Tensor, dtype: torch.dtype) -> bool:
+        return (self.int_isa == "avx512_vnni" and dtype == torch.bfloat16 and weight.device.type == "cpu"
+                and weight.is_contiguous())
+
+    def int8_dense(self, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, experts: torch.Tensor | None,
+                   rows: tuple[int, int]) -> torch.Tensor | None:
+        """rows [r0, r1) of q·scale (of `experts` of a stack) in `dtype`; None: not applicable."""
+        if not self._dense_ok(q, dtype):
+            return None
+        self._count("int8_dense")
+        out = self._dense_out(q, experts, rows, q.shape[-1])
+        int_kernels.int8_dense(q, scale, _experts(experts), *rows, out)
+        return out
+
+    def int4_dense(self, packed: torch.Tensor, scale_zero: torch.Tensor, group_size: int, dtype: torch.dtype,
+                   experts: torch.Tensor | None, rows: tuple[int, int]) -> torch.Tensor | None:
+        """rows [r0, r1) of an int4 "rows" weight (of `experts` of a stack) in `dtype`; None: not applicable."""
+        if not (self._dense_ok(packed, dtype) and group_size % 32 == 0):
+            return None
+        self._count("int4_dense")
+        out = self._dense_out(packed, experts, rows, 2 * packed.shape[-1])
+        int_kernels.int4_dense(packed, scale_zero, group_size, _experts(experts), *rows, out)
+        return out
+
+    def fp8_dense(self, weight: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype,
+                  experts: torch.Tensor | None, rows: tuple[int, int], block: tuple[int, int],
+                  parts: int) -> torch.Tensor | None:
+        """rows [r0, r1) of a block-FP8 weight (of `experts` of a stack) in `dtype`; None: not applicable."""
+        if not (weight.dtype == torch.float8_e4m3fn and dtype == torch.bfloat16 and weight.device.type == "cpu"
+                and weight.is_contiguous() and fp8_available()):
+            return None
+        self._count("fp8_dense")
+        out = self._dense_out(weight, experts, rows, weight.shape[-1])
+        fp8_dense(weight, scale_inv, _experts(experts), *rows, *block, parts, out)
+        return out
 
     # -- MLA decode (dsv3.model.attention.AttentionKernels) -------------------------------------------------------
     def latent_decode(self, query: torch.Tensor, latent: torch.Tensor, r: int, scale: float) -> torch.Tensor | None:

@@ -317,8 +317,67 @@ torch::Tensor expert_linear_t(torch::Tensor x, torch::Tensor w, torch::Tensor s,
   return y;
 }
 
+// For prefill (many activation rows): rows [r0, r1) of the listed experts (or of a matrix) dequantised to bf16
+// (e4m3 · scale_inv in fp32, rounded once to nearest even) for a GEMM.
+void dense(torch::Tensor w, torch::Tensor s, torch::Tensor experts, int64_t r0, int64_t r1, int64_t bo, int64_t bi,
+           int64_t parts, torch::Tensor out) {
+  TORCH_CHECK(w.scalar_type() == at::kByte && w.is_contiguous() && (w.dim() == 2 || w.dim() == 3),
+              "w must be contiguous uint8 [N, K] or [E, N, K]");
+  TORCH_CHECK(s.scalar_type() == at::kFloat && s.is_contiguous(), "scale_inv must be contiguous fp32");
+  const int64_t N = w.size(-2), K = w.size(-1), E = w.dim() == 3 ? w.size(0) : 1;
+  TORCH_CHECK(bo > 0 && bi > 0 && parts >= 1 && N % parts == 0, "bad block sizes or parts");
+  const int64_t part_rows = N / parts, rb_part = (part_rows + bo - 1) / bo, cb = (K + bi - 1) / bi;
+  TORCH_CHECK(s.numel() == E * parts * rb_part * cb, "scale_inv must be [.., parts*ceil(N/parts/bo), ceil(K/bi)]");
+  TORCH_CHECK(0 <= r0 && r0 <= r1 && r1 <= N, "rows [", r0, ", ", r1, ") outside [0, ", N, ")");
+  std::vector<int64_t> ex{0};
+  if (w.dim() == 3) {
+    TORCH_CHECK(experts.dim() == 1 && experts.scalar_type() == at::kLong, "experts must be int64 [U]");
+    auto ec = experts.contiguous();
+    ex.assign(ec.data_ptr<int64_t>(), ec.data_ptr<int64_t>() + ec.numel());
+    for (int64_t e : ex) TORCH_CHECK(e >= 0 && e < E, "expert ", e, " out of range [0, ", E, ")");
+  }
+  const int64_t rows = r1 - r0, U = static_cast<int64_t>(ex.size());
+  TORCH_CHECK(out.scalar_type() == at::kBFloat16 && out.is_contiguous() && out.numel() == U * rows * K,
+              "out must be contiguous bf16 with ", U * rows * K, " values");
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const float* sp = s.data_ptr<float>();
+  uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  at::parallel_for(0, U * rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t e = ex[i / rows], n = r0 + i % rows, part = n / part_rows, local = n % part_rows;
+      const float* srow = sp + (e * parts * rb_part + part * rb_part + local / bo) * cb;
+      const uint8_t* wr = wp + (e * N + n) * K;
+      uint16_t* orow = op + i * K;
+      for (int64_t k0 = 0; k0 < K; k0 += bi) {
+        const int64_t k1 = std::min(K, k0 + bi);
+        const float sc = srow[k0 / bi] * kHalfExp;   // with the second 2⁶⁰ below: undoes the conversion's 2⁻¹²⁰
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+        const __m512 sv = _mm512_set1_ps(sc);
+        for (int64_t k = k0; k < k1; k += 16) {
+          const __mmask16 m = (k1 - k) >= 16 ? static_cast<__mmask16>(0xFFFF)
+                                             : static_cast<__mmask16>((1u << (k1 - k)) - 1);
+          const __m512i u = _mm512_castps_si512(
+              _mm512_mul_ps(_mm512_mul_ps(cvt16_masked(wr + k, m), sv), _mm512_set1_ps(kHalfExp)));
+          const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+          const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd)), 16);
+          _mm256_mask_storeu_epi16(orow + k, m, _mm512_cvtepi32_epi16(r));
+        }
+#else
+        for (int64_t k = k0; k < k1; ++k) {
+          const float f = e4m3_scaled(wr[k]) * sc * kHalfExp;
+          uint32_t u;
+          std::memcpy(&u, &f, 4);
+          orow[k] = static_cast<uint16_t>((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+        }
+#endif
+      }
+    }
+  });
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("expert_linear_t", &expert_linear_t, "y[p] = x[p] @ W[ids[p]][n0:n1] (block FP8, ids sorted)");
+  m.def("dense", &dense, "bf16 rows [r0, r1) of a block-FP8 weight (of the listed experts of a stack)");
   m.def("linear", &linear, "y = x @ W.T for a block-FP8 (e4m3) weight and a few rows of x (fp32 out)");
   m.def("expert_linear", &expert_linear, "y[p] = x[p] @ W[ids[p]].T for block-FP8 expert stacks, ids sorted");
 }

@@ -26,6 +26,7 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 namespace {
@@ -244,6 +245,49 @@ void int4_range(const Int4Act& a, int64_t row0, int64_t M, int64_t K, int64_t G,
         case 2: int4_rows_all<2>(xq, xs, xsum, K, G, p, sz, N, b0, b1, yr, ldy); break;
         default: int4_rows_all<1>(xq, xs, xsum, K, G, p, sz, N, b0, b1, yr, ldy); break;
       }
+    }
+  }
+}
+
+// bf16 bits of 16 fp32 values, rounded to nearest even, in the high halves of the 32-bit lanes
+inline __m512i bf16_high(__m512 f) {
+  const __m512i u = _mm512_castps_si512(f);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  return _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd));
+}
+
+// out[k] = bf16(q[k] · s) for one row of K values
+void int8_dense_row(const int8_t* q, float s, int64_t K, uint16_t* out) {
+  const __m512 sv = _mm512_set1_ps(s);
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    const __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k)))), sv);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + k), _mm512_cvtepi32_epi16(_mm512_srli_epi32(bf16_high(f), 16)));
+  }
+  if (k < K) {
+    const __mmask16 m = static_cast<__mmask16>((1u << (K - k)) - 1);
+    const __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, q + k))), sv);
+    _mm256_mask_storeu_epi16(out + k, m, _mm512_cvtepi32_epi16(_mm512_srli_epi32(bf16_high(f), 16)));
+  }
+}
+
+// out[c] = bf16((code[c] - 8)·scale_g + zero_g) for one "rows"-packed row (K/2 bytes, G % 32 == 0); sz points
+// at (scale, zero) of group 0 of this row, `sz_stride` values apart per group. 16 bytes hold 32 columns: the
+// low nibbles are the even ones, the high nibbles the odd ones, so one 32-bit lane stores an (even, odd) pair.
+void int4_dense_row(const uint8_t* p, const at::BFloat16* sz, int64_t sz_stride, int64_t K, int64_t G,
+                    uint16_t* out) {
+  const __m512i low = _mm512_set1_epi32(0x0F), eight = _mm512_set1_epi32(8);
+  const __m512i high_half = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  for (int64_t g = 0; g < K / G; ++g) {
+    const __m512 sv = _mm512_set1_ps(static_cast<float>(sz[g * sz_stride]));
+    const __m512 zv = _mm512_set1_ps(static_cast<float>(sz[g * sz_stride + 1]));
+    for (int64_t c = g * G; c < (g + 1) * G; c += 32) {
+      const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + c / 2)));
+      const __m512 lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(b, low), eight)), sv, zv);
+      const __m512 hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(b, 4), eight)), sv, zv);
+      const __m512i pair = _mm512_or_si512(_mm512_srli_epi32(bf16_high(lo), 16), _mm512_and_si512(bf16_high(hi), high_half));
+      _mm512_storeu_si512(out + c, pair);
     }
   }
 }
@@ -515,6 +559,76 @@ torch::Tensor int4_expert_linear(torch::Tensor x, torch::Tensor p, torch::Tensor
   return y;
 }
 
+// ---------------------------------------------------------------------------------------------- dequantise to bf16
+// For prefill (many activation rows): rows [r0, r1) of the listed experts (or of a matrix) as a dense bf16
+// tensor for a GEMM. The same values as intq.dequantize_int8 / dequantize_int4 in fp32, rounded once to bf16
+// (round to nearest even); AVX-512 only (the caller keeps PyTorch's path elsewhere).
+namespace {
+
+// experts: int64 [U] (a stack [E, N, ..]) or empty (one matrix [N, ..]) -> (U or 1, expert pointer)
+std::vector<int64_t> expert_list(const torch::Tensor& experts, int64_t dim, int64_t E) {
+  if (dim == 2) return {0};
+  TORCH_CHECK(experts.dim() == 1 && experts.scalar_type() == at::kLong, "experts must be int64 [U]");
+  auto ec = experts.contiguous();
+  std::vector<int64_t> out(ec.data_ptr<int64_t>(), ec.data_ptr<int64_t>() + ec.numel());
+  for (int64_t e : out) TORCH_CHECK(e >= 0 && e < E, "expert ", e, " out of range [0, ", E, ")");
+  return out;
+}
+
+// `out`: a caller's bf16 buffer (reused across calls: fresh pages would cost a page fault per 4 KB written)
+uint16_t* dense_out(const torch::Tensor& out, int64_t numel) {
+  TORCH_CHECK(out.scalar_type() == at::kBFloat16 && out.is_contiguous() && out.numel() == numel,
+              "out must be contiguous bf16 with ", numel, " values");
+  return reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+}
+
+}  // namespace
+
+void int8_dense(torch::Tensor q, torch::Tensor s, torch::Tensor experts, int64_t r0, int64_t r1, torch::Tensor out) {
+  TORCH_CHECK(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw"), "int8_dense needs AVX-512");
+  TORCH_CHECK(q.scalar_type() == at::kChar && q.is_contiguous() && (q.dim() == 2 || q.dim() == 3),
+              "q must be contiguous int8 [N, K] or [E, N, K]");
+  TORCH_CHECK(s.scalar_type() == at::kFloat && s.is_contiguous() && s.numel() * q.size(-1) == q.numel(),
+              "scale must be contiguous fp32 [.., N]");
+  const int64_t N = q.size(-2), K = q.size(-1), E = q.dim() == 3 ? q.size(0) : 1;
+  TORCH_CHECK(0 <= r0 && r0 <= r1 && r1 <= N, "rows [", r0, ", ", r1, ") outside [0, ", N, ")");
+  const auto ex = expert_list(experts, q.dim(), E);
+  const int64_t rows = r1 - r0;
+  uint16_t* op = dense_out(out, static_cast<int64_t>(ex.size()) * rows * K);
+  const int8_t* qp = q.data_ptr<int8_t>();
+  const float* sp = s.data_ptr<float>();
+  at::parallel_for(0, static_cast<int64_t>(ex.size()) * rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t n = ex[i / rows] * N + r0 + i % rows;
+      k512::int8_dense_row(qp + n * K, sp[n], K, op + i * K);
+    }
+  });
+}
+
+void int4_dense(torch::Tensor p, torch::Tensor sz, int64_t G, torch::Tensor experts, int64_t r0, int64_t r1,
+                torch::Tensor out) {
+  TORCH_CHECK(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw"), "int4_dense needs AVX-512");
+  TORCH_CHECK(p.scalar_type() == at::kByte && p.is_contiguous() && (p.dim() == 2 || p.dim() == 3),
+              "packed must be contiguous uint8 [N, K/2] or [E, N, K/2]");
+  const int64_t N = p.size(-2), K = 2 * p.size(-1), E = p.dim() == 3 ? p.size(0) : 1;
+  TORCH_CHECK(G % 32 == 0 && K % G == 0, "group size ", G, " must be a multiple of 32 dividing K=", K);
+  TORCH_CHECK(sz.scalar_type() == at::kBFloat16 && sz.is_contiguous() && sz.dim() == p.dim() + 1 &&
+                  sz.size(-3) == K / G && sz.size(-2) == N && sz.size(-1) == 2,
+              "scale_zero must be contiguous bf16 [.., K/G, N, 2]");
+  TORCH_CHECK(0 <= r0 && r0 <= r1 && r1 <= N, "rows [", r0, ", ", r1, ") outside [0, ", N, ")");
+  const auto ex = expert_list(experts, p.dim(), E);
+  const int64_t rows = r1 - r0;
+  uint16_t* op = dense_out(out, static_cast<int64_t>(ex.size()) * rows * K);
+  const uint8_t* pp = p.data_ptr<uint8_t>();
+  const at::BFloat16* szp = sz.data_ptr<at::BFloat16>();
+  at::parallel_for(0, static_cast<int64_t>(ex.size()) * rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t e = ex[i / rows], n = r0 + i % rows;
+      k512::int4_dense_row(pp + (e * N + n) * (K / 2), szp + (e * (K / G) * N + n) * 2, 2 * N, K, G, op + i * K);
+    }
+  });
+}
+
 std::map<std::string, bool> cpu_features() {
   return {{"avx2", __builtin_cpu_supports("avx2") != 0},
           {"fma", __builtin_cpu_supports("fma") != 0},
@@ -530,5 +644,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_expert_linear", &int8_expert_linear, "y[p] = x[p] @ W[ids[p]].T for int8 W, ids sorted");
   m.def("int4_linear", &int4_linear, "y = x̂ @ Ŵ.T for int4 'rows' W (activations quantised per group)");
   m.def("int4_expert_linear", &int4_expert_linear, "y[p] = x̂[p] @ Ŵ[ids[p]].T for int4 W, ids sorted");
+  m.def("int8_dense", &int8_dense, "bf16 rows [r0, r1) of int8 q·s (of the listed experts of a stack)");
+  m.def("int4_dense", &int4_dense, "bf16 rows [r0, r1) of an int4 'rows' weight (of the listed experts of a stack)");
   m.def("cpu_features", &cpu_features, "the x86 ISA extensions this CPU reports");
 }

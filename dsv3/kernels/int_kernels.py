@@ -148,6 +148,23 @@ def _(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor, group_siz
     return x.new_empty(x.shape[0], packed.shape[1], dtype=torch.float32)
 
 
+_NO_EXPERTS = torch.empty(0, dtype=torch.long)
+
+
+@torch.library.custom_op("dsv3::int8_dense", mutates_args=("out",))
+def int8_dense(q: torch.Tensor, scale: torch.Tensor, experts: torch.Tensor, r0: int, r1: int,
+               out: torch.Tensor) -> None:
+    """out (bf16 [(U,) r1-r0, K]) = rows [r0, r1) of q·scale ([N, K], or the `experts` of a stack; AVX-512)."""
+    extension().int8_dense(q, scale, experts, r0, r1, out)
+
+
+@torch.library.custom_op("dsv3::int4_dense", mutates_args=("out",))
+def int4_dense(packed: torch.Tensor, scale_zero: torch.Tensor, group_size: int, experts: torch.Tensor, r0: int,
+               r1: int, out: torch.Tensor) -> None:
+    """out (bf16 [(U,) r1-r0, K]) = rows [r0, r1) of an int4 "rows" weight (or of the `experts` of a stack)."""
+    extension().int4_dense(packed, scale_zero, group_size, experts, r0, r1, out)
+
+
 # -- the references (plain PyTorch, the same math) ------------------------------------------------------------
 def _int4_matrix(packed: torch.Tensor, scale_zero: torch.Tensor) -> torch.Tensor:
     sz = scale_zero.transpose(-3, -2)                                      # [.., N, K/G, 2]

@@ -81,6 +81,15 @@ class Kernels(Protocol):
                            ids: torch.Tensor) -> torch.Tensor | None:
         """y[p] = x[p] @ W[ids[p]]ᵀ, ids sorted; packed [E, N, K/2], scale_zero [E, K/G, N, 2] -> [P, N] fp32."""
 
+    # dequantising for prefill's GEMMs: rows [r0, r1) (of the `experts` of a stack, None for a matrix) as `dtype`
+    def int8_dense(self, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, experts: torch.Tensor | None,
+                   rows: tuple[int, int]) -> torch.Tensor | None:
+        """Equal to intq.dequantize_int8 of those rows."""
+
+    def int4_dense(self, packed: torch.Tensor, scale_zero: torch.Tensor, group_size: int, dtype: torch.dtype,
+                   experts: torch.Tensor | None, rows: tuple[int, int]) -> torch.Tensor | None:
+        """Equal to intq.dequantize_int4 of those rows ("rows" packing)."""
+
 
 class Fp8Kernels(Protocol):
     """Optional fast ops for block-FP8 weights (`Fp8Blocks`): they read the FP8 bytes and block scales as
@@ -96,6 +105,11 @@ class Fp8Kernels(Protocol):
                           block: tuple[int, int], parts: int) -> torch.Tensor | None:
         """y[p] = x[p] @ dequant(weight[ids[p]])ᵀ, ids sorted, only the experts in ids read; x [P, K],
         weight [E, N, K], scale_inv [E, parts·ceil(N/parts/bo), ceil(K/bi)] -> [P, N] fp32."""
+
+    def fp8_dense(self, weight: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype,
+                  experts: torch.Tensor | None, rows: tuple[int, int], block: tuple[int, int],
+                  parts: int) -> torch.Tensor | None:
+        """Rows [r0, r1) of the dequantised weight (of `experts` of a stack) as `dtype` — for prefill's GEMMs."""
 
 
 @dataclass
@@ -260,8 +274,18 @@ class Fp8Blocks(WeightFormat):
         module.register_parameter(name, nn.Parameter(q, requires_grad=False))
         module.register_buffer(name + SCALE_INV, s)
 
+    def _kernel_dense(self, module: nn.Module, name: str, dtype: torch.dtype, experts: torch.Tensor | None,
+                      rows: tuple[int, int] | None = None) -> torch.Tensor | None:
+        if self.kernels is None or not hasattr(self.kernels, "fp8_dense"):
+            return None
+        w, s = getattr(module, name), getattr(module, name + SCALE_INV)
+        return self.kernels.fp8_dense(w, s, dtype, experts if w.dim() == 3 else None, rows or (0, w.shape[-2]),
+                                      self.block_size, self.parts if w.dim() == 3 else 1)
+
     def _dequantize(self, module: nn.Module, name: str, dtype: torch.dtype,
                     experts: torch.Tensor | None) -> torch.Tensor:
+        if (dense := self._kernel_dense(module, name, dtype, experts)) is not None:
+            return dense
         w, s = getattr(module, name), getattr(module, name + SCALE_INV)
         if w.dim() == 2:
             return dequantize_fp8_blocks(w, s, self.block_size, dtype, name=name)
@@ -289,7 +313,19 @@ class Fp8Blocks(WeightFormat):
         _log_path(self, math.prod(x.shape[:-1]), "dequantise")
         if self.stats is not None:
             self.stats.record(w.numel() * x.element_size())
-        return fp8_block_linear(x, w, s, self.block_size, bias, self.tile_elements)
+        out, step = w.shape[0], max(1, self.tile_elements // w.shape[1])
+        tile = self._kernel_dense(module, name, x.dtype, None, (0, min(out, step)))
+        if tile is None:
+            return fp8_block_linear(x, w, s, self.block_size, bias, self.tile_elements)
+        x2 = x.reshape(-1, x.shape[-1])
+        y = x2.new_empty(x2.shape[0], out)
+        for r0 in range(0, out, step):   # a tile of rows dequantised by the kernel, then the GEMM
+            if r0:
+                tile = self._kernel_dense(module, name, x.dtype, None, (r0, min(out, r0 + step)))
+            y[:, r0: r0 + tile.shape[0]] = F.linear(x2, tile)
+        if bias is not None:
+            y = y + bias.to(y.dtype)
+        return y.view(*x.shape[:-1], w.shape[0])
 
     def grouped(self, module: nn.Module, name: str, xs: torch.Tensor, batch: ExpertBatch) -> torch.Tensor:
         """Kernels (when given and they apply) read the FP8 bytes of the experts that have rows; otherwise

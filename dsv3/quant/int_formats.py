@@ -71,6 +71,10 @@ def _log_path(fmt: WeightFormat, rows: int, path: str) -> None:
         logger.debug("%s: %d rows, %s", type(fmt).__name__, rows, path)
 
 
+def _row_range(rows: slice | None, out: int) -> tuple[int, int]:
+    return (0, out) if rows is None else (rows.start or 0, out if rows.stop is None else min(out, rows.stop))
+
+
 def _pack_ok(x: torch.Tensor, rows: int, limit: int) -> bool:
     return rows <= limit and x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad)
 
@@ -210,6 +214,10 @@ class Int8PerChannel(_IntFormat):
     def _dense(self, module: nn.Module, name: str, dtype: torch.dtype, experts: torch.Tensor | None = None,
                rows: slice | None = None) -> torch.Tensor:
         q, s = getattr(module, name), getattr(module, name + "_scale")
+        if self.kernels is not None:
+            dense = self.kernels.int8_dense(q, s, dtype, experts, _row_range(rows, q.shape[-2]))
+            if dense is not None:
+                return dense
         if experts is not None:
             q, s = q[experts], s[experts]
         if rows is not None:
@@ -293,6 +301,11 @@ class Int4Grouped(_IntFormat):
     def _dense(self, module: nn.Module, name: str, dtype: torch.dtype, experts: torch.Tensor | None = None,
                rows: slice | None = None) -> torch.Tensor:
         packed, sz = getattr(module, name + "_packed"), getattr(module, name + "_scale_zero")
+        if self.kernels is not None and self.layout == "rows":
+            dense = self.kernels.int4_dense(packed, sz, self.group_size, dtype, experts,
+                                            _row_range(rows, packed.shape[-2]))
+            if dense is not None:
+                return dense
         if experts is not None:
             packed, sz = packed[experts], sz[experts]
         if rows is not None:
