@@ -55,11 +55,16 @@ def _formats(model: torch.nn.Module) -> dict[str, object]:
             if hasattr(m, "format") or hasattr(m, "formats")}
 
 
-def _assert_same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
+def _assert_same_state(a: torch.nn.Module, b: torch.nn.Module, rounded: tuple[str, ...] = ()) -> None:
+    """Identical tensors, except those whose names end with `rounded`: equal after rounding to bf16 (a plain
+    tensor dequantised from FP8 is written to a converted checkpoint in bf16, loaded from the source in fp32)."""
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys(), sorted(set(sa) ^ set(sb))[:8]
-    differ = [k for k in sa if sa[k].dtype != sb[k].dtype or not torch.equal(sa[k], sb[k])]
+    exact = [k for k in sa if not k.endswith(rounded)]
+    differ = [k for k in exact if sa[k].dtype != sb[k].dtype or not torch.equal(sa[k], sb[k])]
     assert not differ, differ[:8]
+    near = [k for k in sa if k.endswith(rounded)]
+    assert all(torch.equal(sa[k].bfloat16(), sb[k].bfloat16()) for k in near), near
 
 
 @pytest.mark.parametrize("quantization", ["int8", "int4"])
@@ -77,12 +82,16 @@ def test_converted_checkpoint_loads_as_quantising_while_loading(source: str, qua
         monkeypatch.setattr(intq, fn, no_quantising)
     got = _load(converted[source, quantization])
     monkeypatch.undo()
-    _assert_same_state(got, want)                                           # identical tensors and dtypes
+    # identical tensors and dtypes; kv_b_proj (held as loaded, quantize.KEPT) of an FP8 source: bf16 in the file
+    _assert_same_state(got, want, ("kv_b_proj.weight",) if source == "fp8" else ())
     assert _formats(got) == _formats(want)                                  # held in the same formats
     ids = torch.randint(0, got.config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         a, b = got(ids).logits, want(ids).logits
-    assert torch.equal(a, b), f"max diff {(a - b).abs().max():.3e}"
+    if source == "fp8":
+        assert_close(a, b, 1e-2 * float(b.abs().max()), "converted FP8 source: kv_b_proj rounded to bf16")
+    else:
+        assert torch.equal(a, b), f"max diff {(a - b).abs().max():.3e}"
     # and the same under the model's default dtype (bf16 plain tensors, as converted)
     got16, want16 = _load(converted[source, quantization], torch_dtype="auto"), _load(src, quantization=quantization,
                                                                                       torch_dtype="auto")

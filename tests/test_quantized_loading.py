@@ -14,6 +14,7 @@ from dsv3.checkpoint import loader, quantize
 from dsv3.model.moe import RoutedExperts, Router
 from dsv3.model.weights import Linear
 from dsv3.quant import intq
+from dsv3.quant.formats import Fp8Blocks
 from dsv3.quant.int_formats import Int4Grouped, Int8PerChannel
 from tests.oracle import assert_close
 from tests.published import RAGGED_128, Published, build_published
@@ -113,8 +114,19 @@ def test_quantised_load_reads_in_row_chunks_with_the_same_result(quantization: s
 def test_quantization_arguments_fail_clearly(bf16_checkpoint: Published, fp8_checkpoint: Published) -> None:
     with pytest.raises(ValueError, match=r"quantization='int3': expected one of \('int8', 'int4'\)"):
         _load(bf16_checkpoint.path, quantization="int3")
-    with pytest.raises(ValueError, match="fp8='keep': choose one"):
-        _load(fp8_checkpoint.path, quantization="int8", fp8="keep")
+
+
+def test_fp8_kept_with_quantization_quantises_only_what_is_not_fp8(fp8_checkpoint: Published) -> None:
+    kept = _load(fp8_checkpoint.path, fp8="keep")
+    both = _load(fp8_checkpoint.path, quantization="int8", fp8="keep")
+    fp8 = {n for n, m in kept.named_modules() if isinstance(m, Linear) and isinstance(m.format, Fp8Blocks)}
+    assert fp8 and all(isinstance(both.get_submodule(n).format, Fp8Blocks) for n in fp8)   # held as stored
+    assert not isinstance(kept.lm_head, Linear) and type(both.lm_head.format) is Int8PerChannel   # bf16 head: int8
+    ids = torch.randint(0, kept.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want, got = kept(ids).logits, both(ids).logits
+    rel = float((got - want).norm() / want.norm())
+    assert 0 < rel < 0.01, f"int8 head vs bf16 head: relative logit error {rel:.2%}"
 
 
 def test_cli_generates_with_quantized_weights(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -222,7 +222,9 @@ def mla_decode(query: torch.Tensor, latent: torch.Tensor, r: int, scale: float) 
     -> [B, H, r] fp32 (scores and softmax in fp32)."""
     ext = _attention_extension()
     scores = ext.scores(query, latent, scale)                                  # [B, T, Hp] fp32
-    probs = scores.softmax(1)                                                  # over T
+    # over T, taken along the last dim of a contiguous copy: softmax over dim 1 of [B, T, Hp] (a strided
+    # reduction) took ~0.6 ms at T = 8192, 16 heads; this ~0.3
+    probs = scores.transpose(1, 2).contiguous().softmax(-1).transpose(1, 2).contiguous()
     return ext.values(probs, latent, r)[:, : query.shape[1]]                   # [B, H, r]
 
 

@@ -313,7 +313,7 @@ class Fp8Blocks(WeightFormat):
         _log_path(self, math.prod(x.shape[:-1]), "dequantise")
         if self.stats is not None:
             self.stats.record(w.numel() * x.element_size())
-        out, step = w.shape[0], max(1, self.tile_elements // w.shape[1])
+        out, step = w.shape[0], max(1, self.tile_elements // max(1, w.shape[1]))   # (a rank may hold 0 inputs)
         tile = self._kernel_dense(module, name, x.dtype, None, (0, min(out, step)))
         if tile is None:
             return fp8_block_linear(x, w, s, self.block_size, bias, self.tile_elements)
