@@ -84,8 +84,8 @@ TOKENIZER_ASSETS = ROOT / "dsv3" / "assets" / "dsv3-pystd"
 GGUF_TYPES = ("bf16", "q8_0", "q4_k_m")
 LLAMA_LABEL = {"bf16": "BF16", "q8_0": "Q8_0", "q4_k_m": "Q4_K_M"}
 # dsv3 precision -> the llama.cpp file it is compared with
-MATCHING = {"bf16": "bf16", "int8": "q8_0", "int4": "q4_k_m", "fp8": "q8_0"}
-PRECISIONS = ("bf16", "int8", "int4", "fp8")
+MATCHING = {"bf16": "bf16", "int8": "q8_0", "int4": "q4_k_m", "fp8": "q8_0", "fp8+int8": "q8_0"}
+PRECISIONS = ("bf16", "int8", "int4", "fp8", "fp8+int8")   # fp8+int8: FP8 kept, the bf16 LM head int8
 CONTEXT_TO_DEPTH = {128: 0}           # dsv3 context -> llama.cpp depth (otherwise equal)
 # --tiny: the bench layout at a fraction of the size (vocabulary above the shipped tokenizer's 8207 tokens)
 TINY = dict(vocab_size=8448, hidden_size=256, intermediate_size=512, moe_intermediate_size=128, q_lora_rank=128,
@@ -230,9 +230,11 @@ def load_dsv3(precision: str, bf16_dir: Path, fp8_dir: Path) -> DeepseekV3ForCau
     kwargs: dict[str, Any] = dict(torch_dtype=torch.bfloat16)
     if precision in ("int8", "int4"):
         kwargs["quantization"] = precision
-    if precision == "fp8":
+    if precision.startswith("fp8"):
         kwargs["fp8"] = "keep"
-    return DeepseekV3ForCausalLM.from_pretrained(fp8_dir if precision == "fp8" else bf16_dir, **kwargs)
+    if precision == "fp8+int8":       # FP8 weights as stored; what the checkpoint holds in bf16 (the head) int8
+        kwargs["quantization"] = "int8"
+    return DeepseekV3ForCausalLM.from_pretrained(fp8_dir if precision.startswith("fp8") else bf16_dir, **kwargs)
 
 
 def kernels_module() -> tuple[Any, str]:
@@ -377,7 +379,7 @@ def goals(rows: list[dict[str, Any]], contexts: list[int]) -> list[dict[str, Any
     def add(name: str, value: float | None, need: float) -> None:
         out.append(dict(goal=name, value=value, need=need, met=None if value is None else value >= need))
 
-    for prec, need in (("int8", 1.7), ("fp8", 1.6), ("int4", 2.7)):
+    for prec, need in (("int8", 1.7), ("fp8", 1.6), ("fp8+int8", 1.6), ("int4", 2.7)):
         for c in contexts:
             r = best("dsv3", prec, "decode", c)
             add(f"dsv3 {prec} / dsv3 bf16 decode ctx {c}", r and r["x_dsv3_bf16"], need)
@@ -456,7 +458,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     work = args.workdir / f"bench-{checkpoint_key(config, args.seed)}"
     bf16_dir, fp8_dir = work / "hf-bf16", work / "hf-fp8"
     make_checkpoint(bf16_dir, config, args.seed)
-    if "fp8" in args.precisions and not (fp8_dir / "config.json").exists():
+    if any(p.startswith("fp8") for p in args.precisions) and not (fp8_dir / "config.json").exists():
         log("writing the FP8 (128x128 blocks) copy of the checkpoint")
         write_fp8_checkpoint(bf16_dir, fp8_dir)
 

@@ -98,7 +98,8 @@ def test_cli_uses_the_library_default(monkeypatch: pytest.MonkeyPatch) -> None:
 
 # -- the MLA decode kernel ------------------------------------------------------------------------------------------
 @needs_attention
-@pytest.mark.parametrize("b, h, t", [(1, 16, 8192), (2, 5, 37), (1, 128, 300), (3, 16, 1), (1, 17, 9)])
+@pytest.mark.parametrize("b, h, t", [(1, 16, 8192), (2, 5, 37), (1, 128, 300), (3, 16, 1), (1, 17, 9), (1, 16, 1100),
+                                     (2, 16, 65)])
 def test_mla_decode_kernel_matches_fp32_reference(b: int, h: int, t: int) -> None:
     g = torch.Generator().manual_seed(h + t)
     cache = torch.randn(b, t + 11, 576, generator=g).bfloat16()
@@ -106,7 +107,9 @@ def test_mla_decode_kernel_matches_fp32_reference(b: int, h: int, t: int) -> Non
     query = (torch.randn(b, h, 576, generator=g) * 0.3).bfloat16()
     got = kernels.mla_decode(query, latent, 512, 0.135)
     want = kernels.reference_mla_decode(query, latent, 512, 0.135)
-    assert_close(got, want, 1e-5 * float(want.abs().max()) + 1e-7, "mla decode kernel")
+    # probabilities rounded to bf16 (relative 2⁻⁹ each) for the value sum, normalised by their own sum:
+    # |Σ w'·v - Σ w·v| ≤ Σ|w' - w|·max|v| ≤ 2⁻⁸·max|v|; seen 7x (9 tokens) to 100x (8192) inside it
+    assert_close(got, want, 2**-8 * float(latent[..., :512].float().abs().max()), "mla decode kernel")
 
 
 class CountingAttention(kernels.CpuKernels):
