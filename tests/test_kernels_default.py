@@ -157,3 +157,24 @@ def test_decode_with_the_attention_kernel_is_as_accurate_as_the_matmul_path() ->
         model(pad_ids[:, :1], attention_mask=torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1),
               past_key_values=cache)
     assert counting.served == 0
+
+
+@needs_attention
+@pytest.mark.slow   # compiles a decode step
+def test_compiled_decode_runs_the_mla_kernel_in_the_graph(caplog: pytest.LogCaptureFixture) -> None:
+    """The kernels' availability checks happen outside the traced step (a check inside it broke the graph and
+    sent every step back to eager)."""
+    from dsv3.generation.generate import generate
+
+    torch.manual_seed(0)
+    model = DeepseekV3ForCausalLM(DeepseekV3Config.tiny()).bfloat16().eval()
+    counting = CountingAttention()
+    use_attention_kernels(model, counting)
+    ids = torch.randint(2, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(3))
+    eager = generate(model, ids, max_new_tokens=6, cache_implementation="static", eos_token_id=[])
+    assert counting.served == 5 * model.config.num_hidden_layers          # eager: every decode step's layers
+    with caplog.at_level(logging.WARNING, logger="dsv3.generation.generate"):
+        out = generate(model, ids, max_new_tokens=6, cache_implementation="static", eos_token_id=[], compile=True,
+                       return_dict_in_generate=True)
+    assert "failed to compile" not in caplog.text and out.compiled_steps == 5
+    assert torch.equal(out.sequences, eager)

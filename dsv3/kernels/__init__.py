@@ -274,6 +274,8 @@ class CpuKernels:
         self.max_rows, self.max_expert_rows = max_rows, max_expert_rows
         self.calls: Counter[str] = Counter()
         self._scratch = torch.empty(0, dtype=torch.bfloat16)   # reused by the *_dense methods
+        # decided here, not per call: a compiled step cannot trace the check (it asks torch for the CPU's ISA)
+        self.attention = attention_available()
         logger.info("CPU kernels: bf16 %s, int8/int4 %s", "on" if self.bf16 else "off (needs AVX-512)",
                     self.int_isa or "off (PyTorch ops)")
 
@@ -422,7 +424,7 @@ class CpuKernels:
     def latent_decode(self, query: torch.Tensor, latent: torch.Tensor, r: int, scale: float) -> torch.Tensor | None:
         if (query.dtype != torch.bfloat16 or latent.dtype != torch.bfloat16 or latent.device.type != "cpu"
                 or latent.stride(-1) != 1 or (torch.is_grad_enabled() and query.requires_grad)
-                or not attention_available()):
+                or not self.attention):
             return None
         return mla_decode(query, latent, r, scale)
 
