@@ -266,3 +266,21 @@ def test_fp8_blocks_prefill_dequantises_per_tile_through_the_kernel() -> None:
         got, want = fast(x), stock(x)
     assert cpu.calls["fp8_dense"] == 5
     assert_close(got.float(), want.float(), 0.01 * float(want.float().abs().max()), "tiles via the kernel vs stock")
+
+
+@pytest.mark.slow   # compiles a decode step
+def test_fp8_kept_model_compiles_with_the_kernels(fp8_checkpoint: Published, caplog: pytest.LogCaptureFixture) -> None:
+    """The FP8 kernels' availability check is a constant to a compiled step (tracing it broke the graph)."""
+    import logging
+
+    from dsv3.generation.generate import generate
+
+    model = DeepseekV3ForCausalLM.from_pretrained(fp8_checkpoint.path, torch_dtype=torch.bfloat16, fp8="keep",
+                                                  kernels="on")
+    ids = torch.randint(2, model.config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(4))
+    opts = dict(max_new_tokens=5, cache_implementation="static", eos_token_id=[], do_sample=False)   # greedy
+    eager = generate(model, ids, **opts)
+    with caplog.at_level(logging.WARNING, logger="dsv3.generation.generate"):
+        out = generate(model, ids, **opts, compile=True, return_dict_in_generate=True)
+    assert "failed to compile" not in caplog.text and out.compiled_steps == 4
+    assert torch.equal(out.sequences, eager)

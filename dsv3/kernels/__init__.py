@@ -85,9 +85,17 @@ def _fp8_extension() -> Any | None:
     return ext
 
 
+_FP8_OK: bool | None = None   # fp8_available()'s answer once known
+
+
 def fp8_available() -> bool:
-    """Whether the block-FP8 kernels run on this machine (AVX-512 and a C++ compiler; built on first call)."""
-    return _fp8_extension() is not None
+    """Whether the block-FP8 kernels run on this machine (AVX-512 and a C++ compiler; built on first call).
+    The answer is kept in a module global: a compiled step reads it as a constant, where tracing the build
+    check (it asks torch for the CPU's ISA) broke the graph and sent every step back to eager."""
+    global _FP8_OK
+    if _FP8_OK is None:
+        _FP8_OK = _fp8_extension() is not None
+    return _FP8_OK
 
 
 @torch.library.custom_op("dsv3::bf16_linear", mutates_args=())
