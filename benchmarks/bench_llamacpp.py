@@ -253,16 +253,24 @@ def weight_bytes_per_token(model: DeepseekV3ForCausalLM) -> int:
 
 
 def measure_dsv3(model: DeepseekV3ForCausalLM, precision: str, config_name: str, args: argparse.Namespace,
-                 ) -> list[dict[str, Any]]:
+                 compile: bool = False) -> list[dict[str, Any]]:
+    """Decode rows at each context, and a prefill row unless `compile` (the compiled decode step — what
+    `generate(compile=True)` runs — changes decode only)."""
     rows: list[dict[str, Any]] = []
     bytes_tok = weight_bytes_per_token(model)
-    step = DecodeStep(model, compile=False)
+    if compile:
+        torch._dynamo.reset()   # graphs of the models measured before count toward dynamo's recompile limit
+    step = DecodeStep(model, compile=compile)
     for context in args.contexts:
         log(f"dsv3 {precision} ({config_name}) decode ctx {context}")
         times, _, _ = decode_dsv3(model, step, 1, context, args.steps, args.budget_s, record_experts=False)
+        if compile and step.compiled_calls == 0:
+            raise RuntimeError(f"dsv3 {precision}: the decode step did not compile (see the log); no compiled rows")
         med = statistics.median(times)
         rows.append(dict(engine="dsv3", precision=precision, config=config_name, kind="decode", tokens=1,
                          context=context, tok_s=1 / med, steps=len(times), bytes_per_token=bytes_tok))
+    if compile:
+        return rows
     log(f"dsv3 {precision} ({config_name}) prefill {args.prefill}")
     times = prefill("dsv3", model, args.prefill, args.prefill_reps)
     med = statistics.median(times)
@@ -278,6 +286,8 @@ def run_dsv3(precision: str, bf16_dir: Path, fp8_dir: Path, args: argparse.Names
     model = load_dsv3(precision, bf16_dir, fp8_dir)
     log(f"  loaded in {time.perf_counter() - t:.0f} s")
     rows = measure_dsv3(model, precision, "default", args)
+    if not args.no_compiled:
+        rows += measure_dsv3(model, precision, "compiled", args, compile=True)
     if args.no_kernels or precision not in args.kernel_rows:
         kernels, why_not = None, "--no-kernels" if args.no_kernels else f"--kernel-rows {' '.join(args.kernel_rows)}"
     else:
@@ -423,6 +433,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prefill-reps", type=int, default=2, help="timed dsv3 prefills (after an untimed one)")
     p.add_argument("--no-repack", action="store_true", help="llama.cpp with its default repack setting only")
     p.add_argument("--no-kernels", action="store_true", help="no dsv3 'kernels' rows")
+    p.add_argument("--no-compiled", action="store_true",
+                   help="no dsv3 'compiled' rows (decode through generate(compile=True)'s compiled step)")
     p.add_argument("--kernel-rows", nargs="+", choices=PRECISIONS, default=list(PRECISIONS),
                    help="precisions that get a 'kernels' row beside the default one")
     p.add_argument("--skip-llamacpp", action="store_true")
@@ -501,7 +513,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         auto = "kernels" in inspect.signature(load_pretrained).parameters
         notes.append("dsv3 'default' rows: from_pretrained as it loads by default (" + (
             "its kernels= argument left at its default" if auto else "no kernels= argument in this dsv3: stock "
-            "PyTorch paths") + "); 'kernels' rows: the same model after dsv3.kernels.use_cpu_kernels(model)")
+            "PyTorch paths") + "), decoding eagerly as generate() does by default; 'compiled' rows: the same "
+            "model through generate(compile=True)'s compiled decode step; 'kernels' rows: the same model after "
+            "dsv3.kernels.use_cpu_kernels(model)")
         for precision in args.precisions:
             loads.append(load_average())
             rows += run_dsv3(precision, bf16_dir, fp8_dir, args, notes)

@@ -338,6 +338,10 @@ class Fp8Blocks(WeightFormat):
                 _log_path(self, xs.shape[0], "kernel")
                 return y
         _log_path(self, xs.shape[0], "dequantise")
+        if torch.compiler.is_compiling():
+            # a compiled step cannot read the counts on the host: each row's expert, gathered and dequantised
+            dense = self.matrix(module, name, xs.dtype, batch.ids)             # [P, out, in]
+            return torch.bmm(dense, xs[:, :, None]).squeeze(-1)
         used = batch.counts.nonzero().flatten()                                # [U] experts with rows
         ends = batch.offs[used].tolist()                                       # row end of each used expert
         starts = (batch.offs[used] - batch.counts[used]).tolist()
