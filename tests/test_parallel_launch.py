@@ -284,7 +284,8 @@ def test_peer_that_never_arrives_times_out_with_the_timeout_named(start: str) ->
 def test_two_ranks_start_and_agree(start: str) -> None:
     done = run([*LAUNCHER, "--nproc_per_node=2", "--master-port", str(free_port()), start, "60"])
     assert done.returncode == 0, done.stderr[-2000:]
-    assert sorted(re.findall(r"started \d \d (?:cpu|cuda:\d+)", done.stdout)) == ["started 0 2 cpu", "started 1 2 cpu"], done.stdout
+    started = sorted(re.findall(r"started \d \d (?:cpu|cuda:\d+)", done.stdout))
+    assert started == ["started 0 2 cpu", "started 1 2 cpu"], done.stdout
 
 
 # ---------------------------------------------------------------- in-process: what start_parallel decides
