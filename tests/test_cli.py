@@ -193,10 +193,16 @@ def test_python_m_dsv3_runs_the_cli() -> None:
     assert_one_error_line(done.stderr, "not valid UTF-8", "0xff")
 
 
+def _default_sigint() -> None:
+    # A runner started in the background (`cmd &` in a non-interactive shell) ignores SIGINT, children inherit
+    # that, and Python then leaves it ignored: give the child the default a person's terminal would.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(*args: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.Popen([sys.executable, "-m", "dsv3", *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+                            stderr=subprocess.PIPE, preexec_fn=_default_sigint)
 
 
 def test_output_closed_early_is_one_line_not_a_traceback() -> None:
