@@ -63,7 +63,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
 
-from bench_generate import decode_dsv3, prefill, rounded  # noqa: E402
+from bench_generate import decode_dsv3, kernels_module, prefill, rounded  # noqa: E402
 from common import (  # noqa: E402
     BENCH_CONFIG,
     bench_config,
@@ -235,16 +235,6 @@ def load_dsv3(precision: str, bf16_dir: Path, fp8_dir: Path) -> DeepseekV3ForCau
     if precision == "fp8+int8":       # FP8 weights as stored; what the checkpoint holds in bf16 (the head) int8
         kwargs["quantization"] = "int8"
     return DeepseekV3ForCausalLM.from_pretrained(fp8_dir if precision.startswith("fp8") else bf16_dir, **kwargs)
-
-
-def kernels_module() -> tuple[Any, str]:
-    try:
-        import dsv3.kernels as kernels
-    except ImportError as e:
-        return None, f"dsv3.kernels not importable ({e})"
-    if not hasattr(kernels, "use_cpu_kernels"):
-        return None, "dsv3.kernels has no use_cpu_kernels"
-    return kernels, ""
 
 
 def weight_bytes_per_token(model: DeepseekV3ForCausalLM) -> int:
