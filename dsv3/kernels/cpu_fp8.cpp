@@ -176,6 +176,23 @@ void block_rows(const float* x, int64_t M, int64_t K, const uint8_t* w, const fl
   }
 }
 
+// (expert, first row, count) for each run of equal ids; ids [P] int64, sorted ascending, each in [0, E)
+std::vector<int64_t> expert_runs(const torch::Tensor& ids, int64_t E) {
+  auto ic = ids.contiguous();
+  const int64_t P = ic.size(0);
+  const int64_t* ip = ic.data_ptr<int64_t>();
+  std::vector<int64_t> runs;
+  for (int64_t p = 0; p < P;) {
+    int64_t q = p;
+    while (q < P && ip[q] == ip[p]) ++q;
+    TORCH_CHECK(ip[p] >= 0 && ip[p] < E, "expert id ", ip[p], " out of range [0, ", E, ")");
+    TORCH_CHECK(p == 0 || ip[p] > ip[p - 1], "ids must be sorted ascending");
+    runs.insert(runs.end(), {ip[p], p, q - p});
+    p = q;
+  }
+  return runs;
+}
+
 void check_common(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& s, int64_t bo, int64_t bi) {
   TORCH_CHECK(w.scalar_type() == at::kByte && w.is_contiguous(), "w must be contiguous uint8 (e4m3 bytes)");
   TORCH_CHECK(s.scalar_type() == at::kFloat && s.is_contiguous(), "scale_inv must be contiguous fp32");
@@ -216,18 +233,8 @@ torch::Tensor expert_linear(torch::Tensor x, torch::Tensor w, torch::Tensor s, t
               "scale_inv must be [E, parts*ceil(N/parts/bo), ceil(K/bi)]");
   TORCH_CHECK(ids.dim() == 1 && ids.size(0) == x.size(0) && ids.scalar_type() == at::kLong, "ids must be int64 [P]");
   auto xf = x.to(at::kFloat).contiguous();
-  auto ic = ids.contiguous();
   const int64_t P = xf.size(0);
-  const int64_t* ip = ic.data_ptr<int64_t>();
-  std::vector<int64_t> runs;  // (expert, first row, count) for each run of equal ids
-  for (int64_t p = 0; p < P;) {
-    int64_t q = p;
-    while (q < P && ip[q] == ip[p]) ++q;
-    TORCH_CHECK(ip[p] >= 0 && ip[p] < E, "expert id ", ip[p], " out of range [0, ", E, ")");
-    TORCH_CHECK(p == 0 || ip[p] > ip[p - 1], "ids must be sorted ascending");
-    runs.insert(runs.end(), {ip[p], p, q - p});
-    p = q;
-  }
+  const std::vector<int64_t> runs = expert_runs(ids, E);
   const int64_t R = static_cast<int64_t>(runs.size()) / 3;
   auto y = torch::empty({P, N}, xf.options());
   const float* xp = xf.data_ptr<float>();
@@ -264,18 +271,8 @@ torch::Tensor expert_linear_t(torch::Tensor x, torch::Tensor w, torch::Tensor s,
   TORCH_CHECK(x.dim() == 2 && x.size(1) == n1 - n0, "x must be [P, n1-n0]");
   TORCH_CHECK(ids.dim() == 1 && ids.size(0) == x.size(0) && ids.scalar_type() == at::kLong, "ids must be int64 [P]");
   auto xf = x.to(at::kFloat).contiguous();
-  auto ic = ids.contiguous();
   const int64_t P = xf.size(0), J = n1 - n0;
-  const int64_t* ip = ic.data_ptr<int64_t>();
-  std::vector<int64_t> runs;
-  for (int64_t p = 0; p < P;) {
-    int64_t q = p;
-    while (q < P && ip[q] == ip[p]) ++q;
-    TORCH_CHECK(ip[p] >= 0 && ip[p] < E, "expert id ", ip[p], " out of range [0, ", E, ")");
-    TORCH_CHECK(p == 0 || ip[p] > ip[p - 1], "ids must be sorted ascending");
-    runs.insert(runs.end(), {ip[p], p, q - p});
-    p = q;
-  }
+  const std::vector<int64_t> runs = expert_runs(ids, E);
   const int64_t R = static_cast<int64_t>(runs.size()) / 3;
   auto y = torch::zeros({P, K}, xf.options());
   const float* xp = xf.data_ptr<float>();
