@@ -144,6 +144,10 @@ def test_decode_with_the_attention_kernel_is_as_accurate_as_the_matmul_path() ->
     use_attention_kernels(model, counting)
     fast = decode(model)
     assert counting.served == 6 * cfg.num_hidden_layers                  # every decode step, no prefill
+    # kv_b_proj read as stored by the head kernels, both directions, in every decode step (the prefill runs the
+    # naive path: kv_b_proj as a linear over the latents)
+    assert counting.calls["bf16_expert_linear_t"] == counting.calls["bf16_expert_linear (heads)"] \
+        == 6 * cfg.num_hidden_layers
     stock_err, fast_err = float((stock - exact).abs().max()), float((fast - exact).abs().max())
     assert fast_err <= 1.5 * stock_err + 1e-3, f"attention kernel {fast_err:.2e} vs matmuls {stock_err:.2e}"
     assert_close(fast, stock, 4 * stock_err + 1e-3, "attention kernel vs matmuls (bf16)")

@@ -35,8 +35,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3.kernels import int_kernels
+from dsv3.kernels.ops import kernel_op
 from dsv3.model.attention import use_attention_kernels
 from dsv3.model.weights import use_kernels
+from dsv3.quant.formats import heads_as_experts
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +100,7 @@ def fp8_available() -> bool:
     return _FP8_OK
 
 
-@torch.library.custom_op("dsv3::bf16_linear", mutates_args=())
+@kernel_op("dsv3::bf16_linear", mutates_args=())
 def bf16_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x [M, K] (any float dtype) @ weight[N, K]ᵀ (bf16) -> [M, N] fp32."""
     return _extension().linear(x, weight)
@@ -109,18 +111,33 @@ def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32)
 
 
-@torch.library.custom_op("dsv3::bf16_expert_linear", mutates_args=())
-def bf16_expert_linear(x: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """y[p] = x[p] @ weight[ids[p]]ᵀ for ids sorted ascending; x [P, K], weight [E, N, K] bf16 -> [P, N] fp32."""
-    return _extension().expert_linear(x, weight, ids)
+@kernel_op("dsv3::bf16_expert_linear", mutates_args=())
+def bf16_expert_linear(x: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor, row0: int = 0,
+                       row1: int = -1) -> torch.Tensor:
+    """y[p] = x[p] @ weight[ids[p]][row0:row1]ᵀ for ids sorted ascending; x [P, K], weight [E, N, K] bf16
+    -> [P, row1-row0] fp32 (row1 -1: N). Experts absent from ids are not read, nor rows outside the range."""
+    return _extension().expert_linear(x, weight, ids, row0, weight.shape[1] if row1 < 0 else row1)
 
 
 @bf16_expert_linear.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    return x.new_empty(x.shape[0], weight.shape[1], dtype=torch.float32)
+def _(x: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor, row0: int = 0, row1: int = -1) -> torch.Tensor:
+    return x.new_empty(x.shape[0], (weight.shape[1] if row1 < 0 else row1) - row0, dtype=torch.float32)
 
 
-@torch.library.custom_op("dsv3::fp8_linear", mutates_args=())
+@kernel_op("dsv3::bf16_expert_linear_t", mutates_args=())
+def bf16_expert_linear_t(x: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor, row0: int,
+                         row1: int) -> torch.Tensor:
+    """y[p] = x[p] @ weight[ids[p]][row0:row1], ids sorted; x [P, row1-row0], weight [E, N, K] bf16 -> [P, K]
+    fp32 (MLA's q_nope·W_UK with heads as experts)."""
+    return _extension().expert_linear_t(x, weight, ids, row0, row1)
+
+
+@bf16_expert_linear_t.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor, row0: int, row1: int) -> torch.Tensor:
+    return x.new_empty(x.shape[0], weight.shape[2], dtype=torch.float32)
+
+
+@kernel_op("dsv3::fp8_linear", mutates_args=())
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, block_rows: int,
                block_cols: int) -> torch.Tensor:
     """x [M, K] @ dequant(weight [N, K] e4m3, scale_inv [ceil(N/bo), ceil(K/bi)])ᵀ -> [M, N] fp32."""
@@ -133,7 +150,7 @@ def _(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, block_rows
     return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32)
 
 
-@torch.library.custom_op("dsv3::fp8_expert_linear", mutates_args=())
+@kernel_op("dsv3::fp8_expert_linear", mutates_args=())
 def fp8_expert_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, ids: torch.Tensor,
                       block_rows: int, block_cols: int, parts: int) -> torch.Tensor:
     """y[p] = x[p] @ dequant(weight[ids[p]])ᵀ, ids sorted; x [P, K], weight [E, N, K] e4m3,
@@ -148,7 +165,7 @@ def _(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, ids: torch
     return x.new_empty(x.shape[0], weight.shape[1], dtype=torch.float32)
 
 
-@torch.library.custom_op("dsv3::fp8_expert_linear_t", mutates_args=())
+@kernel_op("dsv3::fp8_expert_linear_t", mutates_args=())
 def fp8_expert_linear_t(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, ids: torch.Tensor, row0: int,
                         row1: int, block_rows: int, block_cols: int) -> torch.Tensor:
     """y[p] = x[p] @ dequant(weight[ids[p]])[row0:row1], ids sorted; x [P, row1-row0], weight [E, N, K] e4m3,
@@ -163,7 +180,7 @@ def _(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, ids: torch
     return x.new_empty(x.shape[0], weight.shape[2], dtype=torch.float32)
 
 
-@torch.library.custom_op("dsv3::fp8_dense", mutates_args=("out",))
+@kernel_op("dsv3::fp8_dense", mutates_args=("out",))
 def fp8_dense(weight: torch.Tensor, scale_inv: torch.Tensor, experts: torch.Tensor, r0: int, r1: int,
               block_rows: int, block_cols: int, parts: int, out: torch.Tensor) -> None:
     """out (bf16 [(U,) r1-r0, K]) = rows [r0, r1) of a block-FP8 weight (or of the `experts` of a stack)."""
@@ -224,7 +241,7 @@ def attention_available() -> bool:
     return _attention_extension() is not None
 
 
-@torch.library.custom_op("dsv3::mla_decode", mutates_args=())
+@kernel_op("dsv3::mla_decode", mutates_args=())
 def mla_decode(query: torch.Tensor, latent: torch.Tensor, r: int, scale: float) -> torch.Tensor:
     """softmax(query·latentᵀ·scale)·latent[..., :r] for one new token: query [B, H, D], latent [B, T, D] (bf16)
     -> [B, H, r] fp32: scores and softmax in fp32, the probabilities rounded to bf16 for the sum over values
@@ -249,6 +266,12 @@ def reference_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def reference_expert_linear(x: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return torch.bmm(weight[ids].float(), x.float()[:, :, None]).squeeze(-1)
+
+
+def reference_expert_linear_t(x: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor,
+                              rows: tuple[int, int]) -> torch.Tensor:
+    """The slow reference of `bf16_expert_linear_t` (fp32)."""
+    return torch.bmm(x.float()[:, None, :], weight[ids, rows[0]: rows[1]].float()).squeeze(1)
 
 
 def _kernel_ok(x: torch.Tensor, weight: torch.Tensor, rows: int, limit: int) -> bool:
@@ -429,6 +452,23 @@ class CpuKernels:
         return out
 
     # -- MLA decode (dsv3.model.attention.AttentionKernels) -------------------------------------------------------
+    def head_products(self, x: torch.Tensor, weight: torch.Tensor, rows: tuple[int, int],
+                      transposed: bool) -> torch.Tensor | None:
+        """MLA's per-head products with a bf16 kv_b_proj as stored, heads as experts (`heads_as_experts`):
+        weight [H, dn+dv, r]; x [P, H, rows] -> [P, H, r] = x_h·W_h[rows] when `transposed` (q_nope·W_UK),
+        else x [P, H, r] -> [P, H, rows] = x_h·W_h[rows]ᵀ (o·W_UVᵀ); fp32. None where the kernels do not apply."""
+        p, h = x.shape[:2]
+        if not (self.bf16 and _kernel_ok(x, weight, p * h, self.max_expert_rows) and weight.is_contiguous()):
+            return None
+        xs, ids = heads_as_experts(x)
+        if transposed:
+            self._count("bf16_expert_linear_t")
+            y = bf16_expert_linear_t(xs, weight, ids, rows[0], rows[1])              # [H*P, r]
+        else:
+            self._count("bf16_expert_linear (heads)")
+            y = bf16_expert_linear(xs, weight, ids, rows[0], rows[1])                # [H*P, rows]
+        return y.view(h, p, -1).transpose(0, 1)
+
     def latent_decode(self, query: torch.Tensor, latent: torch.Tensor, r: int, scale: float) -> torch.Tensor | None:
         if (query.dtype != torch.bfloat16 or latent.dtype != torch.bfloat16 or latent.device.type != "cpu"
                 or latent.stride(-1) != 1 or (torch.is_grad_enabled() and query.requires_grad)

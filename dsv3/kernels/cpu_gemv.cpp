@@ -7,8 +7,10 @@
 // weight row exactly once for all M activation rows.
 //
 //   linear(x [M,K], w [N,K])                       -> y [M,N]        (M small, e.g. <= 16)
-//   expert_linear(x [P,K], w [E,N,K], ids [P])     -> y [P,N]        y[p] = x[p] @ w[ids[p]].T, with
-//       ids sorted so that rows of one expert are adjacent: each expert's weights are read once.
+//   expert_linear(x [P,K], w [E,N,K], ids [P], n0, n1)   -> y [P,n1-n0]   y[p] = x[p] @ w[ids[p]][n0:n1].T,
+//       with ids sorted so that rows of one expert are adjacent: each expert's rows are read once
+//   expert_linear_t(x [P,n1-n0], w [E,N,K], ids [P], n0, n1) -> y [P,K]   y[p] = x[p] @ w[ids[p]][n0:n1]
+//       (the transposed product: MLA's absorbed query q_nope·W_UK, heads as experts, kv_b_proj as stored)
 //
 // x is converted to fp32 once; y is fp32 (the caller casts). Work is split over output rows with
 // at::parallel_for, so torch's thread settings apply.
@@ -166,15 +168,12 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor w) {
   return y;
 }
 
-torch::Tensor expert_linear(torch::Tensor x, torch::Tensor w, torch::Tensor ids) {
-  TORCH_CHECK(w.scalar_type() == at::kBFloat16 && w.dim() == 3 && w.is_contiguous(), "w must be contiguous bf16 [E,N,K]");
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == w.size(2), "x must be [P,K] with K = w.size(2)");
-  TORCH_CHECK(ids.dim() == 1 && ids.size(0) == x.size(0) && ids.scalar_type() == at::kLong, "ids must be int64 [P]");
-  auto xf = x.to(at::kFloat).contiguous();
+// (expert, first row, count) for each run of equal ids (ids sorted, each in [0, E))
+static std::vector<int64_t> expert_runs(const torch::Tensor& ids, int64_t E) {
   auto ic = ids.contiguous();
-  const int64_t P = xf.size(0), K = xf.size(1), N = w.size(1), E = w.size(0);
+  const int64_t P = ic.size(0);
   const int64_t* ip = ic.data_ptr<int64_t>();
-  std::vector<int64_t> runs;  // (expert, first row, count) for each run of equal ids
+  std::vector<int64_t> runs;
   for (int64_t p = 0; p < P;) {
     int64_t q = p;
     while (q < P && ip[q] == ip[p]) ++q;
@@ -182,20 +181,90 @@ torch::Tensor expert_linear(torch::Tensor x, torch::Tensor w, torch::Tensor ids)
     runs.insert(runs.end(), {ip[p], p, q - p});
     p = q;
   }
+  return runs;
+}
+
+static void check_stack(const torch::Tensor& w, const torch::Tensor& ids, int64_t P, int64_t n0, int64_t n1) {
+  TORCH_CHECK(w.scalar_type() == at::kBFloat16 && w.dim() == 3 && w.is_contiguous(), "w must be contiguous bf16 [E,N,K]");
+  TORCH_CHECK(ids.dim() == 1 && ids.size(0) == P && ids.scalar_type() == at::kLong, "ids must be int64 [P]");
+  TORCH_CHECK(0 <= n0 && n0 <= n1 && n1 <= w.size(1), "rows [", n0, ", ", n1, ") outside [0, ", w.size(1), ")");
+}
+
+torch::Tensor expert_linear(torch::Tensor x, torch::Tensor w, torch::Tensor ids, int64_t n0, int64_t n1) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 3 && x.size(1) == w.size(2), "x must be [P,K] with K = w.size(2)");
+  check_stack(w, ids, x.size(0), n0, n1);
+  auto xf = x.to(at::kFloat).contiguous();
+  const int64_t P = xf.size(0), K = xf.size(1), N = w.size(1), NY = n1 - n0;
+  const std::vector<int64_t> runs = expert_runs(ids, w.size(0));
   const int64_t R = static_cast<int64_t>(runs.size()) / 3;
-  auto y = torch::empty({P, N}, xf.options());
+  auto y = torch::empty({P, NY}, xf.options());
   const float* xp = xf.data_ptr<float>();
   const at::BFloat16* wp = w.data_ptr<at::BFloat16>();
   float* yp = y.data_ptr<float>();
   const int64_t* rp = runs.data();
   // One flat range over (run, output row): threads stay busy however the rows split into experts.
-  at::parallel_for(0, R * N, 16, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, R * NY, 16, [&](int64_t begin, int64_t end) {
     while (begin < end) {
-      const int64_t run = begin / N, n0 = begin % N;
-      const int64_t n1 = std::min(N, n0 + (end - begin));
+      const int64_t run = begin / NY, j0 = begin % NY;
+      const int64_t j1 = std::min(NY, j0 + (end - begin));
       const int64_t e = rp[3 * run], first = rp[3 * run + 1], count = rp[3 * run + 2];
-      dispatch_rows(count, xp + first * K, K, wp + e * N * K, n0, n1, yp + first * N, N);
-      begin += n1 - n0;
+      // rows n0+j of the expert; y's column j is written at (y - n0)[n0 + j]
+      dispatch_rows(count, xp + first * K, K, wp + e * N * K, n0 + j0, n0 + j1, yp + first * NY - n0, NY);
+      begin += j1 - j0;
+    }
+  });
+  return y;
+}
+
+constexpr int64_t kColumns = 128;   // output columns per job of expert_linear_t: 8 vectors of accumulators
+
+torch::Tensor expert_linear_t(torch::Tensor x, torch::Tensor w, torch::Tensor ids, int64_t n0, int64_t n1) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == n1 - n0, "x must be [P, n1-n0]");
+  check_stack(w, ids, x.size(0), n0, n1);
+  auto xf = x.to(at::kFloat).contiguous();
+  const int64_t P = xf.size(0), J = n1 - n0, N = w.size(1), K = w.size(2), cb = (K + kColumns - 1) / kColumns;
+  const std::vector<int64_t> runs = expert_runs(ids, w.size(0));
+  const int64_t R = static_cast<int64_t>(runs.size()) / 3;
+  auto y = torch::empty({P, K}, xf.options());
+  const float* xp = xf.data_ptr<float>();
+  const at::BFloat16* wp = w.data_ptr<at::BFloat16>();
+  float* yp = y.data_ptr<float>();
+  const int64_t* rp = runs.data();
+  // Jobs are (run, block of columns): the block's accumulators stay in registers while the run's rows stream
+  // through (axpy-style: y += x[p, j] · row j); a run of several rows re-reads its block from L1/L2.
+  at::parallel_for(0, R * cb, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t job = begin; job < end; ++job) {
+      const int64_t run = job / cb, k0 = (job % cb) * kColumns, k1 = std::min(K, k0 + kColumns);
+      const int64_t e = rp[3 * run], first = rp[3 * run + 1], count = rp[3 * run + 2];
+      const at::BFloat16* w0 = wp + (e * N + n0) * K + k0;
+      for (int64_t q = 0; q < count; ++q) {
+        const float* xr = xp + (first + q) * J;
+        float* yr = yp + (first + q) * K + k0;
+#if defined(__AVX512F__)
+        constexpr int kVec = kColumns / 16;
+        __mmask16 m[kVec];
+        for (int v = 0; v < kVec; ++v) {
+          const int64_t left = k1 - k0 - 16 * v;
+          m[v] = left >= 16 ? static_cast<__mmask16>(0xFFFF)
+                            : left <= 0 ? static_cast<__mmask16>(0) : static_cast<__mmask16>((1u << left) - 1);
+        }
+        __m512 acc[kVec];
+        for (int v = 0; v < kVec; ++v) acc[v] = _mm512_setzero_ps();
+        for (int64_t j = 0; j < J; ++j) {
+          const at::BFloat16* wr = w0 + j * K;
+          _mm_prefetch(reinterpret_cast<const char*>(wr + 4 * K), _MM_HINT_T1);   // four rows ahead, into L2
+          const __m512 a = _mm512_set1_ps(xr[j]);
+          for (int v = 0; v < kVec; ++v) acc[v] = _mm512_fmadd_ps(a, load_bf16_masked(wr + 16 * v, m[v]), acc[v]);
+        }
+        for (int v = 0; v < kVec; ++v) _mm512_mask_storeu_ps(yr + 16 * v, m[v], acc[v]);
+#else
+        for (int64_t k = 0; k < k1 - k0; ++k) {
+          float s = 0.f;
+          for (int64_t j = 0; j < J; ++j) s += xr[j] * static_cast<float>(w0[j * K + k]);
+          yr[k] = s;
+        }
+#endif
+      }
     }
   });
   return y;
@@ -203,5 +272,6 @@ torch::Tensor expert_linear(torch::Tensor x, torch::Tensor w, torch::Tensor ids)
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &linear, "y = x @ w.T for a bf16 weight and a few rows of x (fp32 out)");
-  m.def("expert_linear", &expert_linear, "y[p] = x[p] @ w[ids[p]].T with ids sorted (fp32 out)");
+  m.def("expert_linear", &expert_linear, "y[p] = x[p] @ w[ids[p]][n0:n1].T with ids sorted (fp32 out)");
+  m.def("expert_linear_t", &expert_linear_t, "y[p] = x[p] @ w[ids[p]][n0:n1] with ids sorted (fp32 out)");
 }

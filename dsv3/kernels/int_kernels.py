@@ -52,6 +52,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from dsv3.kernels.ops import kernel_op
 from dsv3.quant import intq
 
 logger = logging.getLogger(__name__)
@@ -100,7 +101,7 @@ def supported_isas() -> tuple[str, ...]:
 
 
 # -- the ops (torch custom ops: a compiled decode step calls them without graph breaks) ----------------------
-@torch.library.custom_op("dsv3::int8_linear", mutates_args=())
+@kernel_op("dsv3::int8_linear", mutates_args=())
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, isa: int) -> torch.Tensor:
     """x [M, K] @ (q [N, K] int8 · scale [N])ᵀ -> [M, N] fp32."""
     return extension().int8_linear(x, q, scale, isa)
@@ -111,7 +112,7 @@ def _(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, isa: int) -> torch.
     return x.new_empty(x.shape[0], q.shape[0], dtype=torch.float32)
 
 
-@torch.library.custom_op("dsv3::int8_expert_linear", mutates_args=())
+@kernel_op("dsv3::int8_expert_linear", mutates_args=())
 def int8_expert_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, ids: torch.Tensor,
                        isa: int) -> torch.Tensor:
     """y[p] = x[p] @ W[ids[p]]ᵀ, ids sorted; x [P, K], q [E, N, K] int8, scale [E, N] -> [P, N] fp32."""
@@ -123,7 +124,7 @@ def _(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, ids: torch.Tensor, 
     return x.new_empty(x.shape[0], q.shape[1], dtype=torch.float32)
 
 
-@torch.library.custom_op("dsv3::int4_linear", mutates_args=())
+@kernel_op("dsv3::int4_linear", mutates_args=())
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor, group_size: int,
                 isa: int) -> torch.Tensor:
     """x̂ [M, K] @ Ŵᵀ, packed [N, K/2] uint8 ("rows"), scale_zero [K/G, N, 2] bf16 -> [M, N] fp32."""
@@ -135,7 +136,7 @@ def _(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor, group_siz
     return x.new_empty(x.shape[0], packed.shape[0], dtype=torch.float32)
 
 
-@torch.library.custom_op("dsv3::int4_expert_linear", mutates_args=())
+@kernel_op("dsv3::int4_expert_linear", mutates_args=())
 def int4_expert_linear(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor, group_size: int,
                        ids: torch.Tensor, isa: int) -> torch.Tensor:
     """y[p] = x̂[p] @ Ŵ[ids[p]]ᵀ, ids sorted; packed [E, N, K/2], scale_zero [E, K/G, N, 2] -> [P, N] fp32."""
@@ -151,14 +152,14 @@ def _(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor, group_siz
 _NO_EXPERTS = torch.empty(0, dtype=torch.long)
 
 
-@torch.library.custom_op("dsv3::int8_dense", mutates_args=("out",))
+@kernel_op("dsv3::int8_dense", mutates_args=("out",))
 def int8_dense(q: torch.Tensor, scale: torch.Tensor, experts: torch.Tensor, r0: int, r1: int,
                out: torch.Tensor) -> None:
     """out (bf16 [(U,) r1-r0, K]) = rows [r0, r1) of q·scale ([N, K], or the `experts` of a stack; AVX-512)."""
     extension().int8_dense(q, scale, experts, r0, r1, out)
 
 
-@torch.library.custom_op("dsv3::int4_dense", mutates_args=("out",))
+@kernel_op("dsv3::int4_dense", mutates_args=("out",))
 def int4_dense(packed: torch.Tensor, scale_zero: torch.Tensor, group_size: int, experts: torch.Tensor, r0: int,
                r1: int, out: torch.Tensor) -> None:
     """out (bf16 [(U,) r1-r0, K]) = rows [r0, r1) of an int4 "rows" weight (or of the `experts` of a stack)."""

@@ -44,7 +44,7 @@ from dsv3.model.norm import RMSNorm
 from dsv3.model.rope import apply_rope
 from dsv3.model.weights import weight_matrix
 from dsv3.parallel.context import SINGLE, ParallelContext
-from dsv3.quant.formats import Fp8Blocks
+from dsv3.quant.formats import Fp8Blocks, Plain
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +56,11 @@ class AttentionKernels(Protocol):
 
     def latent_decode(self, query: torch.Tensor, latent: torch.Tensor, r: int, scale: float) -> torch.Tensor | None:
         """softmax(query·latentᵀ·scale)·latent[..., :r]: query [B, H, r+dr], latent [B, T, r+dr] -> [B, H, r] fp32."""
+
+    def head_products(self, x: torch.Tensor, weight: torch.Tensor, rows: tuple[int, int],
+                      transposed: bool) -> torch.Tensor | None:
+        """kv_b_proj's per-head products, weight [H, dn+dv, r] as stored: x [P, H, rows] -> [P, H, r] =
+        x_h·W_h[rows] when `transposed` (q_nope·W_UK), else x [P, H, r] -> [P, H, rows] = x_h·W_h[rows]ᵀ; fp32."""
 
 
 def choose_path(config: DeepseekV3Config, s: int, t: int, path: str = "auto") -> str:
@@ -203,11 +208,8 @@ class MultiHeadLatentAttention(nn.Module):
                   dropout: float, return_probs: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         b, s, h, _ = q_nope.shape
         t = latent.shape[1]
-        fmt = getattr(self.kv_b_proj, "format", None)
-        q_lat = w_uv = None
-        if isinstance(fmt, Fp8Blocks):   # FP8 kv_b_proj: the kernels read W_UK / W_UV as stored where they apply
-            q_lat = fmt.head_products(self.kv_b_proj, "weight", q_nope.reshape(b * s, h, self.dn), (0, self.dn),
-                                      transposed=True)                     # [B*S, H, r] fp32, or None
+        q_lat = self._head_products(q_nope.reshape(b * s, h, self.dn), (0, self.dn), True)   # [B*S, H, r] or None
+        w_uv = None
         if q_lat is not None:
             q_lat = q_lat.reshape(b, s, h, self.r).to(q_nope.dtype)
         else:
@@ -238,13 +240,24 @@ class MultiHeadLatentAttention(nn.Module):
                 o = torch.matmul(probs, value) if dropout > 0.0 else o
                 probs = probs.view(b, s, h, t).transpose(1, 2)              # [B, H, S, T]
         o = o.reshape(b, s, h, self.r)
-        if w_uv is None:   # (FP8 kv_b_proj through the kernels)
-            out = fmt.head_products(self.kv_b_proj, "weight", o.reshape(b * s, h, self.r),
-                                    (self.dn, self.dn + self.dv), transposed=False)   # [B*S, H, dv] fp32, or None
-            if out is not None:
+        if w_uv is None:   # (q_lat came from the kernels)
+            out = self._head_products(o.reshape(b * s, h, self.r), (self.dn, self.dn + self.dv), False)
+            if out is not None:                                             # [B*S, H, dv] fp32
                 return out.reshape(b, s, h, self.dv).to(o.dtype), probs
             w_uv = weight_matrix(self.kv_b_proj, o.dtype).view(h, self.dn + self.dv, self.r)[:, self.dn:]
         return torch.einsum("bshc,hdc->bshd", o, w_uv), probs            # [B, S, H, dv]
+
+
+    def _head_products(self, x: torch.Tensor, rows: tuple[int, int], transposed: bool) -> torch.Tensor | None:
+        """x [P, H, ·] times each head's rows of kv_b_proj (W_UK: `transposed`, W_UV: not) by kernels that read
+        the weight as stored — FP8 blocks, or bf16 through `self.kernels` — fp32; None: the caller's matmuls."""
+        fmt = getattr(self.kv_b_proj, "format", None)
+        if isinstance(fmt, Fp8Blocks):
+            return fmt.head_products(self.kv_b_proj, "weight", x, rows, transposed)
+        if self.kernels is None or not isinstance(fmt, (Plain, type(None))):
+            return None
+        w = self.kv_b_proj.weight.view(x.shape[1], self.dn + self.dv, self.r)       # [H, dn+dv, r]
+        return self.kernels.head_products(x, w, rows, transposed)
 
 
 def use_attention_kernels(model: nn.Module, kernels: AttentionKernels | None) -> int:

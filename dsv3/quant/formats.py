@@ -368,8 +368,7 @@ class Fp8Blocks(WeightFormat):
             return None
         per_head = w.shape[0] // h
         w3, s3 = w.view(h, per_head, w.shape[1]), s.view(h, per_head // bo, s.shape[1])   # [H, R, in], [H, R/bo, C]
-        ids = torch.arange(h, device=x.device).repeat_interleave(p)                   # [H*P] sorted by head
-        xs = x.transpose(0, 1).reshape(h * p, x.shape[2])                              # [H*P, rows | in]
+        xs, ids = heads_as_experts(x)
         if transposed:
             y = self.kernels.fp8_expert_linear_t(xs, w3, s3, ids, rows, self.block_size)   # [H*P, in]
         else:
@@ -385,6 +384,13 @@ class Fp8Blocks(WeightFormat):
 
     def with_kernels(self, kernels: Fp8Kernels | None) -> Fp8Blocks:
         return self if kernels is self.kernels else replace(self, kernels=kernels)
+
+
+def heads_as_experts(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [P, H, D] as expert-kernel rows: ([H*P, D] ordered by head, the head of each row [H*P], sorted)."""
+    p, h = x.shape[:2]
+    ids = torch.arange(h, device=x.device)
+    return x.transpose(0, 1).reshape(h * p, x.shape[2]), ids if p == 1 else ids.repeat_interleave(p)
 
 
 def _log_path(fmt: WeightFormat, rows: int, path: str) -> None:
