@@ -45,7 +45,7 @@ def test_expert_kernel_over_a_row_range_matches_reference(ids: list[int], rows: 
 
 
 @pytest.mark.parametrize("ids, rows, k", [([0], (0, 16), 512), ([3, 3], (4, 20), 130), ([0, 1, 1, 6, 7], (16, 32), 40),
-                                          (list(range(8)), (0, 32), 300), ([5], (31, 32), 16)])
+                                          (list(range(8)), (0, 32), 300), ([5], (31, 32), 16), ([1, 2], (3, 30), 1100)])
 def test_transposed_expert_kernel_matches_reference(ids: list[int], rows: tuple[int, int], k: int) -> None:
     """y[p] = x[p] @ W[ids[p]][rows]: MLA's absorbed query q_nope·W_UK with kv_b_proj as stored; K across
     several 128-column jobs, ragged tails, repeated experts."""

@@ -216,7 +216,8 @@ torch::Tensor expert_linear(torch::Tensor x, torch::Tensor w, torch::Tensor ids,
   return y;
 }
 
-constexpr int64_t kColumns = 128;   // output columns per job of expert_linear_t: 8 vectors of accumulators
+constexpr int64_t kColumns = 512;   // output columns per job of expert_linear_t (MLA: r = 512, a whole row)
+constexpr int64_t kAhead = 6;        // rows prefetched ahead by expert_linear_t
 
 torch::Tensor expert_linear_t(torch::Tensor x, torch::Tensor w, torch::Tensor ids, int64_t n0, int64_t n1) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) == n1 - n0, "x must be [P, n1-n0]");
@@ -252,7 +253,9 @@ torch::Tensor expert_linear_t(torch::Tensor x, torch::Tensor w, torch::Tensor id
         for (int v = 0; v < kVec; ++v) acc[v] = _mm512_setzero_ps();
         for (int64_t j = 0; j < J; ++j) {
           const at::BFloat16* wr = w0 + j * K;
-          _mm_prefetch(reinterpret_cast<const char*>(wr + 4 * K), _MM_HINT_T1);   // four rows ahead, into L2
+          // the block of the row kAhead rows on, into L2: the rows are K apart, too far for the hardware prefetcher
+          const char* ahead = reinterpret_cast<const char*>(wr + kAhead * K);
+          for (int64_t b = 0; b < 2 * (k1 - k0); b += 64) _mm_prefetch(ahead + b, _MM_HINT_T1);
           const __m512 a = _mm512_set1_ps(xr[j]);
           for (int v = 0; v < kVec; ++v) acc[v] = _mm512_fmadd_ps(a, load_bf16_masked(wr + 16 * v, m[v]), acc[v]);
         }
