@@ -34,7 +34,7 @@ namespace {
 
 constexpr int64_t kLanes = 16;
 constexpr int64_t kTile = 64;          // tokens per tile (scores and probabilities stay in L1)
-constexpr int64_t kMinStretch = 512;   // tokens per job at least, when T is split across threads
+constexpr int64_t kMinStretch = 64;    // tokens per job at least, when T is split across threads
 
 inline float bf16_to_float(uint16_t v) {
   uint32_t u = static_cast<uint32_t>(v) << 16;
