@@ -67,6 +67,7 @@ from dsv3.checkpoint.quantized import is_quantized_checkpoint, load_quantized
 from dsv3.checkpoint.safetensors_io import CheckpointReader
 from dsv3.config import DeepseekV3Config, check_keyword_arguments
 from dsv3.kernels import check_kernels_choice, select_kernels
+from dsv3.memory import weight_empty
 from dsv3.model.moe import RoutedExperts
 from dsv3.model.parallel import Region, shard_model
 from dsv3.model.rope import RotaryEmbedding
@@ -285,7 +286,7 @@ def load_pretrained(cls: type, path: str | os.PathLike, torch_dtype: Any = "auto
                     bar.update(sum(_bytes_read(reader, k, torch.float32, prep) for k in source.keys()))
                     continue
                 expected = prep.targets[name]
-                out = torch.empty(expected.shape, dtype=dtypes[name], device=device)
+                out = weight_empty(expected.shape, dtypes[name], device)
                 with torch.no_grad():
                     if region is None:
                         for key, view in piece_views(source, out):

@@ -49,6 +49,7 @@ from dsv3.checkpoint.fp8 import Fp8Spec, dequantize_checked
 from dsv3.checkpoint.keys import Source
 from dsv3.checkpoint.safetensors_io import CheckpointReader
 from dsv3.kernels import int_kernels
+from dsv3.memory import weight_empty
 from dsv3.model.moe import RoutedExperts
 from dsv3.model.weights import Linear
 from dsv3.quant import intq
@@ -191,7 +192,7 @@ def load_quantizing(model: nn.Module, name: str, fmt: WeightFormat, source: Sour
         target = Linear.from_linear(module, fmt)            # meta tensors in `fmt`, then real ones of the same kinds
         for t in fmt.tensor_names("weight"):
             meta = getattr(target, t)
-            real = torch.empty(meta.shape, dtype=meta.dtype, device=device)
+            real = weight_empty(meta.shape, meta.dtype, device)
             if isinstance(meta, nn.Parameter):
                 target._parameters[t] = nn.Parameter(real, requires_grad=False)
             else:

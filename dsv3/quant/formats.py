@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsv3.memory import weight_empty
 from dsv3.quant.fp8 import (
     CHUNK_ELEMENTS,
     FP8_DTYPES,
@@ -190,7 +191,7 @@ class Plain(WeightFormat):
     kernels: Kernels | None = field(default=None, compare=False)
 
     def allocate(self, module: nn.Module, name: str, shape: tuple[int, ...]) -> None:
-        module.register_parameter(name, nn.Parameter(torch.empty(shape)))
+        module.register_parameter(name, nn.Parameter(weight_empty(shape, torch.get_default_dtype())))
 
     def adopt(self, module: nn.Module, name: str, dense: torch.Tensor) -> None:
         # The very Parameter (ties, e.g. lm_head = embed_tokens, survive).
@@ -263,7 +264,7 @@ class Fp8Blocks(WeightFormat):
         return (*lead, self.parts * r, c)
 
     def allocate(self, module: nn.Module, name: str, shape: tuple[int, ...]) -> None:
-        module.register_parameter(name, nn.Parameter(torch.empty(shape, dtype=self.dtype), requires_grad=False))
+        module.register_parameter(name, nn.Parameter(weight_empty(shape, self.dtype), requires_grad=False))
         module.register_buffer(name + SCALE_INV, torch.empty(self.scale_shape(shape), dtype=torch.float32))
 
     def adopt(self, module: nn.Module, name: str, dense: torch.Tensor) -> None:

@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsv3.memory import weight_empty
 from dsv3.quant import intq
 from dsv3.quant.formats import DequantStats, ExpertBatch, Kernels, WeightFormat
 from dsv3.quant.fp8 import CHUNK_ELEMENTS, TILE_ELEMENTS
@@ -199,7 +200,7 @@ class Int8PerChannel(_IntFormat):
 
     def allocate(self, module: nn.Module, name: str, shape: tuple[int, ...]) -> None:
         _drop(module, name)
-        module.register_parameter(name, nn.Parameter(torch.empty(shape, dtype=torch.int8), requires_grad=False))
+        module.register_parameter(name, nn.Parameter(weight_empty(shape, torch.int8), requires_grad=False))
         module.register_buffer(name + "_scale", torch.empty(shape[:-1], dtype=torch.float32))
 
     def adopt(self, module: nn.Module, name: str, dense: torch.Tensor) -> None:
@@ -274,7 +275,7 @@ class Int4Grouped(_IntFormat):
         *lead, out, cols = shape
         _drop(module, name)
         module.register_parameter(name + "_packed", nn.Parameter(
-            torch.empty(*lead, out, cols // 2, dtype=torch.uint8), requires_grad=False))
+            weight_empty((*lead, out, cols // 2), torch.uint8), requires_grad=False))
         module.register_buffer(name + "_scale_zero", torch.empty(*lead, cols // self.group_size, out, 2,
                                                                   dtype=torch.bfloat16))
 

@@ -1,0 +1,89 @@
+"""Weights on transparent huge pages: `weight_empty` allocates the tensors a loader fills.
+
+Decoding on a CPU streams every weight once per token. On 4 KiB pages a 450 MB read is ~110 000 TLB entries and
+the hardware prefetchers stop at every page edge; on 2 MiB pages it is ~220. Measured on the bench machine
+(2-core EPYC Zen 4, one process, the same int8 kernel over 7 copies of a 21888×2048 matrix, calls interleaved):
+27–32 GB/s on 4 KiB pages, 29–43 GB/s on huge pages (medians of 280 calls, two runs); whole decode steps
++7–9 % (bench shape, int4 and bf16, three process pairs each).
+
+Linux backs an anonymous region with huge pages on first touch when the region is 2 MiB-aligned and advised
+(`madvise(MADV_HUGEPAGE)`, THP mode "madvise") or always (mode "always"). `weight_empty` over-allocates by one
+huge page, advises the aligned part and returns a view of it; the unused slack is never touched, so it is
+address space, not memory. Elsewhere (mode "never", not Linux, tensors under 2 MiB, other devices) it is
+`torch.empty`. PyTorch's own switch, the environment variable THP_MEM_ALLOC_ENABLE=1, does this for every
+allocation but only when set before torch's first allocation — not something a library can rely on.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import math
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+HUGE_PAGE = 2 << 20
+MADV_HUGEPAGE = 14
+THP_ENABLED = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+@functools.cache
+def thp_mode() -> str:
+    """The kernel's THP mode ("always", "madvise", "never"), or "" where there is none (not Linux)."""
+    try:
+        text = THP_ENABLED.read_text()
+    except OSError:
+        return ""
+    return text[text.index("[") + 1: text.index("]")] if "[" in text else ""
+
+
+@functools.cache
+def _madvise() -> ctypes._CFuncPtr | None:
+    if thp_mode() not in ("always", "madvise"):
+        logger.info("weights on 4 KiB pages (transparent huge pages: %s)", thp_mode() or "not available")
+        return None
+    fn = ctypes.CDLL(None, use_errno=True).madvise
+    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+    logger.info("weights of 2 MiB and more on transparent huge pages (THP mode %s)", thp_mode())
+    return fn
+
+
+def weight_empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype,
+                 device: torch.device | str | None = None) -> torch.Tensor:
+    """`torch.empty(shape, dtype=dtype, device=device)`, on 2 MiB-aligned, huge-page-advised memory where the
+    tensor is a CPU tensor of at least 2 MiB and the kernel offers transparent huge pages."""
+    device = torch.device(device) if device is not None else torch.get_default_device()
+    nbytes = math.prod(shape) * dtype.itemsize
+    if device.type != "cpu" or nbytes < HUGE_PAGE or (madvise := _madvise()) is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    raw = torch.empty(nbytes + HUGE_PAGE, dtype=torch.uint8, device=device)
+    offset = -raw.data_ptr() % HUGE_PAGE
+    start = raw.data_ptr() + offset
+    if madvise(start, nbytes // HUGE_PAGE * HUGE_PAGE, MADV_HUGEPAGE) != 0:   # whole huge pages only
+        logger.warning("madvise(MADV_HUGEPAGE) failed (errno %d); weights on 4 KiB pages", ctypes.get_errno())
+        return torch.empty(shape, dtype=dtype, device=device)
+    return raw[offset: offset + nbytes].view(dtype).view(shape)
+
+
+def huge_page_bytes(tensor: torch.Tensor) -> int:
+    """How many bytes of `tensor`'s memory the kernel backs with huge pages now (/proc/self/smaps; 0 where
+    unreadable) — for tests and diagnostics."""
+    lo, hi = tensor.data_ptr(), tensor.data_ptr() + tensor.nbytes
+    total = 0
+    try:
+        lines = Path("/proc/self/smaps").read_text().splitlines()
+    except OSError:
+        return 0
+    inside = False
+    for line in lines:
+        head = line.split()[0] if line else ""
+        if "-" in head and not head.endswith(":"):
+            a, b = (int(v, 16) for v in head.split("-"))
+            inside = a < hi and b > lo
+        elif inside and head == "AnonHugePages:":
+            total += int(line.split()[1]) * 1024
+    return total

@@ -1,0 +1,64 @@
+"""dsv3.memory: weights a loader allocates sit on 2 MiB-aligned memory advised for transparent huge pages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from dsv3 import DeepseekV3ForCausalLM, memory
+from tests.published import RAGGED_128, build_published
+
+needs_thp = pytest.mark.skipif(memory.thp_mode() not in ("always", "madvise"),
+                               reason=f"transparent huge pages: {memory.thp_mode() or 'not available'}")
+
+
+def _vm_flags(address: int) -> list[str]:
+    """The VmFlags of the mapping holding `address` (/proc/self/smaps)."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0] if line else ""
+        if "-" in head and not head.endswith(":"):
+            lo, hi = (int(v, 16) for v in head.split("-"))
+            inside = lo <= address < hi
+        elif inside and head == "VmFlags:":
+            return line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@needs_thp
+def test_large_weights_are_aligned_and_advised() -> None:
+    t = memory.weight_empty((3, 1 << 20), torch.bfloat16)                    # 6 MiB
+    assert t.shape == (3, 1 << 20) and t.dtype == torch.bfloat16 and t.is_contiguous()
+    assert t.data_ptr() % memory.HUGE_PAGE == 0
+    assert "hg" in _vm_flags(t.data_ptr())                                    # MADV_HUGEPAGE on its pages
+    t.fill_(1.5)
+    assert float(t.float().sum()) == 1.5 * t.numel()
+    plain = torch.empty(3, 1 << 20, dtype=torch.bfloat16)
+    plain.fill_(0)
+    if memory.thp_mode() == "madvise":                                       # not advised: 4 KiB pages
+        assert "hg" not in _vm_flags(plain.data_ptr())
+
+
+def test_small_meta_and_non_thp_allocations_are_plain_empty(monkeypatch: pytest.MonkeyPatch) -> None:
+    small = memory.weight_empty((100, 100), torch.float32)
+    assert small.untyped_storage().nbytes() == small.nbytes                  # no slack below 2 MiB
+    with torch.device("meta"):
+        assert memory.weight_empty((4096, 4096), torch.float32).is_meta       # the ambient device is respected
+    monkeypatch.setattr(memory, "_madvise", lambda: None)                   # THP "never" / not Linux
+    big = memory.weight_empty((1 << 20,), torch.float32)
+    assert big.untyped_storage().nbytes() == big.nbytes
+
+
+@needs_thp
+@pytest.mark.parametrize("kwargs", [dict(torch_dtype=torch.bfloat16), dict(torch_dtype=torch.float32,
+                                                                           quantization="int8")])
+def test_loaded_weights_sit_on_advised_huge_pages(tmp_path: Path, kwargs: dict) -> None:
+    ckpt = build_published(tmp_path, {**RAGGED_128, "vocab_size": 16384}, None, mtp=False, seed=1)
+    model = DeepseekV3ForCausalLM.from_pretrained(ckpt.path, kernels="off", **kwargs)
+    big = [(n, t) for n, t in [*model.named_parameters(), *model.named_buffers()] if t.nbytes >= memory.HUGE_PAGE]
+    assert {n.split(".")[-2] for n, _ in big} >= {"embed_tokens", "lm_head"}
+    for name, t in big:
+        assert t.data_ptr() % memory.HUGE_PAGE == 0, name
+        assert "hg" in _vm_flags(t.data_ptr()), name
