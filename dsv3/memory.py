@@ -2,9 +2,9 @@
 
 Decoding on a CPU streams every weight once per token. On 4 KiB pages a 450 MB read is ~110 000 TLB entries and
 the hardware prefetchers stop at every page edge; on 2 MiB pages it is ~220. Measured on the bench machine
-(2-core EPYC Zen 4, one process, the same int8 kernel over 7 copies of a 21888×2048 matrix, calls interleaved):
-27–32 GB/s on 4 KiB pages, 29–43 GB/s on huge pages (medians of 280 calls, two runs); whole decode steps
-+7–9 % (bench shape, int4 and bf16, three process pairs each).
+(2-core EPYC Zen 4): the same int8 kernel over 7 copies of a 21888×2048 matrix, calls interleaved in one
+process, 27–32 GB/s on 4 KiB pages against 29–43 GB/s on huge pages (medians of 280 calls, two runs); whole
+compiled decode steps on the bench shape, two processes stepping in turn: int4 +4.7 %, bf16 +0.5 %.
 
 Linux backs an anonymous region with huge pages on first touch when the region is 2 MiB-aligned and advised
 (`madvise(MADV_HUGEPAGE)`, THP mode "madvise") or always (mode "always"). `weight_empty` over-allocates by one

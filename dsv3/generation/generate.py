@@ -44,6 +44,7 @@ from dsv3.generation.sampling import (
     seen_mask,
     update_seen_mask,
 )
+from dsv3.parallel.context import SINGLE
 
 logger = logging.getLogger(__name__)
 
@@ -156,7 +157,13 @@ class DecodeStep:
                 self.moe_dispatch = "gather"
                 logger.info("compiled decode step: moe_dispatch='gather' (grouped_mm traces only in bf16, the "
                             "model is %s)", model.dtype)
-            self._fn = torch.compile(self._eager, fullgraph=True, dynamic=True)
+            # On the CPU inductor's C++ wrapper calls the step's ~100 kernels without a Python line each: decode
+            # 4 % faster on the bench shape (int4, 23.5 -> 22.5 ms, steps interleaved with the Python wrapper's),
+            # compile time level (~45 s cold). Not for a sharded model: the C++ wrapper cannot call the
+            # functional collectives ("arg type Any is not yet supported by custom_op_wrapper").
+            sharded = any(getattr(m, "parallel", SINGLE).is_parallel for m in model.modules())
+            options = {"cpp_wrapper": True} if model.device.type == "cpu" and not sharded else None
+            self._fn = torch.compile(self._eager, fullgraph=True, dynamic=True, options=options)
             self.compiled = True
 
     def _eager(self, ids: torch.Tensor, positions: torch.Tensor, cache: LatentCache,
