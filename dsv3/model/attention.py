@@ -247,7 +247,6 @@ class MultiHeadLatentAttention(nn.Module):
             w_uv = weight_matrix(self.kv_b_proj, o.dtype).view(h, self.dn + self.dv, self.r)[:, self.dn:]
         return torch.einsum("bshc,hdc->bshd", o, w_uv), probs            # [B, S, H, dv]
 
-
     def _head_products(self, x: torch.Tensor, rows: tuple[int, int], transposed: bool) -> torch.Tensor | None:
         """x [P, H, ·] times each head's rows of kv_b_proj (W_UK: `transposed`, W_UV: not) by kernels that read
         the weight as stored — FP8 blocks, or bf16 through `self.kernels` — fp32; None: the caller's matmuls."""
