@@ -82,6 +82,8 @@ def test_expert_kernel_rejects_bad_ids() -> None:
         kernels.bf16_expert_linear(torch.zeros(1, 16), w, torch.tensor([9]))
     with pytest.raises(RuntimeError, match="out of range"):
         kernels.bf16_expert_linear_t(torch.zeros(1, 8), w, torch.tensor([4]), 0, 8)
+    with pytest.raises(RuntimeError, match=r"sorted ascending \(1 after 2\)"):
+        kernels.bf16_expert_linear(torch.zeros(2, 16), w, torch.tensor([2, 1]))
     with pytest.raises(RuntimeError, match=r"rows \[4, 9\) outside \[0, 8\)"):
         kernels.bf16_expert_linear(torch.zeros(1, 16), w, torch.tensor([0]), 4, 9)
 

@@ -30,6 +30,8 @@
 #include <cstring>
 #include <vector>
 
+#include "expert_runs.h"
+
 namespace {
 
 #if defined(__AVX512F__)
@@ -174,23 +176,6 @@ void block_rows(const float* x, int64_t M, int64_t K, const uint8_t* w, const fl
     dispatch_rows(M, xs.data(), K, w, n, end, y, ldy);
     n = end;
   }
-}
-
-// (expert, first row, count) for each run of equal ids; ids [P] int64, sorted ascending, each in [0, E)
-std::vector<int64_t> expert_runs(const torch::Tensor& ids, int64_t E) {
-  auto ic = ids.contiguous();
-  const int64_t P = ic.size(0);
-  const int64_t* ip = ic.data_ptr<int64_t>();
-  std::vector<int64_t> runs;
-  for (int64_t p = 0; p < P;) {
-    int64_t q = p;
-    while (q < P && ip[q] == ip[p]) ++q;
-    TORCH_CHECK(ip[p] >= 0 && ip[p] < E, "expert id ", ip[p], " out of range [0, ", E, ")");
-    TORCH_CHECK(p == 0 || ip[p] > ip[p - 1], "ids must be sorted ascending");
-    runs.insert(runs.end(), {ip[p], p, q - p});
-    p = q;
-  }
-  return runs;
 }
 
 void check_common(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& s, int64_t bo, int64_t bi) {

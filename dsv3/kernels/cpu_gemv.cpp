@@ -19,6 +19,8 @@
 #include <immintrin.h>
 #include <vector>
 
+#include "expert_runs.h"
+
 namespace {
 
 constexpr int64_t kMaxRows = 16;
@@ -166,22 +168,6 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor w) {
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) { dispatch_rows(M, xp, K, wp, n0, n1, yp, N); });
   return y;
-}
-
-// (expert, first row, count) for each run of equal ids (ids sorted, each in [0, E))
-static std::vector<int64_t> expert_runs(const torch::Tensor& ids, int64_t E) {
-  auto ic = ids.contiguous();
-  const int64_t P = ic.size(0);
-  const int64_t* ip = ic.data_ptr<int64_t>();
-  std::vector<int64_t> runs;
-  for (int64_t p = 0; p < P;) {
-    int64_t q = p;
-    while (q < P && ip[q] == ip[p]) ++q;
-    TORCH_CHECK(ip[p] >= 0 && ip[p] < E, "expert id ", ip[p], " out of range [0, ", E, ")");
-    runs.insert(runs.end(), {ip[p], p, q - p});
-    p = q;
-  }
-  return runs;
 }
 
 static void check_stack(const torch::Tensor& w, const torch::Tensor& ids, int64_t P, int64_t n0, int64_t n1) {

@@ -29,6 +29,8 @@
 #include <cstring>
 #include <vector>
 
+#include "expert_runs.h"
+
 namespace {
 
 constexpr int64_t kBlockRows = 4;   // activation rows per register block
@@ -430,23 +432,6 @@ void check_isa(int64_t isa) {
 }
 
 int64_t act_block(int64_t G, int64_t isa) { return isa == kIsaAvx2 ? 32 : G % 128 == 0 ? 128 : 64; }
-
-// (expert, first row, count) for each run of equal sorted ids
-std::vector<int64_t> expert_runs(const torch::Tensor& ids, int64_t E) {
-  auto ic = ids.contiguous();
-  const int64_t P = ic.size(0);
-  const int64_t* ip = ic.data_ptr<int64_t>();
-  std::vector<int64_t> runs;
-  for (int64_t p = 0; p < P;) {
-    int64_t q = p;
-    while (q < P && ip[q] == ip[p]) ++q;
-    TORCH_CHECK(ip[p] >= 0 && ip[p] < E, "expert id ", ip[p], " out of range [0, ", E, ")");
-    TORCH_CHECK(q == P || ip[q] > ip[p], "expert ids must be sorted ascending (", ip[q], " after ", ip[p], ")");
-    runs.insert(runs.end(), {ip[p], p, q - p});
-    p = q;
-  }
-  return runs;
-}
 
 // Calls f(expert, first row, count, n0, n1) over a flat range of (run, output row) so that threads stay
 // busy however the rows split into experts.
