@@ -68,22 +68,3 @@ def weight_empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype,
         return torch.empty(shape, dtype=dtype, device=device)
     return raw[offset: offset + nbytes].view(dtype).view(shape)
 
-
-def huge_page_bytes(tensor: torch.Tensor) -> int:
-    """How many bytes of `tensor`'s memory the kernel backs with huge pages now (/proc/self/smaps; 0 where
-    unreadable) — for tests and diagnostics."""
-    lo, hi = tensor.data_ptr(), tensor.data_ptr() + tensor.nbytes
-    total = 0
-    try:
-        lines = Path("/proc/self/smaps").read_text().splitlines()
-    except OSError:
-        return 0
-    inside = False
-    for line in lines:
-        head = line.split()[0] if line else ""
-        if "-" in head and not head.endswith(":"):
-            a, b = (int(v, 16) for v in head.split("-"))
-            inside = a < hi and b > lo
-        elif inside and head == "AnonHugePages:":
-            total += int(line.split()[1]) * 1024
-    return total
