@@ -35,10 +35,7 @@ def test_large_weights_are_aligned_and_advised() -> None:
     assert "hg" in _vm_flags(t.data_ptr())                                    # MADV_HUGEPAGE on its pages
     t.fill_(1.5)
     assert float(t.float().sum()) == 1.5 * t.numel()
-    plain = torch.empty(3, 1 << 20, dtype=torch.bfloat16)
-    plain.fill_(0)
-    if memory.thp_mode() == "madvise":                                       # not advised: 4 KiB pages
-        assert "hg" not in _vm_flags(plain.data_ptr())
+    # (no negative control with torch.empty: the allocator may hand back memory of a freed, advised tensor — CI saw it)
 
 
 def test_small_meta_and_non_thp_allocations_are_plain_empty(monkeypatch: pytest.MonkeyPatch) -> None:
