@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dsv3 import DeepseekV3Config, DeepseekV3ForCausalLM, kernels
-from dsv3.generation.generate import make_cache
+from dsv3.generation.generate import DecodeStep, make_cache
 from dsv3.model.attention import MultiHeadLatentAttention, use_attention_kernels
 from dsv3.model.weights import Linear
 from tests.oracle import assert_close, left_padded_batch
@@ -182,3 +182,18 @@ def test_compiled_decode_runs_the_mla_kernel_in_the_graph(caplog: pytest.LogCapt
                        return_dict_in_generate=True)
     assert "failed to compile" not in caplog.text and out.compiled_steps == 5
     assert torch.equal(out.sequences, eager)
+    # ... compiled with the graph's own kernels single-threaded (see the next test)
+    assert DecodeStep(model, compile=True).compile_options == {"cpp_wrapper": True, "cpp.threads": 1}
+
+
+@needs_attention
+def test_compiled_cpu_decode_runs_its_glue_kernels_single_threaded_only_with_the_mla_kernel() -> None:
+    """inductor's own kernels run on one thread only where the MLA decode kernel takes the attention (then the
+    graph holds no context-sized work); the matmul path keeps them parallel; GPUs get no CPU options."""
+    model = DeepseekV3ForCausalLM(DeepseekV3Config.tiny()).bfloat16().eval()
+    assert DecodeStep(model, compile=True).compile_options == {"cpp_wrapper": True}
+    assert DecodeStep(model, compile=False).compile_options == {}
+    use_attention_kernels(model, kernels.CpuKernels())
+    assert DecodeStep(model, compile=True).compile_options == {"cpp_wrapper": True, "cpp.threads": 1}
+    model.model.layers[0].self_attn.kernels = None                      # one layer on matmuls: parallel glue
+    assert DecodeStep(model, compile=True).compile_options == {"cpp_wrapper": True}

@@ -44,6 +44,7 @@ from dsv3.generation.sampling import (
     seen_mask,
     update_seen_mask,
 )
+from dsv3.model.attention import MultiHeadLatentAttention
 from dsv3.parallel.context import SINGLE
 
 logger = logging.getLogger(__name__)
@@ -127,6 +128,29 @@ def make_cache(model: torch.nn.Module, kind: str, batch_size: int, max_len: int)
                              num_layers=num_layers)
 
 
+def compile_options(model: torch.nn.Module, sharded: bool) -> dict[str, Any]:
+    """Inductor options for a CPU decode step (none elsewhere).
+
+    - "cpp_wrapper": the C++ wrapper calls the step's ~100 kernels without a Python line each: decode 4 % faster
+      on the bench shape (int4, 23.5 -> 22.5 ms, steps interleaved with the Python wrapper's), compile time level
+      (~45 s cold). Not for a sharded model: it cannot call the functional collectives ("arg type Any is not
+      yet supported by custom_op_wrapper").
+    - "cpp.threads": 1 where every MLA layer runs the one-pass decode kernel (CpuKernels.latent_decode): then
+      the graph's own kernels are only the glue around the weight products (norms, RoPE, routing, the MoE
+      combine — [batch, hidden]-sized), and an OpenMP fork/join per kernel (inductor parallelises any kernel
+      of ≥ 1024 values, ~50 per step) cost more than it bought: int4 on the bench shape 25.9 -> 24.8 ms per
+      step (steps interleaved). The weight and attention kernels keep torch's threads (at::parallel_for). A
+      multi-token step (MTP verification) still runs its attention as matmuls inside the graph, single-threaded.
+    """
+    if model.device.type != "cpu" or sharded:
+        return {}
+    options: dict[str, Any] = {"cpp_wrapper": True}
+    layers = [m for m in model.modules() if isinstance(m, MultiHeadLatentAttention)]
+    if layers and all(getattr(m.kernels, "attention", False) for m in layers):
+        options["cpp.threads"] = 1
+    return options
+
+
 class DecodeStep:
     """One decode step (new tokens [B, S] -> last-position logits [B, V]), eager or compiled.
 
@@ -152,18 +176,15 @@ class DecodeStep:
         self._fn: Callable[..., torch.Tensor] = self._eager
         self.compiled = False
         self.compiled_calls = 0
+        self.compile_options: dict[str, Any] = {}
         if compile:
             if moe_dispatch == "auto" and model.dtype != torch.bfloat16:
                 self.moe_dispatch = "gather"
                 logger.info("compiled decode step: moe_dispatch='gather' (grouped_mm traces only in bf16, the "
                             "model is %s)", model.dtype)
-            # On the CPU inductor's C++ wrapper calls the step's ~100 kernels without a Python line each: decode
-            # 4 % faster on the bench shape (int4, 23.5 -> 22.5 ms, steps interleaved with the Python wrapper's),
-            # compile time level (~45 s cold). Not for a sharded model: the C++ wrapper cannot call the
-            # functional collectives ("arg type Any is not yet supported by custom_op_wrapper").
             sharded = any(getattr(m, "parallel", SINGLE).is_parallel for m in model.modules())
-            options = {"cpp_wrapper": True} if model.device.type == "cpu" and not sharded else None
-            self._fn = torch.compile(self._eager, fullgraph=True, dynamic=True, options=options)
+            self.compile_options = compile_options(model, sharded)
+            self._fn = torch.compile(self._eager, fullgraph=True, dynamic=True, options=self.compile_options or None)
             self.compiled = True
 
     def _eager(self, ids: torch.Tensor, positions: torch.Tensor, cache: LatentCache,
