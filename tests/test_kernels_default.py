@@ -197,3 +197,44 @@ def test_compiled_cpu_decode_runs_its_glue_kernels_single_threaded_only_with_the
     assert DecodeStep(model, compile=True).compile_options == {"cpp_wrapper": True, "cpp.threads": 1}
     model.model.layers[0].self_attn.kernels = None                      # one layer on matmuls: parallel glue
     assert DecodeStep(model, compile=True).compile_options == {"cpp_wrapper": True}
+
+
+@needs_attention
+def test_short_multi_token_steps_run_the_decode_kernel_per_position_bit_for_bit() -> None:
+    """A step of a few tokens without padding (MTP's verification) takes the MLA decode kernel once per position,
+    so every position's logits equal those of one-token steps exactly — shared slots, and rows at their own
+    slots (a per-row cache, as speculative decoding leaves it); a padded step or a long one stays on the
+    matmuls."""
+    torch.manual_seed(0)
+    model = DeepseekV3ForCausalLM(DeepseekV3Config.tiny()).bfloat16().eval()
+    counting = CountingAttention()
+    use_attention_kernels(model, counting)
+    layers = model.config.num_hidden_layers
+    ids = torch.randint(2, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
+
+    def prefill(n: list[int]) -> object:
+        cache = make_cache(model, "dynamic", 2, 12)
+        with torch.no_grad():
+            model(ids[:, : max(n)], past_key_values=cache)
+        cache.crop(torch.tensor(n), max_length=max(n))
+        return cache
+
+    with torch.no_grad():
+        for n in ([6, 6], [6, 4]):                          # shared slots; rows at their own slots
+            pos = torch.tensor(n)[:, None] + torch.arange(3)                      # [B, 3]
+            step_ids = torch.stack([ids[r, n[r]: n[r] + 3] for r in range(2)])
+            cache = prefill(n)
+            counting.served = 0
+            multi = model(step_ids, position_ids=pos, past_key_values=cache, logits_to_keep=3).logits
+            calls = 3 if n[0] == n[1] else 6                # per position (whole batch), or per row and position
+            assert counting.served == calls * layers, n
+            cache = prefill(n)
+            single = torch.stack([model(step_ids[:, i: i + 1], position_ids=pos[:, i: i + 1], past_key_values=cache
+                                        ).logits[:, -1] for i in range(3)], 1)
+            assert torch.equal(multi, single), f"{n}: max diff {float((multi - single).abs().max())}"
+
+        counting.served = 0
+        pad_ids, mask = left_padded_batch(model.config.vocab_size, [5, 3])
+        model(pad_ids, attention_mask=mask, past_key_values=make_cache(model, "dynamic", 2, 8))   # padded prefill
+        model(ids[:, :9], past_key_values=make_cache(model, "dynamic", 2, 12))                   # 9 > 8 tokens
+        assert counting.served == 0

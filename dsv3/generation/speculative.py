@@ -93,6 +93,10 @@ def speculative_generate(model: torch.nn.Module, input_ids: torch.Tensor, attent
     q_logits = mtp_logits[:, -1]
     cap = t + max_new                      # slots any row can need: the prompt and the new tokens
     mask = torch.cat([attention_mask.long(), attention_mask.new_ones(b, max_new).long()], dim=1)   # [B, cap]
+    # Without padding the steps pass no mask (causal by position): then, as in plain decoding, the CPU's MLA
+    # decode kernel takes the attention (per position: MultiHeadLatentAttention._kernel_slots), and the
+    # verification's logits equal those of one-token steps bit for bit.
+    padded = not bool(attention_mask.all())
     pads = t - attention_mask.long().sum(1)            # left padding per row: position = slot - pads
     two = torch.arange(2, device=device)
     main_forwards, longest = 1, t
@@ -111,7 +115,7 @@ def speculative_generate(model: torch.nn.Module, input_ids: torch.Tensor, attent
         cache.crop(write, max_length=min(longest, cap - 2))
         step_pos = (write - pads)[:, None] + two                             # [B, 2] RoPE positions
         span = min(longest, cap - 2) + 2
-        res = model(ids, attention_mask=mask[:, :span], position_ids=step_pos, past_key_values=cache,
+        res = model(ids, attention_mask=mask[:, :span] if padded else None, position_ids=step_pos, past_key_values=cache,
                     use_cache=True, logits_to_keep=2, check_inputs=False)
         main_forwards += 1
         z = process_logits(res.logits[:, 0], sampling)
@@ -133,7 +137,7 @@ def speculative_generate(model: torch.nn.Module, input_ids: torch.Tensor, attent
         emit(y0, torch.ones_like(accept))
         emit(y1, accept)
         mtp_logits, _ = model.mtp_forward(res.last_hidden_state, torch.stack([y0, y1], dim=1), step_pos, cache,
-                                          mask[:, :span])
+                                          mask[:, :span] if padded else None)
         q_logits = torch.where(accept[:, None], mtp_logits[:, 1], mtp_logits[:, 0])
         cur = torch.where(accept, y1, y0)
         kept = t + count - 1

@@ -49,6 +49,7 @@ from dsv3.quant.formats import Fp8Blocks, Plain
 logger = logging.getLogger(__name__)
 
 MLA_PATHS = ("auto", "naive", "absorbed")
+KERNEL_MAX_POSITIONS = 8   # causal steps up to this many tokens run the decode kernel per position
 
 
 class AttentionKernels(Protocol):
@@ -151,8 +152,9 @@ class MultiHeadLatentAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, mask: torch.Tensor | None,
                 cache: LatentCacheView | None = None, path: str = "auto",
-                attention_sink: list[torch.Tensor] | None = None) -> torch.Tensor:
-        """attention_sink: receives this layer's attention probabilities [B, H, S, T] (output_attentions)."""
+                attention_sink: list[torch.Tensor] | None = None, unpadded: bool = False) -> torch.Tensor:
+        """attention_sink: receives this layer's attention probabilities [B, H, S, T] (output_attentions);
+        unpadded: no padding mask, `mask` (if any) is causal only — each query sees every slot up to its own."""
         b, s, _ = x.shape
         interleave = self.config.rope_interleave
         if self.config.q_lora_rank is None:
@@ -171,7 +173,8 @@ class MultiHeadLatentAttention(nn.Module):
         t = latent.shape[1]
         dropout = self.config.attention_dropout if self.training else 0.0
         if choose_path(self.config, s, t, path) == "absorbed":
-            o, probs = self._absorbed(q_nope, q_pe, latent, mask, dropout, attention_sink is not None)
+            slots = self._kernel_slots(cache, b, s, t, mask is None or unpadded)
+            o, probs = self._absorbed(q_nope, q_pe, latent, mask, dropout, attention_sink is not None, slots)
         else:
             o, probs = self._naive(q_nope, q_pe, latent, mask, dropout, attention_sink is not None)
         if attention_sink is not None:
@@ -205,7 +208,8 @@ class MultiHeadLatentAttention(nn.Module):
         return o.transpose(1, 2), None                                     # [B, S, H, dv]
 
     def _absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, mask: torch.Tensor | None,
-                  dropout: float, return_probs: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+                  dropout: float, return_probs: bool,
+                  slots: list[list[int]] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         b, s, h, _ = q_nope.shape
         t = latent.shape[1]
         q_lat = self._head_products(q_nope.reshape(b * s, h, self.dn), (0, self.dn), True)   # [B*S, H, r] or None
@@ -219,15 +223,13 @@ class MultiHeadLatentAttention(nn.Module):
         query = torch.cat([q_lat, q_pe], dim=-1).view(b, 1, s * h, self.r + self.dr)
         key = latent[:, None]                                              # [B, 1, T, r+dr]
         value = latent[:, None, :, : self.r]                               # [B, 1, T, r]
+        o = None if slots is None or dropout != 0.0 or return_probs else self._decode_kernel(query, latent, slots)
         if mask is None and s > 1:   # plain causal, expressed per (position, head) row
             mask = build_attention_mask(torch.ones(b, t, dtype=torch.bool, device=latent.device), t - s, s,
                                         latent.device)
         if mask is not None:
             mask = mask[:, :, :, None, :].expand(-1, -1, -1, h, -1).reshape(mask.shape[0], 1, s * h, -1)
-        probs = o = None
-        if self.kernels is not None and s == 1 and mask is None and dropout == 0.0 and not return_probs:
-            o = self.kernels.latent_decode(query.view(b, h, -1), latent, self.r, self.scale)   # [B, H, r] fp32
-            o = None if o is None else o.to(latent.dtype)
+        probs = None
         if o is not None:   # the decode kernel ran
             pass
         elif dropout > 0.0 and not return_probs:
@@ -246,6 +248,46 @@ class MultiHeadLatentAttention(nn.Module):
                 return out.reshape(b, s, h, self.dv).to(o.dtype), probs
             w_uv = weight_matrix(self.kv_b_proj, o.dtype).view(h, self.dn + self.dv, self.r)[:, self.dn:]
         return torch.einsum("bshc,hdc->bshd", o, w_uv), probs            # [B, S, H, dv]
+
+    def _kernel_slots(self, cache: LatentCacheView | None, b: int, s: int, t: int,
+                      causal: bool) -> list[list[int]] | None:
+        """The slot of each query (row, position) when the one-pass decode kernel can take this step's
+        attention — query (b, i) then sees slots [0, slots[b][i]] — or None (the matmul path).
+
+        The kernel runs for steps of S ≤ KERNEL_MAX_POSITIONS tokens without padding (`causal`), once per
+        query over the cache up to its slot: each position then computes exactly what a one-token step there
+        computes. Speculative decoding's multi-token verification must agree with plain greedy decoding bit
+        for bit, and the matmul path rounds differently (a near-tie flipped a greedy token). Rows at their
+        own slots (`CacheStep.positions`, speculative rows that accepted different counts) are read on the
+        host, so only outside a compiled graph; longer steps (prefill) stay on the matmuls."""
+        if self.kernels is None or not causal or s > KERNEL_MAX_POSITIONS:
+            return None
+        step = cache.step if cache is not None else None
+        if step is None or step.positions is None:
+            start = step.start if step is not None else t - s
+            return [[start + i for i in range(s)]] * b
+        if torch.compiler.is_compiling():
+            return None
+        return step.positions.tolist()
+
+    def _decode_kernel(self, query: torch.Tensor, latent: torch.Tensor,
+                       slots: list[list[int]]) -> torch.Tensor | None:
+        """`self.kernels.latent_decode` per query over the latent up to its slot: [B, S, H, r] in the latent's
+        dtype, or None (the kernel does not apply: the caller's matmuls)."""
+        b, s = len(slots), len(slots[0])
+        qs = query.view(b, s, -1, self.r + self.dr)
+        shared = all(row == slots[0] for row in slots)      # every row at the same slots: whole batch per call
+        outs = []
+        for i in range(s):
+            rows = [(0, b)] if shared else [(k, k + 1) for k in range(b)]
+            parts = []
+            for r0, r1 in rows:
+                o = self.kernels.latent_decode(qs[r0:r1, i], latent[r0:r1, : slots[r0][i] + 1], self.r, self.scale)
+                if o is None:
+                    return None
+                parts.append(o)
+            outs.append(parts[0] if shared else torch.cat(parts, 0))
+        return torch.stack(outs, 1).to(latent.dtype)                      # [B, S, H, r]
 
     def _head_products(self, x: torch.Tensor, rows: tuple[int, int], transposed: bool) -> torch.Tensor | None:
         """x [P, H, ·] times each head's rows of kv_b_proj (W_UK: `transposed`, W_UV: not) by kernels that read

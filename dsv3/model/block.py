@@ -33,6 +33,7 @@ class RunOptions:
     output_attentions: bool = False        # each layer's probabilities [B, H, S, T], computed eagerly
     output_router_outputs: bool = False    # each MoE layer's RouterOutput (training statistics)
     check_inputs: bool = True              # host reads that validate ids and detect all-ones masks
+    unpadded: bool = False                 # set per forward: no padding mask (the attention is causal only)
 
     def sinks(self) -> RunSinks:
         return RunSinks([] if self.output_router_outputs else None, [] if self.output_attentions else None)
@@ -63,7 +64,8 @@ class DecoderLayer(nn.Module):
                 sinks: RunSinks | None = None) -> torch.Tensor:
         """h [B, S, D] -> [B, S, D]; the attention reads and writes this layer's slot of `cache`."""
         sinks = sinks or RunSinks()
-        h = h + self.self_attn(self.input_layernorm(h), freqs_cis, mask, cache, options.mla_path, sinks.attentions)
+        h = h + self.self_attn(self.input_layernorm(h), freqs_cis, mask, cache, options.mla_path, sinks.attentions,
+                               options.unpadded)
         x = self.post_attention_layernorm(h)
         if isinstance(self.mlp, MoE):
             return h + self.mlp(x, options.moe_dispatch, sinks.routers)

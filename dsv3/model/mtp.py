@@ -164,6 +164,7 @@ def mtp_forward(model: nn.Module, hidden: torch.Tensor, next_ids: torch.Tensor,
     freqs_cis = model.model.rotary_emb(position_ids)  # type: ignore[attr-defined]
     x = layer.combine(hidden, next_ids)
     h = run_layer(layer, x, freqs_cis, mask, cache.view(step) if cache is not None else None,
-                  RunOptions(mla_path, moe_dispatch), RunSinks(router_sink),
+                  RunOptions(mla_path, moe_dispatch, unpadded=attention_mask is None),
+                  RunSinks(router_sink),
                   checkpointed=model.model.gradient_checkpointing and model.training)  # type: ignore[attr-defined]
     return layer.shared_head(h), h

@@ -16,7 +16,7 @@ Runtime choices travel as forward arguments, never globals: `mla_path` ("auto" |
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
@@ -197,6 +197,7 @@ class DeepseekV3Model(ModelCommon, nn.Module):
             if check_inputs and not torch.compiler.is_compiling() and bool(attention_mask[:, : step.span].all()):
                 attention_mask = None   # no padding: let attention use its causal fast path
         mask = build_attention_mask(attention_mask, step.start, s, device, step.positions, step.span)
+        options = replace(options, unpadded=attention_mask is None)
         freqs_cis = self.rotary_emb(position_ids)
         sinks = options.sinks()
         all_hidden: list[torch.Tensor] = []
