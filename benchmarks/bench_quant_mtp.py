@@ -3,7 +3,8 @@ against bf16 plain greedy decoding — the figure issue 12 asks for — with the
 int8 plain) and int4, all in one process on the same prompts.
 
 Each row generates `--new-tokens` greedy tokens (no EOS stop) for each held-out prompt, batch 1, through the
-library's `generate` (stock PyTorch path, as `from_pretrained` + `generate` gives a library user); the time of
+library's `generate` (`--kernels auto`, default: the path `from_pretrained` + `generate` gives a library user, the
+stock PyTorch ops on this small model; `--kernels on`: the CPU kernels); the time of
 the best of `--repeats` runs per prompt is summed (a warm-up run first). MTP rows report the draft acceptance
 and the main-model forwards per token; their greedy output is checked equal to the same weights' plain output.
 
@@ -54,6 +55,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64, help="greedy tokens per prompt (default 64)")
     parser.add_argument("--repeats", type=int, default=3, help="best of N per prompt (default 3)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    parser.add_argument("--kernels", choices=("auto", "on", "off"), default="auto",
+                        help="from_pretrained's kernels= (default auto: what a library user gets)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
     torch.set_num_threads(args.threads or max(1, os.cpu_count() or 1))
@@ -62,8 +65,10 @@ def main() -> None:
     _, held_files = pystd.split_files(pystd.stdlib_files())
     prompts = pystd.held_out_prompts(pystd.read_texts(held_files), args.prompts)
     encoded = [tokenizer(p, return_tensors="pt")["input_ids"] for p in prompts]
-    models = {q: DeepseekV3ForCausalLM.from_pretrained(SHIPPED_MODEL, torch_dtype=torch.bfloat16, quantization=q)
+    models = {q: DeepseekV3ForCausalLM.from_pretrained(SHIPPED_MODEL, torch_dtype=torch.bfloat16, quantization=q,
+                                                       kernels=args.kernels)
               for q in (None, "int8", "int4")}
+    path = {q: "stock PyTorch ops" if m.kernels is None else "CPU kernels" for q, m in models.items()}
 
     results = []
     plain_sequences: dict[str, list[torch.Tensor]] = {}
@@ -90,7 +95,8 @@ def main() -> None:
 
     base = next(r for r in results if r["weights"] == "bf16" and not r["mtp"])["tokens_per_s"]
     print(f"\nShipped model ({SHIPPED_MODEL.name}), batch 1, {len(encoded)} held-out prompts x {args.new_tokens} "
-          f"greedy tokens, best of {args.repeats}, {torch.get_num_threads()} threads, stock PyTorch path")
+          f"greedy tokens, best of {args.repeats}, {torch.get_num_threads()} threads, kernels={args.kernels!r} "
+          f"(bf16: {path[None]}, int8: {path['int8']}, int4: {path['int4']})")
     print(f"{'weights':<8}{'MTP':<6}{'tokens/s':>10}{'vs bf16 plain':>15}{'acceptance':>12}{'fwd/token':>11}"
           f"{'= plain':>9}")
     for r in results:
@@ -102,7 +108,8 @@ def main() -> None:
     headline = next(r for r in results if r["weights"] == "int8" and r["mtp"])["vs_bf16_plain"]
     print(f"int8 + MTP vs bf16 plain: {headline:.2f}x")
     print(json.dumps({"benchmark": "quant_mtp", "model": SHIPPED_MODEL.name, "batch": 1, "prompts": len(encoded),
-                      "new_tokens": args.new_tokens, "threads": torch.get_num_threads(),
+                      "new_tokens": args.new_tokens, "threads": torch.get_num_threads(), "kernels": args.kernels,
+                      "paths": {str(q): v for q, v in path.items()},
                       "int8_mtp_vs_bf16_plain": headline, "rows": results}))
 
 

@@ -65,6 +65,19 @@ def test_auto_keeps_the_stock_ops_for_small_or_fp32_models(wide_checkpoint: Path
     assert "hidden_size 64 < 1024" in caplog.text and "the model is in torch.float32" in caplog.text
 
 
+@needs_kernels
+def test_auto_takes_the_kernels_for_a_small_quantised_model(tmp_path: Path) -> None:
+    """int8/int4 weights take the kernels at any width (PyTorch's int paths are the slow ones): the same small
+    model that keeps the stock ops in bf16."""
+    torch.manual_seed(0)
+    DeepseekV3ForCausalLM(DeepseekV3Config.tiny(torch_dtype="bfloat16")).bfloat16().save_pretrained(tmp_path)
+    assert DeepseekV3ForCausalLM.from_pretrained(tmp_path).kernels is None
+    for quantization in ("int8", "int4"):
+        model = DeepseekV3ForCausalLM.from_pretrained(tmp_path, quantization=quantization)
+        assert isinstance(model.kernels, kernels.CpuKernels), quantization
+        assert _layers_with_kernels(model)[0] > 0
+
+
 def test_bad_kernels_value_is_a_clear_error_before_loading(wide_checkpoint: Path) -> None:
     with pytest.raises(ValueError, match=r"kernels='fast'.*'auto'.*'on'.*'off'"):
         DeepseekV3ForCausalLM.from_pretrained(wide_checkpoint, kernels="fast")
