@@ -115,8 +115,9 @@ def speculative_generate(model: torch.nn.Module, input_ids: torch.Tensor, attent
         cache.crop(write, max_length=min(longest, cap - 2))
         step_pos = (write - pads)[:, None] + two                             # [B, 2] RoPE positions
         span = min(longest, cap - 2) + 2
-        res = model(ids, attention_mask=mask[:, :span] if padded else None, position_ids=step_pos, past_key_values=cache,
-                    use_cache=True, logits_to_keep=2, check_inputs=False)
+        step_mask = mask[:, :span] if padded else None
+        res = model(ids, attention_mask=step_mask, position_ids=step_pos, past_key_values=cache, use_cache=True,
+                    logits_to_keep=2, check_inputs=False)
         main_forwards += 1
         z = process_logits(res.logits[:, 0], sampling)
         if sampling.do_sample:
@@ -137,7 +138,7 @@ def speculative_generate(model: torch.nn.Module, input_ids: torch.Tensor, attent
         emit(y0, torch.ones_like(accept))
         emit(y1, accept)
         mtp_logits, _ = model.mtp_forward(res.last_hidden_state, torch.stack([y0, y1], dim=1), step_pos, cache,
-                                          mask[:, :span] if padded else None)
+                                          step_mask)
         q_logits = torch.where(accept[:, None], mtp_logits[:, 1], mtp_logits[:, 0])
         cur = torch.where(accept, y1, y0)
         kept = t + count - 1
