@@ -139,8 +139,9 @@ def compile_options(model: torch.nn.Module, sharded: bool) -> dict[str, Any]:
       the graph's own kernels are only the glue around the weight products (norms, RoPE, routing, the MoE
       combine — [batch, hidden]-sized), and an OpenMP fork/join per kernel (inductor parallelises any kernel
       of ≥ 1024 values, ~50 per step) cost more than it bought: int4 on the bench shape 25.9 -> 24.8 ms per
-      step (steps interleaved). The weight and attention kernels keep torch's threads (at::parallel_for). A
-      multi-token step (MTP verification) still runs its attention as matmuls inside the graph, single-threaded.
+      step (steps interleaved). The weight and attention kernels keep torch's threads (at::parallel_for). A step
+      the kernel does not take (a padded batch, rows at their own slots, more than 8 tokens) runs its attention
+      as matmuls inside the graph, single-threaded.
     """
     if model.device.type != "cpu" or sharded:
         return {}

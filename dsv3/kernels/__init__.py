@@ -509,18 +509,22 @@ def check_kernels_choice(choice: str) -> str:
     return choice
 
 
+def _holds(model: nn.Module, *formats: type) -> bool:
+    """Whether any linear or expert stack of `model` holds its weights in one of `formats`."""
+    return any(isinstance(f, formats) for m in model.modules()
+               for f in ([getattr(m, "format", None)] + list(getattr(m, "formats", {}).values())))
+
+
 def _holds_fp8(model: nn.Module) -> bool:
     from dsv3.quant.formats import Fp8Blocks
 
-    return any(isinstance(f, Fp8Blocks) for m in model.modules()
-               for f in ([getattr(m, "format", None)] + list(getattr(m, "formats", {}).values())))
+    return _holds(model, Fp8Blocks)
 
 
 def _holds_int(model: nn.Module) -> bool:
     from dsv3.quant.int_formats import Int4Grouped, Int8PerChannel
 
-    return any(isinstance(f, (Int8PerChannel, Int4Grouped)) for m in model.modules()
-               for f in ([getattr(m, "format", None)] + list(getattr(m, "formats", {}).values())))
+    return _holds(model, Int8PerChannel, Int4Grouped)
 
 
 def select_kernels(model: nn.Module, choice: str = "auto") -> CpuKernels | None:

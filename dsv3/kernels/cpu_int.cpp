@@ -48,10 +48,17 @@ struct Int4Act {       // activations quantised per (row, group); per block of B
 // Activations are quantised per (row, group): xs = amax/127, code = clamp(round_half_even(x / xs), ±127) — the
 // same divisions and rounding as intq.quantize_activations — and stored per block of B columns (the columns one
 // kernel step unpacks: 32 AVX2, 64 or 128 AVX-512; G % B == 0) as the block's evens, then its odds. Vectorised in
-// each ISA namespace below (`quantize_act`): a scalar loop (libm nearbyint per value) cost ~6 ns per value,
+// each ISA namespace below (`quantize_group`): a scalar loop (libm nearbyint per value) cost ~6 ns per value,
 // 65 µs of a 130 µs product at K = 10944.
-Int4Act new_act(int64_t M, int64_t K, int64_t G) {
-  return Int4Act{std::vector<int8_t>(M * K), std::vector<float>(M * (K / G)), std::vector<float>(M * (K / G))};
+// quantize(group's G values, its codes, &xs, &xs·Σcode) for every (row, group) of x [M, K].
+template <typename F>
+Int4Act quantize_groups(const float* x, int64_t M, int64_t K, int64_t G, const F& quantize) {
+  const int64_t ng = K / G;
+  Int4Act a{std::vector<int8_t>(M * K), std::vector<float>(M * ng), std::vector<float>(M * ng)};
+  for (int64_t r = 0; r < M; ++r)
+    for (int64_t g = 0; g < ng; ++g)
+      quantize(x + r * K + g * G, a.q.data() + r * K + g * G, &a.scale[r * ng + g], &a.sum[r * ng + g]);
+  return a;
 }
 
 // ---------------------------------------------------------------------------------------------- AVX-512
@@ -84,17 +91,6 @@ void quantize_group(const float* xg, int64_t G, int64_t B, int8_t* tmp, int8_t* 
     }
   *xs_out = xs;
   *sum_out = xs * static_cast<float>(_mm512_reduce_add_epi32(total));
-}
-
-Int4Act quantize_act(const float* x, int64_t M, int64_t K, int64_t G, int64_t B) {
-  Int4Act a = new_act(M, K, G);
-  std::vector<int8_t> tmp(G);
-  const int64_t ng = K / G;
-  for (int64_t r = 0; r < M; ++r)
-    for (int64_t g = 0; g < ng; ++g)
-      quantize_group(x + r * K + g * G, G, B, tmp.data(), a.q.data() + r * K + g * G, &a.scale[r * ng + g],
-                     &a.sum[r * ng + g]);
-  return a;
 }
 
 // y[r*ldy + n] = scale[n] · Σ_k q[n,k] x[r,k] for r < R, n in [n0, n0 + P·⌊(n1-n0)/P⌋): P weight rows per pass
@@ -344,17 +340,6 @@ void quantize_group(const float* xg, int64_t G, int32_t* tmp, int8_t* dst, float
   *sum_out = xs * static_cast<float>(total);
 }
 
-Int4Act quantize_act(const float* x, int64_t M, int64_t K, int64_t G) {
-  Int4Act a = new_act(M, K, G);
-  std::vector<int32_t> tmp(G);
-  const int64_t ng = K / G;
-  for (int64_t r = 0; r < M; ++r)
-    for (int64_t g = 0; g < ng; ++g)
-      quantize_group(x + r * K + g * G, G, tmp.data(), a.q.data() + r * K + g * G, &a.scale[r * ng + g],
-                     &a.sum[r * ng + g]);
-  return a;
-}
-
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -484,7 +469,17 @@ void check_isa(int64_t isa) {
 }
 
 Int4Act quantize_act(const float* x, int64_t M, int64_t K, int64_t G, int64_t isa) {
-  return isa == kIsaAvx2 ? k256::quantize_act(x, M, K, G) : k512::quantize_act(x, M, K, G, G % 128 == 0 ? 128 : 64);
+  if (isa == kIsaAvx2) {
+    std::vector<int32_t> tmp(G);
+    return quantize_groups(x, M, K, G, [&](const float* xg, int8_t* dst, float* xs, float* sum) {
+      k256::quantize_group(xg, G, tmp.data(), dst, xs, sum);
+    });
+  }
+  const int64_t B = G % 128 == 0 ? 128 : 64;
+  std::vector<int8_t> tmp(G);
+  return quantize_groups(x, M, K, G, [&](const float* xg, int8_t* dst, float* xs, float* sum) {
+    k512::quantize_group(xg, G, B, tmp.data(), dst, xs, sum);
+  });
 }
 
 // Calls f(expert, first row, count, n0, n1) over a flat range of (run, output row) so that threads stay

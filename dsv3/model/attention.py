@@ -277,9 +277,9 @@ class MultiHeadLatentAttention(nn.Module):
         b, s = len(slots), len(slots[0])
         qs = query.view(b, s, -1, self.r + self.dr)
         shared = all(row == slots[0] for row in slots)      # every row at the same slots: whole batch per call
+        rows = [(0, b)] if shared else [(k, k + 1) for k in range(b)]
         outs = []
         for i in range(s):
-            rows = [(0, b)] if shared else [(k, k + 1) for k in range(b)]
             parts = []
             for r0, r1 in rows:
                 o = self.kernels.latent_decode(qs[r0:r1, i], latent[r0:r1, : slots[r0][i] + 1], self.r, self.scale)
