@@ -81,11 +81,16 @@ from dsv3.generation.generate import DecodeStep  # noqa: E402
 
 LLAMA_VERSION = "0.3.36"              # llama-cpp-python release whose sdist vendors llama.cpp (commit 0c1e570)
 TOKENIZER_ASSETS = ROOT / "dsv3" / "assets" / "dsv3-pystd"
-GGUF_TYPES = ("bf16", "q8_0", "q4_k_m")
-LLAMA_LABEL = {"bf16": "BF16", "q8_0": "Q8_0", "q4_k_m": "Q4_K_M"}
+# q4_k_m_h4: Q4_K_M with its output matrix in q4_K too (llama-quantize --output-tensor-type q4_K; Q4_K_M keeps
+# it at Q6_K), what dsv3's int4+h4 is compared with
+GGUF_TYPES = ("bf16", "q8_0", "q4_k_m", "q4_k_m_h4")
+LLAMA_LABEL = {"bf16": "BF16", "q8_0": "Q8_0", "q4_k_m": "Q4_K_M", "q4_k_m_h4": "Q4_K_M+h4"}
+QUANTIZE_ARGS = {"q4_k_m_h4": ["--output-tensor-type", "q4_K"]}   # llama-quantize flags beyond the type
 # dsv3 precision -> the llama.cpp file it is compared with
-MATCHING = {"bf16": "bf16", "int8": "q8_0", "int4": "q4_k_m", "fp8": "q8_0", "fp8+int8": "q8_0"}
-PRECISIONS = ("bf16", "int8", "int4", "fp8", "fp8+int8")   # fp8+int8: FP8 kept, the bf16 LM head int8
+MATCHING = {"bf16": "bf16", "int8": "q8_0", "int4": "q4_k_m", "int4+h4": "q4_k_m_h4", "fp8": "q8_0",
+            "fp8+int8": "q8_0"}
+# fp8+int8: FP8 kept, the bf16 LM head int8; int4+h4: int4 with head_quantization="int4" (the head int4 too)
+PRECISIONS = ("bf16", "int8", "int4", "int4+h4", "fp8", "fp8+int8")
 CONTEXT_TO_DEPTH = {128: 0}           # dsv3 context -> llama.cpp depth (otherwise equal)
 # --tiny: the bench layout at a fraction of the size (vocabulary above the shipped tokenizer's 8207 tokens)
 TINY = dict(vocab_size=8448, hidden_size=256, intermediate_size=512, moe_intermediate_size=128, q_lora_rank=128,
@@ -176,7 +181,8 @@ def make_ggufs(src: Path, bin_dir: Path, checkpoint: Path, work: Path, types: li
     for t in types:
         if t != "bf16" and not out[t].exists():
             tmp = out[t].with_suffix(".tmp")
-            run([bin_dir / "llama-quantize", bf16, tmp, t.upper(), str(torch.get_num_threads())], f"quantise to {t}")
+            run([bin_dir / "llama-quantize", *QUANTIZE_ARGS.get(t, []), bf16, tmp, t.upper().removesuffix("_H4"),
+                 str(torch.get_num_threads())], f"quantise to {t}")
             tmp.rename(out[t])
     return out
 
@@ -228,8 +234,10 @@ def llama_rows(results: list[dict[str, Any]], gguf: str, bytes_per_token: int) -
 
 def load_dsv3(precision: str, bf16_dir: Path, fp8_dir: Path) -> DeepseekV3ForCausalLM:
     kwargs: dict[str, Any] = dict(torch_dtype=torch.bfloat16)
-    if precision in ("int8", "int4"):
-        kwargs["quantization"] = precision
+    if precision in ("int8", "int4", "int4+h4"):
+        kwargs["quantization"] = precision.removesuffix("+h4")
+    if precision == "int4+h4":
+        kwargs["head_quantization"] = "int4"
     if precision.startswith("fp8"):
         kwargs["fp8"] = "keep"
     if precision == "fp8+int8":       # FP8 weights as stored; what the checkpoint holds in bf16 (the head) int8
@@ -379,14 +387,17 @@ def goals(rows: list[dict[str, Any]], contexts: list[int]) -> list[dict[str, Any
     def add(name: str, value: float | None, need: float) -> None:
         out.append(dict(goal=name, value=value, need=need, met=None if value is None else value >= need))
 
-    for prec, need in (("int8", 1.7), ("fp8", 1.6), ("fp8+int8", 1.6), ("int4", 2.7)):
+    for prec, need in (("int8", 1.7), ("fp8", 1.6), ("fp8+int8", 1.6), ("int4", 2.7), ("int4+h4", 2.7)):
         for c in contexts:
             r = best("dsv3", prec, "decode", c)
             add(f"dsv3 {prec} / dsv3 bf16 decode ctx {c}", r and r["x_dsv3_bf16"], need)
-    for prec in ("int8", "int4"):
+    for prec in ("int8", "int4", "int4+h4"):
         for c in contexts:
             r = best("dsv3", prec, "decode", c)
             add(f"dsv3 {prec} / llama.cpp {LLAMA_LABEL[MATCHING[prec]]} decode ctx {c}", r and r["x_llamacpp"], 1.0)
+    for c in contexts:      # the all-int4 model against llama.cpp's Q4_K_M as it ships (a 6-bit head)
+        r, q = best("dsv3", "int4+h4", "decode", c), best("llama.cpp", "Q4_K_M", "decode", CONTEXT_TO_DEPTH.get(c, c))
+        add(f"dsv3 int4+h4 / llama.cpp Q4_K_M decode ctx {c}", r and q and r["tok_s"] / q["tok_s"], 1.0)
     for prec in PRECISIONS:
         r = best("dsv3", prec, "prefill", 0)
         add(f"dsv3 {prec} / llama.cpp {LLAMA_LABEL[MATCHING[prec]]} prefill", r and r["x_llamacpp"], 1.0)

@@ -66,14 +66,32 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache", choices=["dynamic", "static"], default="static")
     p.add_argument("--compile", action="store_true", help="compile the decode step with torch.compile")
     p.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch")
-    p.add_argument("--kernels", choices=["auto", "on", "off"], default="auto",
-                   help="C++ CPU decode kernels for bf16, FP8 and int8/int4 weights (auto, as from_pretrained: on "
-                        "the CPU, hidden size >= 1024, where they build)")
     p.add_argument("--timeout", type=positive_float, default=600.0, metavar="SECONDS",
                    help="under torchrun: how long a rank waits for the others in a collective before failing")
+    _add_weight_arguments(p)
+
+
+def _add_weight_arguments(p: argparse.ArgumentParser) -> None:
+    """How the weights are held and computed with (generate, chat, serve): from_pretrained's arguments."""
+    p.add_argument("--kernels", choices=["auto", "on", "off"], default="auto",
+                   help="C++ CPU decode kernels for bf16, FP8 and int8/int4 weights (auto, as from_pretrained: on "
+                        "the CPU, hidden size >= 1024 or quantised weights, where they build)")
     p.add_argument("--quantization", choices=["int8", "int4"], default=None,
                    help="quantise linear and expert weights while loading (weight-only; int8 per channel, int4 "
-                        "per group of 128 inputs)")
+                        "per group of 128 inputs); the LM head becomes int8 (see --head-quantization)")
+    p.add_argument("--head-quantization", choices=["int8", "int4"], default=None,
+                   help="with --quantization: the LM head's format (default int8; int4 reads fewer bytes per token "
+                        "where the head is a large part of the model, at some cost in perplexity)")
+    p.add_argument("--fp8", choices=["dequantize", "keep"], default="dequantize",
+                   help="FP8 checkpoints: dequantise to --dtype while loading (default), or keep the FP8 bytes and "
+                        "compute with them as stored (half the memory; with --quantization only the non-FP8 "
+                        "weights, DeepSeek's bf16 head, are quantised)")
+
+
+def weight_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """from_pretrained keywords of _add_weight_arguments' flags."""
+    return dict(kernels=args.kernels, quantization=args.quantization, head_quantization=args.head_quantization,
+                fp8=args.fp8)
 
 
 def positive_int(text: str) -> int:
@@ -212,8 +230,11 @@ def load_model_and_tokenizer(args: argparse.Namespace, run: Run | None = None) -
     if args.preset == "tiny":
         if args.model is not None:
             raise SystemExit("error: pass either --model or --preset, not both")
-        if args.quantization:
-            raise SystemExit("error: --quantization applies while loading a checkpoint; drop it with --preset tiny")
+        for flag, value, default in (("--quantization", args.quantization, None),
+                                     ("--head-quantization", args.head_quantization, None), ("--fp8", args.fp8,
+                                                                                            "dequantize")):
+            if value != default:
+                raise SystemExit(f"error: {flag} applies while loading a checkpoint; drop it with --preset tiny")
         torch.manual_seed(0)   # the same random weights on every rank, then each keeps its shard
         tokenizer = AutoTokenizer.from_pretrained()
         model = DeepseekV3ForCausalLM(DeepseekV3Config.tiny(vocab_size=129280)).eval()
@@ -230,8 +251,7 @@ def load_model_and_tokenizer(args: argparse.Namespace, run: Run | None = None) -
     for name in ("config.json", "generation_config.json", "tokenizer_config.json"):
         _check_json_object(path / name)
     sharded = dict(device_map=run.device, parallel=run.ctx) if run.ctx.is_parallel else dict(device_map=args.device)
-    model = DeepseekV3ForCausalLM.from_pretrained(path, torch_dtype=args.dtype, quantization=args.quantization,
-                                                  kernels=args.kernels, **sharded)
+    model = DeepseekV3ForCausalLM.from_pretrained(path, torch_dtype=args.dtype, **weight_kwargs(args), **sharded)
     tokenizer = tokenizer_for_model(path, model.config.vocab_size)   # falls back (with a warning) when it fits
     return model, tokenizer
 
@@ -517,6 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-prefix-caching", action="store_true")
     s.add_argument("--speculative", choices=["mtp"], default=None,
                    help="MTP speculative decoding for greedy requests (needs a checkpoint with an MTP layer)")
+    _add_weight_arguments(s)
     s.set_defaults(func=cmd_serve)
     return parser
 
@@ -529,7 +550,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
           served_model_name=args.served_model_name or ("dsv3-pystd" if args.model is None else None),
           block_size=args.block_size, num_blocks=args.num_blocks, token_budget=args.token_budget,
           prefix_caching=not args.no_prefix_caching, speculative=args.speculative,
-          log_level="info" if args.verbose else "warning")
+          log_level="info" if args.verbose else "warning", weights=weight_kwargs(args))
     return 0
 
 

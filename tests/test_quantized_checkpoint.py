@@ -99,6 +99,38 @@ def test_converted_checkpoint_loads_as_quantising_while_loading(source: str, qua
         assert torch.equal(got16(ids).logits, want16(ids).logits)
 
 
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_int4_heads_convert_and_load_as_quantising_while_loading(quantize: str, bf16_checkpoint: Published,
+                                                                 tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    dst = convert_checkpoint(bf16_checkpoint.path, tmp_path / "q", quantize=quantize, quantize_head="int4",
+                             progress=False).directory
+    want = _load(bf16_checkpoint.path, quantization=quantize, head_quantization="int4")
+    with CheckpointReader(Path(dst)) as reader:                       # the heads on disk: 8 int4 values a word
+        v, h = want.config.vocab_size, want.config.hidden_size
+        for head in ("lm_head", "model.layers.2.shared_head.head"):
+            assert reader.shape(f"{head}.weight_packed") == (v, h // 8), head
+            assert reader.shape(f"{head}.weight_scale") == (v, h // 32), head
+    for fn in ("quantize_int8", "quantize_int4", "quantize_int4_integer_zero"):
+        monkeypatch.setattr(intq, fn, lambda *a, **k: pytest.fail("a quantised checkpoint must not re-quantise"))
+    got = _load(Path(dst))
+    got_named = _load(Path(dst), head_quantization="int4")         # naming what is stored is accepted
+    monkeypatch.undo()
+    _assert_same_state(got, want)
+    assert _formats(got) == _formats(want) == _formats(got_named)
+    assert isinstance(got.lm_head.format, Int4Grouped)
+    ids = torch.randint(0, v, (2, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(got(ids).logits, want(ids).logits)
+    with pytest.raises(ValueError, match="head_quantization='int8', but the LM head in .* is int4"):
+        _load(Path(dst), head_quantization="int8")
+
+
+def test_stored_int8_head_is_checked_against_head_quantization(converted) -> None:  # noqa: ANN001
+    with pytest.raises(ValueError, match="head_quantization='int4', but the LM head in .* is int8; load it without"):
+        _load(converted["bf16", "int4"], head_quantization="int4")
+
+
 # -- the layout, read by a decoder written from compressed-tensors' description ------------------------------
 def _unpack_int32(words: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     """compressed-tensors' unpack_from_int32 (packed_dim=1), in plain shifts: signed values [R, count]."""
@@ -270,7 +302,13 @@ def test_convert_quantize_errors(bf16_checkpoint: Published, converted, tmp_path
         convert_checkpoint(src, blocker, quantize="int8")
     with pytest.raises(CheckpointError, match="already quantised"):
         convert_checkpoint(converted["bf16", "int4"], tmp_path / "c", quantize="int8")
-    assert not any(p.exists() for p in (tmp_path / "a", tmp_path / "b", tmp_path / "c"))
+    with pytest.raises(ValueError, match="quantize_head='int4' applies with quantize='int8' or 'int4' \\(got "
+                                         "quantize='fp8'\\)"):
+        convert_checkpoint(src, tmp_path / "d", quantize="fp8", quantize_head="int4")
+    with pytest.raises(ValueError, match=r"quantize_head='int5': expected one of \('int8', 'int4'\)"):
+        convert_checkpoint(src, tmp_path / "e", quantize="int4", quantize_head="int5")
+    assert not any(p.exists() for p in (tmp_path / "a", tmp_path / "b", tmp_path / "c", tmp_path / "d",
+                                        tmp_path / "e"))
     with pytest.raises(ValueError, match=r"already quantised \(int4, compressed-tensors\)"):
         _load(converted["bf16", "int4"], quantization="int8")
     assert isinstance(_load(converted["bf16", "int8"], quantization="int8").lm_head.format, Int8PerChannel)
@@ -283,6 +321,13 @@ def test_cli_convert_quantize(bf16_checkpoint: Published, tmp_path: Path, capsys
                      "--no-progress"]) == 0
     assert "wrote" in capsys.readouterr().out
     assert isinstance(_load(tmp_path / "q4").model.layers[1].mlp.experts.formats["gate_up_proj"], Int4Grouped)
+    assert cli.main(["convert", str(bf16_checkpoint.path), str(tmp_path / "q8h4"), "--quantize", "int8",
+                     "--quantize-head", "int4", "--no-progress"]) == 0
+    q8h4 = _load(tmp_path / "q8h4")
+    assert isinstance(q8h4.lm_head.format, Int4Grouped) and isinstance(q8h4.model.layers[0].mlp.up_proj.format,
+                                                                         Int8PerChannel)
+    assert cli.main(["convert", str(bf16_checkpoint.path), str(tmp_path / "h"), "--quantize-head", "int4"]) == 1
+    assert "quantize_head='int4' applies with quantize='int8' or 'int4'" in capsys.readouterr().err
     (tmp_path / "file").write_text("x")
     assert cli.main(["convert", str(bf16_checkpoint.path), str(tmp_path / "file" / "q"), "--quantize", "int8"]) == 1
     err = capsys.readouterr().err

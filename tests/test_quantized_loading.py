@@ -114,6 +114,40 @@ def test_quantised_load_reads_in_row_chunks_with_the_same_result(quantization: s
 def test_quantization_arguments_fail_clearly(bf16_checkpoint: Published, fp8_checkpoint: Published) -> None:
     with pytest.raises(ValueError, match=r"quantization='int3': expected one of \('int8', 'int4'\)"):
         _load(bf16_checkpoint.path, quantization="int3")
+    with pytest.raises(ValueError, match=r"head_quantization='int2': expected one of \('int8', 'int4'\)"):
+        _load(bf16_checkpoint.path, quantization="int4", head_quantization="int2")
+    with pytest.raises(ValueError, match="head_quantization='int4' applies to a quantised load: pass quantization="):
+        _load(bf16_checkpoint.path, head_quantization="int4")
+
+
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+def test_head_quantization_int4_makes_both_heads_int4_and_nothing_else(quantization: str,
+                                                                        bf16_checkpoint: Published) -> None:
+    default = _load(bf16_checkpoint.path, quantization=quantization)
+    explicit = _load(bf16_checkpoint.path, quantization=quantization, head_quantization="int8")
+    q4 = _load(bf16_checkpoint.path, quantization=quantization, head_quantization="int4")
+    heads = ("lm_head", "mtp.0.shared_head.head")
+    formats = {n: getattr(m, "format", None) for n, m in q4.named_modules() if isinstance(m, Linear)}
+    assert all(n in formats for n in heads), sorted(formats)
+    for name, fmt in formats.items():
+        held = default.get_submodule(name).format
+        assert held == explicit.get_submodule(name).format
+        if name in heads:
+            assert type(held) is Int8PerChannel and fmt == Int4Grouped(group_size=32, layout=fmt.layout,
+                                                                       integer_zero=True), (name, fmt)
+        else:
+            assert fmt == held, name                                     # every other tensor as the default plan
+    dense = _load(bf16_checkpoint.path)
+    _quantise_like_the_loader(dense, q4)                                # whole-model reference, same formats
+    ids = torch.randint(0, q4.config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        got, want = q4(ids).logits, dense(ids).logits
+    assert torch.equal(got, want), f"max diff {(got - want).abs().max():.3e}"
+    head_bytes = {m: sum(t.numel() * t.element_size() for t in m.get_submodule("lm_head").state_dict().values())
+                  for m in (default, q4)}
+    v, h = q4.config.vocab_size, q4.config.hidden_size
+    assert head_bytes[default] == v * h + 4 * v                         # int8 codes, an fp32 scale per row
+    assert head_bytes[q4] == v * h // 2 + (h // 32) * v * 2 * 2, head_bytes   # 4 bits + bf16 scale, zero per group
 
 
 def test_fp8_kept_with_quantization_quantises_only_what_is_not_fp8(fp8_checkpoint: Published) -> None:
@@ -146,4 +180,32 @@ def test_cli_generates_with_quantized_weights(capsys: pytest.CaptureFixture, mon
     assert chosen == ["int8"]
     with pytest.raises(SystemExit, match="--quantization applies while loading a checkpoint"):
         cli.main(["generate", "def ", "--preset", "tiny", "--quantization", "int4"])
+    with pytest.raises(SystemExit, match="--fp8 applies while loading a checkpoint"):
+        cli.main(["generate", "def ", "--preset", "tiny", "--fp8", "keep"])
+
+
+def test_cli_passes_the_weight_flags_to_from_pretrained(capsys: pytest.CaptureFixture,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from dsv3 import cli, modeling
+
+    seen: list[dict[str, object]] = []
+
+    def spy(*args: object, **kwargs: object) -> torch.nn.Module:
+        seen.append({k: kwargs.get(k) for k in ("quantization", "head_quantization", "fp8", "kernels")})
+        return original(*args, **kwargs)
+
+    original = loader.load_pretrained
+    monkeypatch.setattr(modeling, "load_pretrained", spy)
+    assert cli.main(["generate", "def ", "--quantization", "int4", "--head-quantization", "int4", "--kernels", "off",
+                     "--max-new-tokens", "4", "--seed", "0"]) == 0
+    assert seen[-1] == dict(quantization="int4", head_quantization="int4", fp8="dequantize", kernels="off")
+    capsys.readouterr()
+    for command in (["generate", "x"], ["chat"], ["serve"]):          # the same flags on all three
+        args = cli.build_parser().parse_args([*command, "--fp8", "keep", "--quantization", "int8"])
+        assert cli.weight_kwargs(args) == dict(quantization="int8", head_quantization=None, fp8="keep",
+                                               kernels="auto"), command
+    # a bad combination is the library's clear error, as one line and exit code 2 (no traceback)
+    assert cli.main(["generate", "def ", "--head-quantization", "int4", "--max-new-tokens", "4"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "head_quantization='int4' applies to a quantised load" in err[0], err
 

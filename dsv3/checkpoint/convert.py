@@ -66,7 +66,7 @@ from dsv3.checkpoint.fp8 import (
 )
 from dsv3.checkpoint.keys import SCALE_SUFFIX, to_checkpoint_name
 from dsv3.checkpoint.loader import _DTYPES, FP32_TENSORS, PreparedLoad, _fp8_pairs, prepare_load
-from dsv3.checkpoint.quantize import HEADS, plan_quantization
+from dsv3.checkpoint.quantize import HEAD_QUANTIZATIONS, HEADS, QUANTIZATIONS, plan_quantization
 from dsv3.checkpoint.safetensors_io import (
     _SHARD_RE,
     DTYPE_NAMES,
@@ -296,7 +296,7 @@ def _is_complete(path: Path, shard: list[_Entry], stamp: list[int] | None) -> bo
 def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: str | torch.dtype | None = "bfloat16",
                        keep_fp8: bool = False, max_shard_size: int | str = "5GB", overwrite: bool = False,
                        validate: bool = True, progress: bool | None = None,
-                       quantize: str | None = None) -> ConvertResult:
+                       quantize: str | None = None, quantize_head: str | None = None) -> ConvertResult:
     """Convert the checkpoint directory `src` into `dst` (see the module docstring).
 
     dtype: output dtype of floating tensors ("bfloat16", "float16", "float32", or "auto" = as stored, FP8
@@ -304,6 +304,8 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: st
     overwrite: allow a non-empty `dst` that is not an interrupted run of this same conversion.
     validate: check the source against config.json as from_pretrained would (needs the model definition).
     quantize: None, "int8", "int4" (compressed-tensors pack-quantized) or "fp8" (DeepSeek's block FP8).
+    quantize_head: with quantize="int8"|"int4", the LM heads' format: None (int8), "int8" or "int4"
+    (from_pretrained's head_quantization).
     """
     src, dst = Path(src), Path(dst)
     out_dtype = parse_dtype(dtype)
@@ -312,6 +314,12 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: st
         raise ValueError(f"max_shard_size={max_shard_size!r}: must be positive")
     if quantize is not None and quantize not in QUANTIZE_CHOICES:
         raise ValueError(f"quantize={quantize!r}: expected one of {QUANTIZE_CHOICES} (or None: weights as stored)")
+    if quantize_head is not None:
+        if quantize not in QUANTIZATIONS:
+            raise ValueError(f"quantize_head={quantize_head!r} applies with quantize='int8' or 'int4' (got "
+                             f"quantize={quantize!r}): FP8 conversions keep the heads as stored")
+        if quantize_head not in HEAD_QUANTIZATIONS:
+            raise ValueError(f"quantize_head={quantize_head!r}: expected one of {HEAD_QUANTIZATIONS} or None (int8)")
     if quantize is not None and keep_fp8:
         raise ValueError(f"keep_fp8 with quantize={quantize!r}: choose one — copy the FP8 weights as they are, or "
                          "write them quantised")
@@ -344,7 +352,7 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: st
                 from dsv3.modeling import DeepseekV3ForCausalLM
 
                 prep = prepare_load(DeepseekV3ForCausalLM, reader, config)
-            to_quantize = _quantize_plan(prep, quantize) if quantize else {}
+            to_quantize = _quantize_plan(prep, quantize, quantize_head) if quantize else {}
         except BaseException:
             _remove_if_empty(dst, created)
             raise
@@ -444,11 +452,13 @@ def _remove_if_empty(dst: Path, created: bool) -> None:
         dst.rmdir()
 
 
-def _quantize_plan(prep: PreparedLoad | None, quantize: str) -> dict[str, Any]:
-    """{source weight key: int format or FP8} for --quantize: the tensors from_pretrained(quantization=...)
-    quantises, with its formats (int8/int4); for fp8 those of DeepSeek's FP8 release (no heads, no eh_proj)."""
+def _quantize_plan(prep: PreparedLoad | None, quantize: str, quantize_head: str | None = None) -> dict[str, Any]:
+    """{source weight key: int format or FP8} for --quantize: the tensors from_pretrained(quantization=...,
+    head_quantization=quantize_head) quantises, with its formats (int8/int4); for fp8 those of DeepSeek's FP8
+    release (no heads, no eh_proj)."""
     assert prep is not None
-    plan = plan_quantization(prep.model, "int8" if quantize == FP8 else quantize, torch.device("cpu"))
+    plan = plan_quantization(prep.model, "int8" if quantize == FP8 else quantize, torch.device("cpu"),
+                             head_quantization=quantize_head)
     model_to_ckpt = {model_name: ckpt for ckpt, model_name in prep.names.items()}
     out: dict[str, Any] = {}
     for model_name, fmt in plan.items():
@@ -545,6 +555,9 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
                         help="write the linear and expert weights quantised: int8 / int4 in compressed-tensors' "
                              "pack-quantized layout (from_pretrained loads it as stored; vLLM reads it), fp8 as "
                              "DeepSeek's 128x128 block FP8")
+    parser.add_argument("--quantize-head", choices=("int8", "int4"), default=None,
+                        help="with --quantize int8|int4: the LM heads' format (default int8; int4 reads fewer "
+                             "bytes per token where the head is a large part of the model)")
     parser.add_argument("--max-shard-size", default="5GB", help="largest shard, e.g. 5GB, 500MB (default: 5GB)")
     parser.add_argument("--overwrite", action="store_true",
                         help="allow a non-empty output directory and replace the checkpoint in it")
@@ -559,7 +572,8 @@ def run_convert(args: argparse.Namespace) -> int:
     try:
         result = convert_checkpoint(args.src, args.dst, dtype=args.dtype, keep_fp8=args.keep_fp8,
                                     max_shard_size=args.max_shard_size, overwrite=args.overwrite,
-                                    validate=args.validate, progress=args.progress, quantize=args.quantize)
+                                    validate=args.validate, progress=args.progress, quantize=args.quantize,
+                                    quantize_head=args.quantize_head)
     except (CheckpointError, ConfigError, ValueError, OSError) as e:
         print(f"dsv3 convert: error: {e}", file=sys.stderr)
         return 1

@@ -204,6 +204,7 @@ def load_pretrained(cls: type, path: str | os.PathLike, torch_dtype: Any = "auto
                     fp8: str = "dequantize", load_mtp: bool | None = None, dtype: Any = None,
                     quantization: str | None = None, tp_plan: str | None = None,
                     parallel: ParallelContext | None = None, kernels: str = "auto",
+                    head_quantization: str | None = None,
                     **config_overrides: Any) -> nn.Module:
     """Load a HF checkpoint directory (single file or index + shards, bf16/fp16/fp32 or block FP8).
 
@@ -211,6 +212,7 @@ def load_pretrained(cls: type, path: str | os.PathLike, torch_dtype: Any = "auto
     transformers-5 spelling. device_map: "auto" (GPU when present), "cpu", "cuda", "cuda:N", a device.
     fp8: "dequantize" or "keep" (see module docstring). quantization: None, "int8" or "int4" — weight-only
     quantisation while loading, one tensor at a time (dsv3.checkpoint.quantize says which tensors).
+    head_quantization: the LM heads' format in a quantised load, None (int8) or "int4" / "int8".
     progress: a bar on stderr (default: when a tty). kernels: "auto" (CPU kernels where they help), "on" or "off"
     (dsv3.kernels.select_kernels; the choice is `model.kernels`).
     parallel: this process's ParallelContext — the model is sharded for it (tensor + expert parallelism,
@@ -240,7 +242,7 @@ def load_pretrained(cls: type, path: str | os.PathLike, torch_dtype: Any = "auto
         config = DeepseekV3Config.from_pretrained(path)
     if config_overrides:
         config = config.replace(**config_overrides)
-    check_quantization(quantization, fp8)
+    check_quantization(quantization, fp8, head_quantization, stored=is_quantized_checkpoint(config))
     check_kernels_choice(kernels)
     target_dtype = resolve_dtype(torch_dtype, config)
     if tp_plan not in TP_PLANS:
@@ -264,13 +266,14 @@ def load_pretrained(cls: type, path: str | os.PathLike, torch_dtype: Any = "auto
                                   "(each rank quantises its own part)")
         with CheckpointReader(path) as reader:
             model = load_quantized(cls, reader, config, target_dtype, device, quantization, load_mtp, strict,
-                                   sys.stderr.isatty() if progress is None else progress)
+                                   sys.stderr.isatty() if progress is None else progress, head_quantization)
         select_kernels(model, kernels)
         return model
     with CheckpointReader(path) as reader:
         prep = prepare_load(cls, reader, config, fp8, load_mtp, strict, parallel)
         model, plan = prep.model, prep.plan
-        quantize = plan_quantization(model, quantization, device) if quantization else {}
+        quantize = (plan_quantization(model, quantization, device, head_quantization=head_quantization)
+                    if quantization else {})
         dtypes = {name: torch.float32 if prep.names[name] in quantize else   # quantised from fp32 chunks
                   _target_dtype(name, prep.targets[name], target_dtype) for name in plan.sources}
         total = sum(_share(prep, name) * _bytes_read(reader, k, dtypes[name], prep)

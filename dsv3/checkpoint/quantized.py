@@ -329,7 +329,8 @@ class Schemes:
 
     @property
     def kind(self) -> str:
-        """"int4" when any weight is 4-bit (its heads are int8), else "int8"."""
+        """"int4" when any weight is 4-bit (the heads int8 unless converted with --quantize-head int4), else
+        "int8"."""
         return "int4" if any(s.bits == 4 for s, _ in self.groups) else "int8"
 
 
@@ -446,8 +447,9 @@ def plan_formats(model: nn.Module, schemes: Schemes, prefix: str, config: Deepse
 
 def load_quantized(cls: type, reader: CheckpointReader, config: DeepseekV3Config, dtype: torch.dtype,
                    device: torch.device, quantization: str | None = None, load_mtp: bool | None = None,
-                   strict: bool = True, progress: bool = False) -> nn.Module:
-    """from_pretrained for a compressed-tensors int8/int4 checkpoint (see the module docstring): no re-quantising."""
+                   strict: bool = True, progress: bool = False, head_quantization: str | None = None) -> nn.Module:
+    """from_pretrained for a compressed-tensors int8/int4 checkpoint (see the module docstring): no re-quantising.
+    `quantization` / `head_quantization`, when given, must say what the checkpoint holds."""
     from dsv3.checkpoint.loader import FP32_TENSORS, _check_plan, _finish, _load_targets, _param_owner
 
     schemes = parse_config(config.quantization_config)
@@ -455,6 +457,11 @@ def load_quantized(cls: type, reader: CheckpointReader, config: DeepseekV3Config
         raise ValueError(f"quantization={quantization!r}, but {reader.directory} is already quantised "
                          f"({schemes.kind}, compressed-tensors); load it without quantization= (or with "
                          f"quantization={schemes.kind!r})")
+    head = schemes.of("lm_head")
+    stored_head = "as stored (not quantised)" if head is None else f"int{head.bits}"
+    if head_quantization is not None and stored_head != head_quantization:
+        raise ValueError(f"head_quantization={head_quantization!r}, but the LM head in {reader.directory} is "
+                         f"{stored_head}; load it without head_quantization= (a stored head is held as it is)")
     keys = set(reader.keys())
     n_layers = config.num_hidden_layers
     with torch.device("meta"):

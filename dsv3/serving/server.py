@@ -69,8 +69,9 @@ def serve(model_dir: Path, *, host: str = "127.0.0.1", port: int = 8000, dtype: 
           device: str = "auto", max_batch: int = 32, max_queue: int = 256, api_key: str | None = None,
           served_model_name: str | None = None, block_size: int = 16, num_blocks: int | None = None,
           token_budget: int = 256, prefix_caching: bool = True, speculative: str | None = None,
-          log_level: str = "info") -> None:
-    """Serve model_dir until SIGINT/SIGTERM (blocks)."""
+          log_level: str = "info", weights: dict[str, Any] | None = None) -> None:
+    """Serve model_dir until SIGINT/SIGTERM (blocks). weights: from_pretrained's keywords for how the weights
+    are held (quantization, head_quantization, fp8, kernels)."""
     import uvicorn
 
     from dsv3 import DeepseekV3ForCausalLM
@@ -79,7 +80,7 @@ def serve(model_dir: Path, *, host: str = "127.0.0.1", port: int = 8000, dtype: 
     if not (model_dir / "config.json").is_file():
         raise ValueError(f"{model_dir} is not a checkpoint directory (no config.json); pass --model DIR")
     model = DeepseekV3ForCausalLM.from_pretrained(model_dir, torch_dtype=dtype, device_map=device,
-                                                  load_mtp=speculative == "mtp").eval()
+                                                  load_mtp=speculative == "mtp", **(weights or {})).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir if (model_dir / "tokenizer.json").is_file() else None)
     state = build_state(model, tokenizer, served_model_name or model_dir.name, max_batch=max_batch,
                         max_queue=max_queue, api_key=api_key, block_size=block_size, num_blocks=num_blocks,
