@@ -360,14 +360,15 @@ def print_report(result: dict[str, Any]) -> None:
         print(f"\n{kind} ({'batch 1, tokens/s' if kind == 'decode' else 'batch 1, tokens/s'})")
         unit = "% BW" if kind == "decode" else "% peak"
         rate = "GB/s" if kind == "decode" else "GFLOP/s"
-        print(f"{'engine':<10}{'precision':<10}{'config':<11}{'context':>8}{'tok/s':>9}{'x bf16':>8}"
-              f"{'x llama':>9}  {'vs':<18}{rate:>8}{unit:>8}{'MB/token':>10}")
+        print(f"{'engine':<10}{'precision':<10}{'config':<11}{'context':>8}{'tok/s':>9}{'low':>9}{'x bf16':>8}"
+              f"{'x llama':>9}  {'vs':<21}{rate:>8}{unit:>8}{'MB/token':>10}")
         for r in rows:
             if r["kind"] != kind:
                 continue
             rate_v = r.get("gb_s") if kind == "decode" else r.get("gflop_s")
             print(f"{r['engine']:<10}{r['precision']:<10}{r['config']:<11}{r['context']:>8}{r['tok_s']:>9.2f}"
-                  f"{fmt(r['x_dsv3_bf16'], '.2f'):>8}{fmt(r['x_llamacpp'], '.2f'):>9}  {r['vs'] or '':<18}"
+                  f"{r['low']:>9.2f}{fmt(r['x_dsv3_bf16'], '.2f'):>8}{fmt(r['x_llamacpp'], '.2f'):>9}  "
+                  f"{r['vs'] or '':<21}"
                   f"{fmt(rate_v, '.1f'):>8}{fmt(r['pct_roofline'], '.1f'):>8}{r['bytes_per_token'] / 1e6:>10.0f}")
     print(f"\ngoals: {GOALS}")
     for g in result["goals"]:
@@ -441,6 +442,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-llamacpp", action="store_true")
     p.add_argument("--skip-dsv3", action="store_true")
     p.add_argument("--quick", action="store_true", help="fewer reps and steps (numbers noisier)")
+    p.add_argument("--rounds", type=int, default=1, help="measure everything this many times, the engines in "
+                   "turn, and keep each row's best (a host whose memory bandwidth drifts over minutes)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="threads for both engines (default: torch's default)")
     p.add_argument("--out", type=Path, help="also write the JSON result here")
@@ -479,6 +482,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         f"({BENCH_CONFIG.name}); checkpoints and GGUFs in {work.name} under --workdir"]
     rows: list[dict[str, Any]] = []
     llama_info: dict[str, Any] = dict(version=f"llama-cpp-python {args.llama_version}")
+    llama: tuple[Path, Path, list[str], dict[str, Path]] | None = None
     if not args.skip_llamacpp:
         if args.llama_src and args.llama_bin:
             src, bin_dir = args.llama_src, args.llama_bin
@@ -490,24 +494,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if commit:
             llama_info["version"] += f" (llama.cpp {commit})"
         types = sorted({MATCHING[p] for p in args.precisions}, key=GGUF_TYPES.index)
-        ggufs = make_ggufs(src, bin_dir, bf16_dir, work, types)
-        for t in types:
-            loads.append(load_average())
-            repack = None if args.no_repack or t == "bf16" else [0, 1]
-            # Two calls: prefill at the --prefill-depths (default 0 only: what the comparison uses), decode at
-            # every context's depth (llama-bench fills each depth once and restores it for every rep).
-            results = llama_bench(bin_dir, ggufs[t], threads, args.llama_reps, args.prefill_depths, 0, args.prefill,
-                                  repack)
-            results += llama_bench(bin_dir, ggufs[t], threads, args.llama_reps, [CONTEXT_TO_DEPTH.get(c, c)
-                                   for c in args.contexts], args.gen, 0, repack)
-            new_rows = llama_rows(results, t, gguf_bytes_per_token(src, ggufs[t], config))
-            if repack is None:                       # llama.cpp's default (repack on where it has a layout)
-                for r in new_rows:
-                    r["config"] = "default"
-            rows += new_rows
-            for r in rows[-len(results):]:
-                log(f"  llama.cpp {r['precision']} {r['config']} {r['kind']} d{r['context']}: {r['tok_s']:.2f} tok/s")
-
+        llama = src, bin_dir, types, make_ggufs(src, bin_dir, bf16_dir, work, types)
     if not args.skip_dsv3:
         from dsv3.checkpoint.loader import load_pretrained
 
@@ -517,9 +504,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "PyTorch paths") + "), decoding eagerly as generate() does by default; 'compiled' rows: the same "
             "model through generate(compile=True)'s compiled decode step; 'kernels' rows: the same model after "
             "dsv3.kernels.use_cpu_kernels(model)")
-        for precision in args.precisions:
-            loads.append(load_average())
-            rows += run_dsv3(precision, bf16_dir, fp8_dir, args, notes)
+    if args.rounds > 1:
+        notes.append(f"{args.rounds} rounds, the engines in turn (llama.cpp first in even rounds, dsv3 first in odd "
+                     "ones): each row is its best round; 'low' is its worst")
+    for round_ in range(args.rounds):
+        engines = ["llama.cpp", "dsv3"] if round_ % 2 == 0 else ["dsv3", "llama.cpp"]
+        for engine in engines:
+            if engine == "llama.cpp" and llama is not None:
+                rows += [dict(r, round=round_) for r in run_llamacpp(*llama, config, threads, args, loads)]
+            elif engine == "dsv3" and not args.skip_dsv3:
+                for precision in args.precisions:
+                    loads.append(load_average())
+                    rows += [dict(r, round=round_) for r in run_dsv3(precision, bf16_dir, fp8_dir, args, notes)]
+    rows = best_of_rounds(rows)
 
     loads.append(load_average())
     log("probing bandwidth and GEMM peak again")
@@ -550,6 +547,42 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.out.write_text(line + "\n")
     print(line, flush=True)
     return result
+
+
+def run_llamacpp(src: Path, bin_dir: Path, types: list[str], ggufs: dict[str, Path], config: DeepseekV3Config,
+                 threads: int, args: argparse.Namespace, loads: list[str]) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for t in types:
+        loads.append(load_average())
+        repack = None if args.no_repack or t == "bf16" else [0, 1]
+        # Two calls: prefill at the --prefill-depths (default 0 only: what the comparison uses), decode at
+        # every context's depth (llama-bench fills each depth once and restores it for every rep).
+        results = llama_bench(bin_dir, ggufs[t], threads, args.llama_reps, args.prefill_depths, 0, args.prefill,
+                              repack)
+        results += llama_bench(bin_dir, ggufs[t], threads, args.llama_reps, [CONTEXT_TO_DEPTH.get(c, c)
+                               for c in args.contexts], args.gen, 0, repack)
+        new_rows = llama_rows(results, t, gguf_bytes_per_token(src, ggufs[t], config))
+        if repack is None:                       # llama.cpp's default (repack on where it has a layout)
+            for r in new_rows:
+                r["config"] = "default"
+        rows += new_rows
+        for r in new_rows:
+            log(f"  llama.cpp {r['precision']} {r['config']} {r['kind']} d{r['context']}: {r['tok_s']:.2f} tok/s")
+    return rows
+
+
+def best_of_rounds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per measurement (engine, precision, config, kind, context): its fastest round, with `low` (the
+    slowest) and `rounds` (every round's tok/s, in order)."""
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["engine"], r["precision"], r["config"], r["kind"], r["context"]), []).append(r)
+    out = []
+    for group in groups.values():
+        best = dict(max(group, key=lambda r: r["tok_s"]))
+        best.update(low=min(r["tok_s"] for r in group), rounds=[r["tok_s"] for r in group])
+        out.append(best)
+    return out
 
 
 def best_probes(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:

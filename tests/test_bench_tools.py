@@ -129,6 +129,22 @@ def test_llama_bench_rows_and_ratios_pick_the_matching_precision_and_best_config
     assert goals["dsv3 int4 / llama.cpp Q4_K_M decode ctx 128"]["met"] is None        # not measured
 
 
+def test_rounds_keep_each_rows_best_with_its_worst_and_every_round() -> None:
+    def row(engine: str, context: int, tok_s: float, round_: int) -> dict:
+        return dict(engine=engine, precision="x", config="default", kind="decode", context=context, tok_s=tok_s,
+                    round=round_)
+
+    rows = [row("dsv3", 128, 10.0, 0), row("llama.cpp", 0, 20.0, 0), row("dsv3", 128, 12.0, 1),
+            row("llama.cpp", 0, 18.0, 1), row("dsv3", 2048, 9.0, 1)]
+    best = {(r["engine"], r["context"]): r for r in bench_llamacpp.best_of_rounds(rows)}
+    assert len(best) == 3
+    assert (best["dsv3", 128]["tok_s"], best["dsv3", 128]["low"], best["dsv3", 128]["round"]) == (12.0, 10.0, 1)
+    assert best["dsv3", 128]["rounds"] == [10.0, 12.0]
+    llama = best["llama.cpp", 0]
+    assert (llama["tok_s"], llama["low"], llama["round"]) == (20.0, 18.0, 0)
+    assert best["dsv3", 2048]["rounds"] == [9.0] and best["dsv3", 2048]["low"] == 9.0
+
+
 def test_probes_report_best_and_median_for_one_and_more_threads() -> None:
     bw = probes.bandwidth(threads=2, repeats=3, read_mib=16, triad_mib=8)
     assert set(bw) == {"read 1t", "read 2t", "triad 1t", "triad 2t"}
