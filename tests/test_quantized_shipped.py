@@ -20,6 +20,7 @@ from dsv3.checkpoint.convert import convert_checkpoint
 from dsv3.checkpoint.safetensors_io import CheckpointReader
 from dsv3.cli import SHIPPED_MODEL
 from dsv3.generation.generate import generate
+from dsv3.kernels import int_kernels
 from dsv3.model.moe import RoutedExperts
 from dsv3.model.weights import Linear
 from dsv3.quant.int_formats import Int4Grouped
@@ -198,3 +199,19 @@ def test_compiled_static_step_on_quantised_weights(models, tokenizer, quantizati
     assert "failed to compile" not in caplog.text
     assert compiled.compiled_steps == 5
     assert torch.equal(compiled.sequences, eager.sequences)
+    # the compiled steps call the int kernels as C++ dispatcher ops, never their Python side: only the eager
+    # prefill (a prompt of <= 16 rows runs the same kernels) goes through it
+    calls = []
+    original = int_kernels.extension
+
+    def spy() -> object:
+        calls.append(1)
+        return original()
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(int_kernels, "extension", spy)
+        generate(model, ids, **{**kw, "max_new_tokens": 1})
+        prefill_calls = len(calls)
+        again = generate(model, ids, compile=True, **kw)
+    assert prefill_calls > 0 and len(calls) == 2 * prefill_calls, (prefill_calls, len(calls))
+    assert again.compiled_steps == 5 and torch.equal(again.sequences, eager.sequences)

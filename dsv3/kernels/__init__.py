@@ -35,13 +35,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3.kernels import int_kernels
-from dsv3.kernels.ops import kernel_op
+from dsv3.kernels.ops import kernel_op, register_fakes
 from dsv3.model.attention import use_attention_kernels
 from dsv3.model.weights import use_kernels
 from dsv3.quant.formats import heads_as_experts
 
 logger = logging.getLogger(__name__)
 
+GEMV_OPS = ("dsv3::bf16_linear", "dsv3::bf16_expert_linear", "dsv3::bf16_expert_linear_t")   # defined in C++
 MAX_ROWS = 16          # activation rows up to which the GEMV kernel beats the stock GEMM
 MAX_EXPERT_ROWS = 128  # (token, expert) pairs up to which the expert kernel is used
 
@@ -56,12 +57,13 @@ def _extension() -> Any | None:
     try:
         from torch.utils.cpp_extension import load
 
-        return load(name="dsv3_cpu_gemv", sources=[str(Path(__file__).with_name("cpu_gemv.cpp"))],
-                    extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
-                    verbose=False)
+        ext = load(name="dsv3_cpu_gemv", sources=[str(Path(__file__).with_name("cpu_gemv.cpp"))],
+                   extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # noqa: BLE001 - no compiler, headers, ...: fall back to PyTorch ops
         logger.warning("could not build the dsv3 CPU kernels (%s); using PyTorch ops", e)
         return None
+    register_fakes(GEMV_OPS)
+    return ext
 
 
 def available() -> bool:
@@ -84,6 +86,7 @@ def _fp8_extension() -> Any | None:
         logger.warning("could not build the dsv3 FP8 CPU kernels (%s); FP8 weights dequantise per tile", e)
         return None
     logger.info("FP8 CPU kernels (AVX-512) built: FP8 weights are read as stored for up to %d rows", MAX_ROWS)
+    register_fakes(("dsv3::fp8_linear", "dsv3::fp8_expert_linear", "dsv3::fp8_expert_linear_t"))
     return ext
 
 
@@ -100,7 +103,7 @@ def fp8_available() -> bool:
     return _FP8_OK
 
 
-@kernel_op("dsv3::bf16_linear", mutates_args=())
+@kernel_op("dsv3::bf16_linear", cpp=True)
 def bf16_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x [M, K] (any float dtype) @ weight[N, K]ᵀ (bf16) -> [M, N] fp32."""
     return _extension().linear(x, weight)
@@ -111,12 +114,12 @@ def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32)
 
 
-@kernel_op("dsv3::bf16_expert_linear", mutates_args=())
+@kernel_op("dsv3::bf16_expert_linear", cpp=True)
 def bf16_expert_linear(x: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor, row0: int = 0,
                        row1: int = -1) -> torch.Tensor:
     """y[p] = x[p] @ weight[ids[p]][row0:row1]ᵀ for ids sorted ascending; x [P, K], weight [E, N, K] bf16
     -> [P, row1-row0] fp32 (row1 -1: N). Experts absent from ids are not read, nor rows outside the range."""
-    return _extension().expert_linear(x, weight, ids, row0, weight.shape[1] if row1 < 0 else row1)
+    return _extension().expert_linear(x, weight, ids, row0, row1)
 
 
 @bf16_expert_linear.register_fake
@@ -124,7 +127,7 @@ def _(x: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor, row0: int = 0, r
     return x.new_empty(x.shape[0], (weight.shape[1] if row1 < 0 else row1) - row0, dtype=torch.float32)
 
 
-@kernel_op("dsv3::bf16_expert_linear_t", mutates_args=())
+@kernel_op("dsv3::bf16_expert_linear_t", cpp=True)
 def bf16_expert_linear_t(x: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor, row0: int,
                          row1: int) -> torch.Tensor:
     """y[p] = x[p] @ weight[ids[p]][row0:row1], ids sorted; x [P, row1-row0], weight [E, N, K] bf16 -> [P, K]
@@ -137,11 +140,11 @@ def _(x: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor, row0: int, row1:
     return x.new_empty(x.shape[0], weight.shape[2], dtype=torch.float32)
 
 
-@kernel_op("dsv3::fp8_linear", mutates_args=())
+@kernel_op("dsv3::fp8_linear", cpp=True)
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, block_rows: int,
                block_cols: int) -> torch.Tensor:
     """x [M, K] @ dequant(weight [N, K] e4m3, scale_inv [ceil(N/bo), ceil(K/bi)])ᵀ -> [M, N] fp32."""
-    return _fp8_extension().linear(x, weight.view(torch.uint8), scale_inv.contiguous(), block_rows, block_cols)
+    return _fp8_extension().fp8_linear(x, weight, scale_inv, block_rows, block_cols)
 
 
 @fp8_linear.register_fake
@@ -150,13 +153,12 @@ def _(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, block_rows
     return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32)
 
 
-@kernel_op("dsv3::fp8_expert_linear", mutates_args=())
+@kernel_op("dsv3::fp8_expert_linear", cpp=True)
 def fp8_expert_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, ids: torch.Tensor,
                       block_rows: int, block_cols: int, parts: int) -> torch.Tensor:
     """y[p] = x[p] @ dequant(weight[ids[p]])ᵀ, ids sorted; x [P, K], weight [E, N, K] e4m3,
     scale_inv [E, parts·ceil(N/parts/bo), ceil(K/bi)] -> [P, N] fp32. Experts absent from ids are not read."""
-    return _fp8_extension().expert_linear(x, weight.view(torch.uint8), scale_inv.contiguous(), ids, block_rows,
-                                          block_cols, parts)
+    return _fp8_extension().fp8_expert_linear(x, weight, scale_inv, ids, block_rows, block_cols, parts)
 
 
 @fp8_expert_linear.register_fake
@@ -165,13 +167,12 @@ def _(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, ids: torch
     return x.new_empty(x.shape[0], weight.shape[1], dtype=torch.float32)
 
 
-@kernel_op("dsv3::fp8_expert_linear_t", mutates_args=())
+@kernel_op("dsv3::fp8_expert_linear_t", cpp=True)
 def fp8_expert_linear_t(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, ids: torch.Tensor, row0: int,
                         row1: int, block_rows: int, block_cols: int) -> torch.Tensor:
     """y[p] = x[p] @ dequant(weight[ids[p]])[row0:row1], ids sorted; x [P, row1-row0], weight [E, N, K] e4m3,
     scale_inv [E, ceil(N/bo), ceil(K/bi)] -> [P, K] fp32 (MLA's q_nope·W_UK with heads as experts)."""
-    return _fp8_extension().expert_linear_t(x, weight.view(torch.uint8), scale_inv.contiguous(), ids, row0, row1,
-                                            block_rows, block_cols)
+    return _fp8_extension().fp8_expert_linear_t(x, weight, scale_inv, ids, row0, row1, block_rows, block_cols)
 
 
 @fp8_expert_linear_t.register_fake
@@ -233,6 +234,7 @@ def _attention_extension() -> Any | None:
     if not ext.fast_path():
         logger.info("the MLA decode kernel needs AVX512-BF16 (not compiled in on this CPU); using matmuls")
         return None
+    register_fakes(("dsv3::mla_decode",))
     return ext
 
 
@@ -241,12 +243,12 @@ def attention_available() -> bool:
     return _attention_extension() is not None
 
 
-@kernel_op("dsv3::mla_decode", mutates_args=())
+@kernel_op("dsv3::mla_decode", cpp=True)
 def mla_decode(query: torch.Tensor, latent: torch.Tensor, r: int, scale: float) -> torch.Tensor:
     """softmax(query·latentᵀ·scale)·latent[..., :r] for one new token: query [B, H, D], latent [B, T, D] (bf16)
     -> [B, H, r] fp32: scores and softmax in fp32, the probabilities rounded to bf16 for the sum over values
     (cpu_attention.cpp: |error| ≤ 2⁻⁸·max|value| beside the fp32 reference)."""
-    return _attention_extension().decode(query, latent, r, scale)[:, : query.shape[1]]   # [B, H, r]
+    return _attention_extension().mla_decode(query, latent, r, scale)   # [B, H, r]
 
 
 @mla_decode.register_fake

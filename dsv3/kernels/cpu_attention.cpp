@@ -268,7 +268,21 @@ torch::Tensor decode(torch::Tensor q, torch::Tensor latent, int64_t r, double sc
   return o;
 }
 
+// dsv3::mla_decode: decode's heads without the padding, [B, H, r] (contiguous: a fresh tensor, as its fake)
+torch::Tensor mla_decode(torch::Tensor query, torch::Tensor latent, int64_t r, double scale) {
+  return decode(query, latent, r, scale).narrow(1, 0, query.size(1)).contiguous();
+}
+
+TORCH_LIBRARY_FRAGMENT(dsv3, m) {
+  m.def("mla_decode(Tensor query, Tensor latent, int r, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(dsv3, CPU, m) {
+  m.impl("mla_decode", &mla_decode);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fast_path", &fast_path, "whether the AVX512-BF16 path was compiled in");
   m.def("decode", &decode, "o[b,h] = softmax_t(scale q[b,h].latent[b,t]) . latent[b,t,:r] (fp32, heads padded to 16)");
+  m.def("mla_decode", &mla_decode, "decode without the padded heads: [B, H, r]");
 }

@@ -357,7 +357,41 @@ void dense(torch::Tensor w, torch::Tensor s, torch::Tensor experts, int64_t r0, 
   });
 }
 
+// The decode products as dispatcher ops (dsv3/kernels/ops.py): the e4m3 weight read as its bytes, the scales
+// made contiguous. Python's eager path calls these same functions.
+torch::Tensor fp8_linear(torch::Tensor x, torch::Tensor weight, torch::Tensor scale_inv, int64_t block_rows,
+                         int64_t block_cols) {
+  return linear(x, weight.view(at::kByte), scale_inv.contiguous(), block_rows, block_cols);
+}
+
+torch::Tensor fp8_expert_linear(torch::Tensor x, torch::Tensor weight, torch::Tensor scale_inv, torch::Tensor ids,
+                                int64_t block_rows, int64_t block_cols, int64_t parts) {
+  return expert_linear(x, weight.view(at::kByte), scale_inv.contiguous(), ids, block_rows, block_cols, parts);
+}
+
+torch::Tensor fp8_expert_linear_t(torch::Tensor x, torch::Tensor weight, torch::Tensor scale_inv, torch::Tensor ids,
+                                  int64_t row0, int64_t row1, int64_t block_rows, int64_t block_cols) {
+  return expert_linear_t(x, weight.view(at::kByte), scale_inv.contiguous(), ids, row0, row1, block_rows, block_cols);
+}
+
+TORCH_LIBRARY_FRAGMENT(dsv3, m) {
+  m.def("fp8_linear(Tensor x, Tensor weight, Tensor scale_inv, int block_rows, int block_cols) -> Tensor");
+  m.def("fp8_expert_linear(Tensor x, Tensor weight, Tensor scale_inv, Tensor ids, int block_rows, int block_cols, "
+        "int parts) -> Tensor");
+  m.def("fp8_expert_linear_t(Tensor x, Tensor weight, Tensor scale_inv, Tensor ids, int row0, int row1, "
+        "int block_rows, int block_cols) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(dsv3, CPU, m) {
+  m.impl("fp8_linear", &fp8_linear);
+  m.impl("fp8_expert_linear", &fp8_expert_linear);
+  m.impl("fp8_expert_linear_t", &fp8_expert_linear_t);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("fp8_linear", &fp8_linear, "linear on the e4m3 weight tensor as stored");
+  m.def("fp8_expert_linear", &fp8_expert_linear, "expert_linear on the e4m3 weight tensor as stored");
+  m.def("fp8_expert_linear_t", &fp8_expert_linear_t, "expert_linear_t on the e4m3 weight tensor as stored");
   m.def("expert_linear_t", &expert_linear_t, "y[p] = x[p] @ W[ids[p]][n0:n1] (block FP8, ids sorted)");
   m.def("dense", &dense, "bf16 rows [r0, r1) of a block-FP8 weight (of the listed experts of a stack)");
   m.def("linear", &linear, "y = x @ W.T for a block-FP8 (e4m3) weight and a few rows of x (fp32 out)");

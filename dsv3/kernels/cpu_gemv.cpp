@@ -178,6 +178,7 @@ static void check_stack(const torch::Tensor& w, const torch::Tensor& ids, int64_
 
 torch::Tensor expert_linear(torch::Tensor x, torch::Tensor w, torch::Tensor ids, int64_t n0, int64_t n1) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 3 && x.size(1) == w.size(2), "x must be [P,K] with K = w.size(2)");
+  if (n1 < 0) n1 = w.size(1);   // the op's default: every row
   check_stack(w, ids, x.size(0), n0, n1);
   auto xf = x.to(at::kFloat).contiguous();
   const int64_t P = xf.size(0), K = xf.size(1), N = w.size(1), NY = n1 - n0;
@@ -257,6 +258,19 @@ torch::Tensor expert_linear_t(torch::Tensor x, torch::Tensor w, torch::Tensor id
     }
   });
   return y;
+}
+
+// The same functions as dispatcher ops (dsv3/kernels/ops.py: a compiled graph calls them without Python).
+TORCH_LIBRARY_FRAGMENT(dsv3, m) {
+  m.def("bf16_linear(Tensor x, Tensor weight) -> Tensor");
+  m.def("bf16_expert_linear(Tensor x, Tensor weight, Tensor ids, int row0=0, int row1=-1) -> Tensor");
+  m.def("bf16_expert_linear_t(Tensor x, Tensor weight, Tensor ids, int row0, int row1) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(dsv3, CPU, m) {
+  m.impl("bf16_linear", &linear);
+  m.impl("bf16_expert_linear", &expert_linear);
+  m.impl("bf16_expert_linear_t", &expert_linear_t);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

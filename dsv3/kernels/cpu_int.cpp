@@ -673,6 +673,21 @@ std::map<std::string, bool> cpu_features() {
           {"avx512bf16", __builtin_cpu_supports("avx512bf16") != 0}};
 }
 
+// The decode products as dispatcher ops (dsv3/kernels/ops.py: a compiled graph calls them without Python).
+TORCH_LIBRARY_FRAGMENT(dsv3, m) {
+  m.def("int8_linear(Tensor x, Tensor q, Tensor scale, int isa) -> Tensor");
+  m.def("int8_expert_linear(Tensor x, Tensor q, Tensor scale, Tensor ids, int isa) -> Tensor");
+  m.def("int4_linear(Tensor x, Tensor packed, Tensor scale_zero, int group_size, int isa) -> Tensor");
+  m.def("int4_expert_linear(Tensor x, Tensor packed, Tensor scale_zero, int group_size, Tensor ids, int isa) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(dsv3, CPU, m) {
+  m.impl("int8_linear", &int8_linear);
+  m.impl("int8_expert_linear", &int8_expert_linear);
+  m.impl("int4_linear", &int4_linear);
+  m.impl("int4_expert_linear", &int4_expert_linear);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_linear", &int8_linear, "y = x @ (q * s[:, None]).T, fp32 out (isa 1 AVX2, 2 AVX-512)");
   m.def("int8_expert_linear", &int8_expert_linear, "y[p] = x[p] @ W[ids[p]].T for int8 W, ids sorted");

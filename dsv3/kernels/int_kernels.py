@@ -52,11 +52,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from dsv3.kernels.ops import kernel_op
+from dsv3.kernels.ops import kernel_op, register_fakes
 from dsv3.quant import intq
 
 logger = logging.getLogger(__name__)
 
+INT_OPS = ("dsv3::int8_linear", "dsv3::int8_expert_linear", "dsv3::int4_linear", "dsv3::int4_expert_linear")  # in C++
 ISAS = {"avx2": 1, "avx512_vnni": 2}      # name -> the extension's isa code
 _AVX512 = ("avx512f", "avx512bw", "avx512vl", "avx512vnni")
 
@@ -71,11 +72,13 @@ def extension() -> Any | None:
     try:
         from torch.utils.cpp_extension import load
 
-        return load(name="dsv3_cpu_int", sources=[str(Path(__file__).with_name("cpu_int.cpp"))],
-                    extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+        ext = load(name="dsv3_cpu_int", sources=[str(Path(__file__).with_name("cpu_int.cpp"))],
+                   extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
     except (RuntimeError, OSError, ImportError) as e:   # no compiler, headers, ninja ...
         logger.warning("could not build the dsv3 int8/int4 CPU kernels (%s); using PyTorch ops", e)
         return None
+    register_fakes(INT_OPS)
+    return ext
 
 
 def cpu_features() -> dict[str, bool]:
@@ -101,7 +104,7 @@ def supported_isas() -> tuple[str, ...]:
 
 
 # -- the ops (torch custom ops: a compiled decode step calls them without graph breaks) ----------------------
-@kernel_op("dsv3::int8_linear", mutates_args=())
+@kernel_op("dsv3::int8_linear", cpp=True)
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, isa: int) -> torch.Tensor:
     """x [M, K] @ (q [N, K] int8 · scale [N])ᵀ -> [M, N] fp32."""
     return extension().int8_linear(x, q, scale, isa)
@@ -112,7 +115,7 @@ def _(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, isa: int) -> torch.
     return x.new_empty(x.shape[0], q.shape[0], dtype=torch.float32)
 
 
-@kernel_op("dsv3::int8_expert_linear", mutates_args=())
+@kernel_op("dsv3::int8_expert_linear", cpp=True)
 def int8_expert_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, ids: torch.Tensor,
                        isa: int) -> torch.Tensor:
     """y[p] = x[p] @ W[ids[p]]ᵀ, ids sorted; x [P, K], q [E, N, K] int8, scale [E, N] -> [P, N] fp32."""
@@ -124,7 +127,7 @@ def _(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, ids: torch.Tensor, 
     return x.new_empty(x.shape[0], q.shape[1], dtype=torch.float32)
 
 
-@kernel_op("dsv3::int4_linear", mutates_args=())
+@kernel_op("dsv3::int4_linear", cpp=True)
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor, group_size: int,
                 isa: int) -> torch.Tensor:
     """x̂ [M, K] @ Ŵᵀ, packed [N, K/2] uint8 ("rows"), scale_zero [K/G, N, 2] bf16 -> [M, N] fp32."""
@@ -136,7 +139,7 @@ def _(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor, group_siz
     return x.new_empty(x.shape[0], packed.shape[0], dtype=torch.float32)
 
 
-@kernel_op("dsv3::int4_expert_linear", mutates_args=())
+@kernel_op("dsv3::int4_expert_linear", cpp=True)
 def int4_expert_linear(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor, group_size: int,
                        ids: torch.Tensor, isa: int) -> torch.Tensor:
     """y[p] = x̂[p] @ Ŵ[ids[p]]ᵀ, ids sorted; packed [E, N, K/2], scale_zero [E, K/G, N, 2] -> [P, N] fp32."""
