@@ -42,7 +42,6 @@ from dsv3.quant.formats import heads_as_experts
 
 logger = logging.getLogger(__name__)
 
-GEMV_OPS = ("dsv3::bf16_linear", "dsv3::bf16_expert_linear", "dsv3::bf16_expert_linear_t")   # defined in C++
 MAX_ROWS = 16          # activation rows up to which the GEMV kernel beats the stock GEMM
 MAX_EXPERT_ROWS = 128  # (token, expert) pairs up to which the expert kernel is used
 
@@ -62,7 +61,7 @@ def _extension() -> Any | None:
     except Exception as e:  # noqa: BLE001 - no compiler, headers, ...: fall back to PyTorch ops
         logger.warning("could not build the dsv3 CPU kernels (%s); using PyTorch ops", e)
         return None
-    register_fakes(GEMV_OPS)
+    register_fakes()
     return ext
 
 
@@ -86,7 +85,7 @@ def _fp8_extension() -> Any | None:
         logger.warning("could not build the dsv3 FP8 CPU kernels (%s); FP8 weights dequantise per tile", e)
         return None
     logger.info("FP8 CPU kernels (AVX-512) built: FP8 weights are read as stored for up to %d rows", MAX_ROWS)
-    register_fakes(("dsv3::fp8_linear", "dsv3::fp8_expert_linear", "dsv3::fp8_expert_linear_t"))
+    register_fakes()
     return ext
 
 
@@ -234,7 +233,7 @@ def _attention_extension() -> Any | None:
     if not ext.fast_path():
         logger.info("the MLA decode kernel needs AVX512-BF16 (not compiled in on this CPU); using matmuls")
         return None
-    register_fakes(("dsv3::mla_decode",))
+    register_fakes()
     return ext
 
 

@@ -57,7 +57,6 @@ from dsv3.quant import intq
 
 logger = logging.getLogger(__name__)
 
-INT_OPS = ("dsv3::int8_linear", "dsv3::int8_expert_linear", "dsv3::int4_linear", "dsv3::int4_expert_linear")  # in C++
 ISAS = {"avx2": 1, "avx512_vnni": 2}      # name -> the extension's isa code
 _AVX512 = ("avx512f", "avx512bw", "avx512vl", "avx512vnni")
 
@@ -77,7 +76,7 @@ def extension() -> Any | None:
     except (RuntimeError, OSError, ImportError) as e:   # no compiler, headers, ninja ...
         logger.warning("could not build the dsv3 int8/int4 CPU kernels (%s); using PyTorch ops", e)
         return None
-    register_fakes(INT_OPS)
+    register_fakes()
     return ext
 
 

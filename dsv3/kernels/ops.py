@@ -4,9 +4,9 @@ A compiled step needs the kernels as custom ops (dynamo traces them with their f
 but an eager call through the custom-op dispatcher costs ~16 µs under `torch.no_grad()` against ~3.5 µs for
 the direct call (measured on the bench machine, torch 2.13) — a decode step makes ~50 such calls. `kernel_op`
 registers the op and returns a function that calls the op while dynamo traces and the implementation
-otherwise; both run the same code, so the results are the same. The decode products (bf16, int8, int4) are
-defined by their extensions in C++ (cpp=True), so that a compiled graph's C++ wrapper calls them without
-going through Python.
+otherwise; both run the same code, so the results are the same. The decode products (bf16, int8, int4, FP8)
+and the MLA decode kernel are defined by their extensions in C++ (cpp=True), so that a compiled graph's C++
+wrapper calls them without going through Python.
 """
 
 from __future__ import annotations
@@ -57,10 +57,10 @@ def kernel_op(name: str, mutates_args: Iterable[str] = (),
     return wrap
 
 
-def register_fakes(names: Iterable[str]) -> None:
-    """Register the fake implementations of the C++ ops `names` (called once the extension that defines them
-    is loaded: the op must exist first)."""
-    for name in names:
-        fake = _FAKES.pop(name, None)
-        if fake is not None:
-            torch.library.register_fake(name, fake)
+def register_fakes() -> None:
+    """Register the fake implementations of the C++ ops that exist by now (called by each extension's loader
+    once the extension is loaded: an op must be defined before its fake is registered)."""
+    for name in list(_FAKES):
+        namespace, short = name.split("::")
+        if hasattr(getattr(torch.ops, namespace), short):
+            torch.library.register_fake(name, _FAKES.pop(name))
