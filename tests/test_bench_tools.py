@@ -152,3 +152,26 @@ def test_probes_report_best_and_median_for_one_and_more_threads() -> None:
     peaks = probes.gemm_peaks(DeepseekV3Config.tiny(**SMALL), repeats=2, tokens=64, min_seconds=0.001)
     assert probes.PEAK_KEY in peaks and len(peaks) == 5
     assert all(p["best_gflops"] >= p["median_gflops"] > 0 for p in peaks.values())
+
+
+@pytest.mark.slow   # compiles a decode step
+def test_step_overhead_calls_the_cached_graph_only_after_its_guards_pass(bf16_dir: Path, capsys, monkeypatch) -> None:
+    import step_overhead
+
+    result = step_overhead.main([str(bf16_dir), "--quantization", "int8", "--steps", "3", "--context", "8"])
+    assert result["steps"] == 3 and result["quantization"] == "int8" and result["context"] == 8
+    assert result["guard_cold_us"] > 0 and result["dynamo_ms"] > 0 and result["direct_ms"] > 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
+
+    real = step_overhead.cached_entry
+
+    class Rejecting:   # the real cache entry, with guards that say no
+        def __init__(self, entry) -> None:  # noqa: ANN001
+            self.code, self.guard_manager = entry.code, self
+
+        def check(self, frame: dict) -> bool:
+            return False
+
+    monkeypatch.setattr(step_overhead, "cached_entry", lambda step: Rejecting(real(step)))
+    with pytest.raises(RuntimeError, match="guards fail at position 12"):
+        step_overhead.main([str(bf16_dir), "--quantization", "int8", "--steps", "3", "--context", "8"])

@@ -1,0 +1,148 @@
+"""Where a compiled decode step spends the time that does not stream weights: dynamo's guard check.
+
+A compiled `DecodeStep` call runs dynamo's guards (is the cached graph valid for these inputs?) before the graph.
+This script times, in one process and interleaved step by step:
+
+- `dynamo`: the compiled step as `generate` calls it;
+- `direct`: the same cached graph called without dynamo (the transformed code of the cache entry the step hit),
+  after checking that entry's guards ourselves on the same inputs — so every `direct` step is one that dynamo would
+  also have run; if the check fails the script stops with that fact;
+- the guard check alone, right after a step (cache-cold, as in decoding: the step streamed the weights and evicted
+  the guard's objects) and repeated at once (cache-warm).
+
+The `direct` call reads dynamo internals (`_debug_get_cache_entry_list`, a cache entry's `code` and
+`guard_manager`): a measurement tool for torch 2.13, not a code path of dsv3 — skipping guards in a product would
+let a cache-length-dependent branch (capacity and context-length checks) run the wrong graph.
+
+    python benchmarks/step_overhead.py CHECKPOINT [--quantization int8|int4] [--context 128] [--steps 100]
+
+The human summary goes to stdout, the last stdout line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import types
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_generate import fill_dsv3_cache  # noqa: E402
+
+import dsv3.generation.generate as generate_module  # noqa: E402
+from dsv3 import DeepseekV3ForCausalLM  # noqa: E402
+from dsv3.generation.generate import DecodeStep  # noqa: E402
+
+WARMUP = 3
+
+
+class GuardTimingUnavailable(RuntimeError):
+    """This torch lacks the dynamo internals the `direct` measurement reads."""
+
+
+def cached_entry(step: DecodeStep) -> Any:
+    """The cache entry dynamo ran last for DecodeStep._eager (most recently used first)."""
+    try:
+        from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    except ImportError as e:
+        raise GuardTimingUnavailable(f"torch {torch.__version__}: {e}") from e
+    entries = _debug_get_cache_entry_list(DecodeStep._eager.__code__)
+    if not entries:
+        raise RuntimeError("the compiled decode step has no cache entry: it did not compile (see the log)")
+    entry = entries[0]
+    if not hasattr(entry, "guard_manager") or not hasattr(entry, "code"):
+        raise GuardTimingUnavailable(f"torch {torch.__version__}: cache entries lack guard_manager/code")
+    return entry
+
+
+@torch.no_grad()   # as generate runs (grad mode is one of the guards)
+def measure(model: DeepseekV3ForCausalLM, context: int, steps: int) -> dict[str, Any]:
+    step = DecodeStep(model, compile=True)
+    if not step.compiled:
+        raise RuntimeError("DecodeStep(compile=True) did not compile on this machine")
+    cache = fill_dsv3_cache(model, 1, context, WARMUP + 2 * steps + 2)
+    ids = torch.randint(2, model.config.vocab_size, (1, 1))
+    pos = context
+    for _ in range(WARMUP):
+        step(ids, torch.full((1, 1), pos), cache, None)
+        pos += 1
+    if step.compiled_calls != WARMUP:
+        raise RuntimeError("the compiled decode step fell back to eager (see the log)")
+    entry = cached_entry(step)
+    direct = types.FunctionType(entry.code, vars(generate_module))
+    guards = entry.guard_manager
+    t_dynamo, t_direct, g_cold, g_warm = [], [], [], []
+    for _ in range(steps):
+        t = time.perf_counter()
+        step._fn(ids, torch.full((1, 1), pos), cache, None)
+        t_dynamo.append(time.perf_counter() - t)
+        pos += 1
+        positions = torch.full((1, 1), pos)
+        frame = {"self": step, "ids": ids, "positions": positions, "cache": cache, "attention_mask": None}
+        t = time.perf_counter()
+        ok = guards.check(frame)
+        t1 = time.perf_counter()
+        guards.check(frame)
+        t2 = time.perf_counter()
+        if not ok:
+            raise RuntimeError(f"the cached graph's guards fail at position {pos}: dynamo would recompile; "
+                               "the direct measurement stops here")
+        direct(step, ids, positions, cache, None)
+        t_direct.append(time.perf_counter() - t2 + (t1 - t))   # the direct step pays one (cold) check
+        g_cold.append(t1 - t)
+        g_warm.append(t2 - t1)
+        pos += 1
+    med = statistics.median
+    return {"context": context, "steps": steps,
+            "dynamo_ms": med(t_dynamo) * 1e3, "direct_ms": med(t_direct) * 1e3,
+            "saving_ms": med([a - b for a, b in zip(t_dynamo, t_direct, strict=True)]) * 1e3,
+            "guard_cold_us": med(g_cold) * 1e6, "guard_warm_us": med(g_warm) * 1e6,
+            "tensor_inputs": sum(1 for _ in model.parameters()) + sum(1 for _ in model.buffers())}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("--quantization", choices=["int8", "int4"], default=None)
+    parser.add_argument("--head-quantization", choices=["int8", "int4"], default=None)
+    parser.add_argument("--fp8", choices=["dequantize", "keep"], default="dequantize")
+    parser.add_argument("--context", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=100)
+    args = parser.parse_args(argv)
+    if args.context < 1 or args.steps < 1:
+        parser.error(f"--context and --steps must be >= 1 (got {args.context}, {args.steps})")
+    if not args.checkpoint.is_dir():
+        parser.error(f"checkpoint {args.checkpoint} is not a directory; pass a dsv3/HF checkpoint folder")
+    kwargs: dict[str, Any] = {"torch_dtype": torch.bfloat16, "fp8": args.fp8}
+    if args.quantization:
+        kwargs["quantization"] = args.quantization
+    if args.head_quantization:
+        kwargs["head_quantization"] = args.head_quantization
+    model = DeepseekV3ForCausalLM.from_pretrained(args.checkpoint, **kwargs)
+    try:
+        result = measure(model, args.context, args.steps)
+    except GuardTimingUnavailable as e:
+        print(f"guard timing unavailable: {e}")
+        result = {"unavailable": str(e)}
+    else:
+        print(f"context {result['context']}, {result['steps']} steps each: compiled step through dynamo "
+              f"{result['dynamo_ms']:.2f} ms, the same graph called directly after our own guard check "
+              f"{result['direct_ms']:.2f} ms (saving {result['saving_ms']:.3f} ms); guard check "
+              f"{result['guard_cold_us']:.0f} µs cache-cold, {result['guard_warm_us']:.0f} µs warm "
+              f"({result['tensor_inputs']} parameters and buffers)")
+    result.update(quantization=args.quantization, head_quantization=args.head_quantization, fp8=args.fp8,
+                  torch=torch.__version__, threads=torch.get_num_threads())
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
