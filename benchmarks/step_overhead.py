@@ -15,6 +15,8 @@ The `direct` call reads dynamo internals (`_debug_get_cache_entry_list`, a cache
 let a cache-length-dependent branch (capacity and context-length checks) run the wrong graph.
 
     python benchmarks/step_overhead.py CHECKPOINT [--quantization int8|int4] [--context 128] [--steps 100]
+    python benchmarks/step_overhead.py CHECKPOINT --evict-mb 1024   # many layers, small widths: 1 GiB read
+                                                                    # between steps, as a big model's weights are
 
 The human summary goes to stdout, the last stdout line is one JSON object.
 """
@@ -64,7 +66,7 @@ def cached_entry(step: DecodeStep) -> Any:
 
 
 @torch.no_grad()   # as generate runs (grad mode is one of the guards)
-def measure(model: DeepseekV3ForCausalLM, context: int, steps: int) -> dict[str, Any]:
+def measure(model: DeepseekV3ForCausalLM, context: int, steps: int, evict_mb: int = 0) -> dict[str, Any]:
     step = DecodeStep(model, compile=True)
     if not step.compiled:
         raise RuntimeError("DecodeStep(compile=True) did not compile on this machine")
@@ -80,11 +82,17 @@ def measure(model: DeepseekV3ForCausalLM, context: int, steps: int) -> dict[str,
     direct = types.FunctionType(entry.code, vars(generate_module))
     guards = entry.guard_manager
     t_dynamo, t_direct, g_cold, g_warm = [], [], [], []
+    # read between steps (untimed), so that a small model's guard check starts as cold as a big model's does
+    evict = torch.ones(evict_mb * 2**18) if evict_mb > 0 else None
     for _ in range(steps):
+        if evict is not None:
+            evict.sum()
         t = time.perf_counter()
         step._fn(ids, torch.full((1, 1), pos), cache, None)
         t_dynamo.append(time.perf_counter() - t)
         pos += 1
+        if evict is not None:
+            evict.sum()
         positions = torch.full((1, 1), pos)
         frame = {"self": step, "ids": ids, "positions": positions, "cache": cache, "attention_mask": None}
         t = time.perf_counter()
@@ -105,7 +113,8 @@ def measure(model: DeepseekV3ForCausalLM, context: int, steps: int) -> dict[str,
             "dynamo_ms": med(t_dynamo) * 1e3, "direct_ms": med(t_direct) * 1e3,
             "saving_ms": med([a - b for a, b in zip(t_dynamo, t_direct, strict=True)]) * 1e3,
             "guard_cold_us": med(g_cold) * 1e6, "guard_warm_us": med(g_warm) * 1e6,
-            "tensor_inputs": sum(1 for _ in model.parameters()) + sum(1 for _ in model.buffers())}
+            "tensor_inputs": sum(1 for _ in model.parameters()) + sum(1 for _ in model.buffers()),
+            "layers": model.config.num_hidden_layers, "evict_mb": evict_mb}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -116,9 +125,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--fp8", choices=["dequantize", "keep"], default="dequantize")
     parser.add_argument("--context", type=int, default=128)
     parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--evict-mb", type=int, default=0,
+                        help="MiB read between steps (untimed): a small model's guards then start cache-cold")
     args = parser.parse_args(argv)
-    if args.context < 1 or args.steps < 1:
-        parser.error(f"--context and --steps must be >= 1 (got {args.context}, {args.steps})")
+    if args.context < 1 or args.steps < 1 or args.evict_mb < 0:
+        parser.error(f"--context and --steps must be >= 1 and --evict-mb >= 0 (got {args.context}, {args.steps}, "
+                     f"{args.evict_mb})")
     if not args.checkpoint.is_dir():
         parser.error(f"checkpoint {args.checkpoint} is not a directory; pass a dsv3/HF checkpoint folder")
     kwargs: dict[str, Any] = {"torch_dtype": torch.bfloat16, "fp8": args.fp8}
@@ -128,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         kwargs["head_quantization"] = args.head_quantization
     model = DeepseekV3ForCausalLM.from_pretrained(args.checkpoint, **kwargs)
     try:
-        result = measure(model, args.context, args.steps)
+        result = measure(model, args.context, args.steps, args.evict_mb)
     except GuardTimingUnavailable as e:
         print(f"guard timing unavailable: {e}")
         result = {"unavailable": str(e)}
@@ -137,7 +149,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"{result['dynamo_ms']:.2f} ms, the same graph called directly after our own guard check "
               f"{result['direct_ms']:.2f} ms (saving {result['saving_ms']:.3f} ms); guard check "
               f"{result['guard_cold_us']:.0f} µs cache-cold, {result['guard_warm_us']:.0f} µs warm "
-              f"({result['tensor_inputs']} parameters and buffers)")
+              f"({result['layers']} layers, {result['tensor_inputs']} parameters and buffers"
+              f"{f', {args.evict_mb} MiB read between steps' if args.evict_mb else ''})")
     result.update(quantization=args.quantization, head_quantization=args.head_quantization, fp8=args.fp8,
                   torch=torch.__version__, threads=torch.get_num_threads())
     print(json.dumps(result))

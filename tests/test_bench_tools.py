@@ -158,8 +158,10 @@ def test_probes_report_best_and_median_for_one_and_more_threads() -> None:
 def test_step_overhead_calls_the_cached_graph_only_after_its_guards_pass(bf16_dir: Path, capsys, monkeypatch) -> None:
     import step_overhead
 
-    result = step_overhead.main([str(bf16_dir), "--quantization", "int8", "--steps", "3", "--context", "8"])
+    result = step_overhead.main([str(bf16_dir), "--quantization", "int8", "--steps", "3", "--context", "8",
+                                 "--evict-mb", "8"])
     assert result["steps"] == 3 and result["quantization"] == "int8" and result["context"] == 8
+    assert result["layers"] == 3 and result["evict_mb"] == 8
     assert result["guard_cold_us"] > 0 and result["dynamo_ms"] > 0 and result["direct_ms"] > 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
 
