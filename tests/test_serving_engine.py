@@ -266,24 +266,21 @@ def test_padded_prefill_never_runs_past_the_context(model_and_tokenizer):
     assert tokens(other) == tokens(alone)
 
 
-def _wait_final(updates: list, n: int = 1, timeout: float = 60.0) -> list:
-    """The updates of a request once n sequences have sent their final update (the engine runs in its thread)."""
-    import time
-
-    deadline = time.monotonic() + timeout
-    while sum(u.finish_reason is not None for u in list(updates)) < n:
-        assert time.monotonic() < deadline, f"request never finished: {updates}"
-        time.sleep(0.01)
-    return updates
-
-
-def _wait_until(condition, message: str, timeout: float = 30.0) -> None:
+def _wait_until(condition, message, timeout: float = 30.0) -> None:
+    """Poll `condition` (the engine runs in its thread) until it holds; fail with `message()` after `timeout` s."""
     import time
 
     deadline = time.monotonic() + timeout
     while not condition():
-        assert time.monotonic() < deadline, message
+        assert time.monotonic() < deadline, message()
         time.sleep(0.01)
+
+
+def _wait_final(updates: list, n: int = 1, timeout: float = 60.0) -> list:
+    """The updates of a request once n sequences have sent their final update."""
+    _wait_until(lambda: sum(u.finish_reason is not None for u in list(updates)) >= n,
+                lambda: f"request never finished: {updates}", timeout)
+    return updates
 
 
 @pytest.mark.parametrize("where", ["forward", "admit", "abort"])
@@ -330,6 +327,6 @@ def test_a_failing_step_fails_its_requests_and_the_engine_lives_on(model_and_tok
         assert second[-1].error is None and second[-1].finish_reason == "length"
         assert len(tokens(second)) == 3
         # the client hears its final token inside the step; that step frees the blocks when it ends
-        _wait_until(lambda: engine.blocks.in_use == 0, f"blocks still in use: {engine.blocks.in_use}")
+        _wait_until(lambda: engine.blocks.in_use == 0, lambda: f"blocks still in use: {engine.blocks.in_use}")
     finally:
         engine.stop(drain=False, timeout=30)
