@@ -1,18 +1,21 @@
 """Where a compiled decode step spends the time that does not stream weights: dynamo's guard check.
 
 A compiled `DecodeStep` call runs dynamo's guards (is the cached graph valid for these inputs?) before the graph.
-This script times, in one process and interleaved step by step:
+By default the step checks dynamo's guards on the model once per `generate` call and leaves dynamo only the guards
+on its inputs and cache (`model_guards="per_call"`, dsv3/generation/step_guards.py). This script times, in one
+process, on the same weights, interleaved step by step (each step on its own cache):
 
-- `dynamo`: the compiled step as `generate` calls it;
-- `direct`: the same cached graph called without dynamo (the transformed code of the cache entry the step hit),
-  after checking that entry's guards ourselves on the same inputs — so every `direct` step is one that dynamo would
-  also have run; if the check fails the script stops with that fact;
-- the guard check alone, right after a step (cache-cold, as in decoding: the step streamed the weights and evicted
-  the guard's objects) and repeated at once (cache-warm).
+- `full`: the compiled step with every guard left to dynamo (`model_guards="per_step"`, what torch.compile does);
+- `dynamo`: the compiled step as `generate` calls it (`per_call`);
+- `direct`: the `per_call` step's cached graph called without dynamo (the transformed code of the cache entry it
+  hit), after checking that entry's guards ourselves on the same inputs — so every `direct` step is one that dynamo
+  would also have run; if the check fails the script stops with that fact;
+- each step's guard check alone, right after a step (cache-cold, as in decoding: the step streamed the weights and
+  evicted the guard's objects) and repeated at once (cache-warm).
 
-The `direct` call reads dynamo internals (`_debug_get_cache_entry_list`, a cache entry's `code` and
-`guard_manager`): a measurement tool for torch 2.13, not a code path of dsv3 — skipping guards in a product would
-let a cache-length-dependent branch (capacity and context-length checks) run the wrong graph.
+The `direct` call and the guard timings read dynamo internals (`_debug_get_cache_entry_list`, a cache entry's
+`code` and `guard_manager`): a measurement tool for torch 2.13, not a code path of dsv3 — dropping the remaining
+guards would let a cache-length-dependent branch (capacity and context-length checks) run the wrong graph.
 
     python benchmarks/step_overhead.py CHECKPOINT [--quantization int8|int4] [--context 128] [--steps 100]
     python benchmarks/step_overhead.py CHECKPOINT --evict-mb 1024   # many layers, small widths: 1 GiB read
@@ -51,12 +54,13 @@ class GuardTimingUnavailable(RuntimeError):
 
 
 def cached_entry(step: DecodeStep) -> Any:
-    """The cache entry dynamo ran last for DecodeStep._eager (most recently used first)."""
+    """The cache entry dynamo ran last for the step's code (per_call: the model's own copy; per_step: _eager's)."""
     try:
         from torch._dynamo.eval_frame import _debug_get_cache_entry_list
     except ImportError as e:
         raise GuardTimingUnavailable(f"torch {torch.__version__}: {e}") from e
-    entries = _debug_get_cache_entry_list(DecodeStep._eager.__code__)
+    code = step.step_code.function.__code__ if step.step_code is not None else DecodeStep._eager.__code__
+    entries = _debug_get_cache_entry_list(code)
     if not entries:
         raise RuntimeError("the compiled decode step has no cache entry: it did not compile (see the log)")
     entry = entries[0]
@@ -65,26 +69,61 @@ def cached_entry(step: DecodeStep) -> Any:
     return entry
 
 
-@torch.no_grad()   # as generate runs (grad mode is one of the guards)
-def measure(model: DeepseekV3ForCausalLM, context: int, steps: int, evict_mb: int = 0) -> dict[str, Any]:
-    step = DecodeStep(model, compile=True)
+def compiled_step(model: DeepseekV3ForCausalLM, model_guards: str) -> DecodeStep:
+    step = DecodeStep(model, compile=True, model_guards=model_guards)
     if not step.compiled:
         raise RuntimeError("DecodeStep(compile=True) did not compile on this machine")
+    if (step.step_code is not None) != (model_guards == "per_call"):
+        raise GuardTimingUnavailable(f"torch {torch.__version__}: the step cannot check the model's guards per call")
+    return step
+
+
+def cold_and_warm_check(guards: Any, frame: dict[str, Any]) -> tuple[float, float, bool]:
+    t = time.perf_counter()
+    ok = guards.check(frame)
+    t1 = time.perf_counter()
+    guards.check(frame)
+    return t1 - t, time.perf_counter() - t1, ok
+
+
+@torch.no_grad()   # as generate runs (grad mode is one of the guards)
+def measure(model: DeepseekV3ForCausalLM, context: int, steps: int, evict_mb: int = 0) -> dict[str, Any]:
+    step, full = compiled_step(model, "per_call"), compiled_step(model, "per_step")
     cache = fill_dsv3_cache(model, 1, context, WARMUP + 2 * steps + 2)
+    cache_full = fill_dsv3_cache(model, 1, context, WARMUP + steps + 1)
     ids = torch.randint(2, model.config.vocab_size, (1, 1))
-    pos = context
+    pos = pos_full = context
     for _ in range(WARMUP):
         step(ids, torch.full((1, 1), pos), cache, None)
-        pos += 1
-    if step.compiled_calls != WARMUP:
+        full(ids, torch.full((1, 1), pos_full), cache_full, None)
+        pos, pos_full = pos + 1, pos_full + 1
+    if step.compiled_calls != WARMUP or full.compiled_calls != WARMUP:
         raise RuntimeError("the compiled decode step fell back to eager (see the log)")
-    entry = cached_entry(step)
+    entry, entry_full = cached_entry(step), cached_entry(full)
     direct = types.FunctionType(entry.code, vars(generate_module))
-    guards = entry.guard_manager
-    t_dynamo, t_direct, g_cold, g_warm = [], [], [], []
+    t_full, t_dynamo, t_direct, g_cold, g_warm, f_cold, f_warm = [], [], [], [], [], [], []
     # read between steps (untimed), so that a small model's guard check starts as cold as a big model's does
     evict = torch.ones(evict_mb * 2**18) if evict_mb > 0 else None
-    for _ in range(steps):
+
+    def run_full() -> None:
+        nonlocal pos_full
+        if evict is not None:
+            evict.sum()
+        t = time.perf_counter()
+        full._fn(ids, torch.full((1, 1), pos_full), cache_full, None)
+        t_full.append(time.perf_counter() - t)
+        pos_full += 1
+        if evict is not None:
+            evict.sum()
+        frame = {"self": full, "ids": ids, "positions": torch.full((1, 1), pos_full), "cache": cache_full,
+                 "attention_mask": None}
+        cold, warm, _ = cold_and_warm_check(entry_full.guard_manager, frame)
+        f_cold.append(cold)
+        f_warm.append(warm)
+
+    for i in range(steps):
+        if i % 2 == 0:    # the full-guard step goes first in even rounds, last in odd ones
+            run_full()
         if evict is not None:
             evict.sum()
         t = time.perf_counter()
@@ -95,24 +134,26 @@ def measure(model: DeepseekV3ForCausalLM, context: int, steps: int, evict_mb: in
             evict.sum()
         positions = torch.full((1, 1), pos)
         frame = {"self": step, "ids": ids, "positions": positions, "cache": cache, "attention_mask": None}
-        t = time.perf_counter()
-        ok = guards.check(frame)
-        t1 = time.perf_counter()
-        guards.check(frame)
-        t2 = time.perf_counter()
+        cold, warm, ok = cold_and_warm_check(entry.guard_manager, frame)
         if not ok:
             raise RuntimeError(f"the cached graph's guards fail at position {pos}: dynamo would recompile; "
                                "the direct measurement stops here")
+        t = time.perf_counter()
         direct(step, ids, positions, cache, None)
-        t_direct.append(time.perf_counter() - t2 + (t1 - t))   # the direct step pays one (cold) check
-        g_cold.append(t1 - t)
-        g_warm.append(t2 - t1)
+        t_direct.append(time.perf_counter() - t + cold)   # the direct step pays one (cold) check
+        g_cold.append(cold)
+        g_warm.append(warm)
         pos += 1
+        if i % 2 == 1:
+            run_full()
     med = statistics.median
     return {"context": context, "steps": steps,
-            "dynamo_ms": med(t_dynamo) * 1e3, "direct_ms": med(t_direct) * 1e3,
+            "full_guards_ms": med(t_full) * 1e3, "dynamo_ms": med(t_dynamo) * 1e3, "direct_ms": med(t_direct) * 1e3,
+            "per_call_saving_ms": med([a - b for a, b in zip(t_full, t_dynamo, strict=True)]) * 1e3,
             "saving_ms": med([a - b for a, b in zip(t_dynamo, t_direct, strict=True)]) * 1e3,
             "guard_cold_us": med(g_cold) * 1e6, "guard_warm_us": med(g_warm) * 1e6,
+            "full_guard_cold_us": med(f_cold) * 1e6, "full_guard_warm_us": med(f_warm) * 1e6,
+            "guards_per_step": step.step_code.guards.kept, "guards_per_call": len(step.step_code.guards.deferred),
             "tensor_inputs": sum(1 for _ in model.parameters()) + sum(1 for _ in model.buffers()),
             "layers": model.config.num_hidden_layers, "evict_mb": evict_mb}
 
@@ -145,12 +186,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"guard timing unavailable: {e}")
         result = {"unavailable": str(e)}
     else:
-        print(f"context {result['context']}, {result['steps']} steps each: compiled step through dynamo "
-              f"{result['dynamo_ms']:.2f} ms, the same graph called directly after our own guard check "
-              f"{result['direct_ms']:.2f} ms (saving {result['saving_ms']:.3f} ms); guard check "
-              f"{result['guard_cold_us']:.0f} µs cache-cold, {result['guard_warm_us']:.0f} µs warm "
-              f"({result['layers']} layers, {result['tensor_inputs']} parameters and buffers"
-              f"{f', {args.evict_mb} MiB read between steps' if args.evict_mb else ''})")
+        print(f"context {result['context']}, {result['steps']} steps each: compiled step with every guard checked "
+              f"by dynamo {result['full_guards_ms']:.2f} ms, with the model's guards checked per call (generate's "
+              f"default) {result['dynamo_ms']:.2f} ms (saving {result['per_call_saving_ms']:.3f} ms; "
+              f"{result['guards_per_step']} of {result['guards_per_step'] + result['guards_per_call']} guards left "
+              f"per step), the same graph called directly after our own guard check {result['direct_ms']:.2f} ms "
+              f"(saving {result['saving_ms']:.3f} ms more); guard check {result['full_guard_cold_us']:.0f} -> "
+              f"{result['guard_cold_us']:.0f} µs cache-cold, {result['full_guard_warm_us']:.0f} -> "
+              f"{result['guard_warm_us']:.0f} µs warm ({result['layers']} layers, {result['tensor_inputs']} "
+              f"parameters and buffers{f', {args.evict_mb} MiB read between steps' if args.evict_mb else ''})")
     result.update(quantization=args.quantization, head_quantization=args.head_quantization, fp8=args.fp8,
                   torch=torch.__version__, threads=torch.get_num_threads())
     print(json.dumps(result))

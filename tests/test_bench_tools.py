@@ -163,6 +163,8 @@ def test_step_overhead_calls_the_cached_graph_only_after_its_guards_pass(bf16_di
     assert result["steps"] == 3 and result["quantization"] == "int8" and result["context"] == 8
     assert result["layers"] == 3 and result["evict_mb"] == 8
     assert result["guard_cold_us"] > 0 and result["dynamo_ms"] > 0 and result["direct_ms"] > 0
+    assert result["full_guard_cold_us"] > 0 and result["full_guards_ms"] > 0
+    assert result["guards_per_call"] > 10 * result["guards_per_step"] > 0   # the model's guards: once per call
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
 
     real = step_overhead.cached_entry

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import types
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ from typing import Any
 import torch
 
 from dsv3.cache import DynamicLatentCache, LatentCache, StaticLatentCache
+from dsv3.generation import step_guards
 from dsv3.generation.sampling import (
     MIN_SAMPLING_TEMPERATURE,
     SamplingParams,
@@ -162,6 +164,11 @@ class DecodeStep:
     `COMPILE_FAILURES` (a graph break under fullgraph, a backend that cannot build the graph) fall
     back to eager, once and logged; any other error is raised. `compiled_calls` counts the steps
     the compiled graph ran, so callers and tests can tell which path produced the tokens.
+
+    With `model_guards="per_call"` (the default) dynamo's guards on the model and on module globals are checked
+    once, when the step is built (once per `generate` call), and dynamo checks only the guards on the step's
+    inputs and cache before each step (`step_guards`; `step_code` is then set). "per_step" leaves every guard
+    to dynamo, for a model that changes while it decodes.
     """
 
     # Graph break under fullgraph=True; backend (inductor/C++ toolchain) failure; dynamo's recompile limit
@@ -171,13 +178,19 @@ class DecodeStep:
                                                      torch._dynamo.exc.BackendCompilerFailed,
                                                      torch._dynamo.exc.FailOnRecompileLimitHit)
 
-    def __init__(self, model: torch.nn.Module, compile: bool = False, moe_dispatch: str = "auto") -> None:
+    def __init__(self, model: torch.nn.Module, compile: bool = False, moe_dispatch: str = "auto",
+                 model_guards: str = "per_call") -> None:
+        if model_guards not in ("per_call", "per_step"):
+            raise ValueError(f"model_guards={model_guards!r} is invalid: pass 'per_call' (dynamo's guards on the "
+                             "model checked when the step is built) or 'per_step' (dynamo checks them every step)")
         self.model = model
+        self.model_guards = model_guards
         self.moe_dispatch = moe_dispatch
         self._fn: Callable[..., torch.Tensor] = self._eager
         self.compiled = False
         self.compiled_calls = 0
         self.compile_options: dict[str, Any] = {}
+        self.step_code: step_guards.StepCode | None = None   # set when the model's guards are checked per call
         if compile:
             if moe_dispatch == "auto" and model.dtype != torch.bfloat16:
                 self.moe_dispatch = "gather"
@@ -185,8 +198,20 @@ class DecodeStep:
                             "model is %s)", model.dtype)
             sharded = any(getattr(m, "parallel", SINGLE).is_parallel for m in model.modules())
             self.compile_options = compile_options(model, sharded)
-            self._fn = torch.compile(self._eager, fullgraph=True, dynamic=True, options=self.compile_options or None)
+            self._fn = self._compile()
             self.compiled = True
+
+    def _compile(self) -> Callable[..., torch.Tensor]:
+        """torch.compile of the step; the guards on the model are checked here, not per step (see step_guards)."""
+        if self.model_guards == "per_step" or not step_guards.available():
+            if self.model_guards == "per_call":
+                logger.info("compiled decode step: this torch (%s) cannot take guards over from dynamo; it checks "
+                            "all of them before every step", torch.__version__)
+            return torch.compile(self._eager, fullgraph=True, dynamic=True, options=self.compile_options or None)
+        key = (self.moe_dispatch, tuple(sorted(self.compile_options.items())))
+        self.step_code = step_guards.step_code(self.model, key, DecodeStep._eager, self)
+        return torch.compile(types.MethodType(self.step_code.function, self), fullgraph=True, dynamic=True,
+                             options={**self.compile_options, "guard_filter_fn": self.step_code.guard_filter(self)})
 
     def _eager(self, ids: torch.Tensor, positions: torch.Tensor, cache: LatentCache,
                attention_mask: torch.Tensor | None) -> torch.Tensor:
