@@ -86,3 +86,38 @@ def test_without_the_guard_table_dynamo_keeps_every_guard(monkeypatch: pytest.Mo
         step = DecodeStep(tiny(1), compile=True)     # torch.compile is lazy: nothing compiles here
     assert step.compiled and step.step_code is None
     assert "cannot take guards over from dynamo" in caplog.text
+
+
+class _Toy:
+    def __init__(self) -> None:
+        w = torch.randn(4, 4)
+        self.a, self.b, self.k = w, w, 3          # one tensor under two names: dynamo's DUPLICATE_INPUT guard
+
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.a + x @ self.b * self.k
+
+
+def test_taken_guards_fail_when_their_source_changes() -> None:
+    """The guards on `self` leave dynamo, those on the other locals and the global state stay; each taken guard
+    fails once what it guarded changes — a constant, a tensor's metadata, one object seen under two names."""
+    import types
+
+    toy = _Toy()
+    code = step_guards.step_code(torch.nn.Linear(1, 1), "toy", _Toy.run, toy)
+    fn = torch.compile(types.MethodType(code.function, toy), backend="eager", fullgraph=True,
+                       options={"guard_filter_fn": code.guard_filter(toy)})
+    x = torch.randn(2, 4)
+    assert torch.equal(fn(x), toy.run(x))
+    taken = {(d.kind, d.name) for d in code.guards.deferred}
+    assert {("TYPE_MATCH", "L['self']"), ("TENSOR_MATCH", "L['self'].a"), ("CONSTANT_MATCH", "L['self'].k"),
+            ("DUPLICATE_INPUT", "L['self'].b")} <= taken, taken
+    assert not any("L['x']" in name for _, name in taken) and code.guards.kept >= 2   # x's guard, global state
+    assert code.guards.failure(toy) is None
+    toy.b = toy.a.clone()
+    assert code.guards.failure(toy) == "DUPLICATE_INPUT on L['self'].b"
+    toy.b, toy.k = toy.a, 4
+    assert code.guards.failure(toy) == "CONSTANT_MATCH on L['self'].k"
+    toy.k, toy.a = 3, torch.randn(4, 5)
+    assert code.guards.failure(toy).startswith(("TENSOR_MATCH on L['self'].a", "DUPLICATE_INPUT"))
+    del toy.a
+    assert code.guards.failure(toy) is not None     # a source that no longer resolves fails its guard
