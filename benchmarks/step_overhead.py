@@ -3,15 +3,17 @@
 A compiled `DecodeStep` call runs dynamo's guards (is the cached graph valid for these inputs?) before the graph.
 By default the step checks dynamo's guards on the model once per `generate` call and leaves dynamo only the guards
 on its inputs and cache (`model_guards="per_call"`, dsv3/generation/step_guards.py). This script times, in one
-process, on the same weights, interleaved step by step (each step on its own cache):
+process, on the same weights, each step on its own cache:
 
-- `full`: the compiled step with every guard left to dynamo (`model_guards="per_step"`, what torch.compile does);
-- `dynamo`: the compiled step as `generate` calls it (`per_call`);
-- `direct`: the `per_call` step's cached graph called without dynamo (the transformed code of the cache entry it
-  hit), after checking that entry's guards ourselves on the same inputs — so every `direct` step is one that dynamo
-  would also have run; if the check fails the script stops with that fact;
-- each step's guard check alone, right after a step (cache-cold, as in decoding: the step streamed the weights and
-  evicted the guard's objects) and repeated at once (cache-warm).
+1. in turn, step by step, nothing else between them (which goes first alternates):
+   - `full`: the compiled step with every guard left to dynamo (`model_guards="per_step"`, torch.compile's way);
+   - `dynamo`: the compiled step as `generate` calls it (`per_call`);
+2. then, step by step: each step's guard check alone right after it ran (cache-cold, as in decoding: the step
+   streamed the weights and evicted the guard's objects) and repeated at once (cache-warm); and `direct`: the
+   `per_call` step's cached graph called without dynamo (the transformed code of the cache entry it hit), after
+   checking that entry's guards ourselves on the same inputs — every `direct` step is one that dynamo would also
+   have run; if the check fails the script stops with that fact. (The checks and calls between the steps of
+   this loop change what the next step finds in the caches, hence the separate loop for 1.)
 
 The `direct` call and the guard timings read dynamo internals (`_debug_get_cache_entry_list`, a cache entry's
 `code` and `guard_manager`): a measurement tool for torch 2.13, not a code path of dsv3 — dropping the remaining
@@ -89,8 +91,8 @@ def cold_and_warm_check(guards: Any, frame: dict[str, Any]) -> tuple[float, floa
 @torch.no_grad()   # as generate runs (grad mode is one of the guards)
 def measure(model: DeepseekV3ForCausalLM, context: int, steps: int, evict_mb: int = 0) -> dict[str, Any]:
     step, full = compiled_step(model, "per_call"), compiled_step(model, "per_step")
-    cache = fill_dsv3_cache(model, 1, context, WARMUP + 2 * steps + 2)
-    cache_full = fill_dsv3_cache(model, 1, context, WARMUP + steps + 1)
+    cache = fill_dsv3_cache(model, 1, context, WARMUP + 3 * steps + 2)
+    cache_full = fill_dsv3_cache(model, 1, context, WARMUP + 2 * steps + 1)
     ids = torch.randint(2, model.config.vocab_size, (1, 1))
     pos = pos_full = context
     for _ in range(WARMUP):
@@ -101,56 +103,58 @@ def measure(model: DeepseekV3ForCausalLM, context: int, steps: int, evict_mb: in
         raise RuntimeError("the compiled decode step fell back to eager (see the log)")
     entry, entry_full = cached_entry(step), cached_entry(full)
     direct = types.FunctionType(entry.code, vars(generate_module))
-    t_full, t_dynamo, t_direct, g_cold, g_warm, f_cold, f_warm = [], [], [], [], [], [], []
+    t_full, t_dynamo, t_check, t_direct, g_cold, g_warm, f_cold, f_warm = [], [], [], [], [], [], [], []
     # read between steps (untimed), so that a small model's guard check starts as cold as a big model's does
     evict = torch.ones(evict_mb * 2**18) if evict_mb > 0 else None
 
-    def run_full() -> None:
-        nonlocal pos_full
+    def timed(s: DecodeStep, position: int, c: Any) -> tuple[float, dict[str, Any]]:
+        """One step through dynamo (memory read before and after, untimed); the frame of the next step."""
         if evict is not None:
             evict.sum()
         t = time.perf_counter()
-        full._fn(ids, torch.full((1, 1), pos_full), cache_full, None)
-        t_full.append(time.perf_counter() - t)
-        pos_full += 1
+        s._fn(ids, torch.full((1, 1), position), c, None)
+        seconds = time.perf_counter() - t
         if evict is not None:
             evict.sum()
-        frame = {"self": full, "ids": ids, "positions": torch.full((1, 1), pos_full), "cache": cache_full,
-                 "attention_mask": None}
+        return seconds, {"self": s, "ids": ids, "positions": torch.full((1, 1), position + 1), "cache": c,
+                         "attention_mask": None}
+
+    # 1. the two steps alone, in turn (which goes first alternates): nothing else runs between them
+    for i in range(steps):
+        for which in ("full", "per_call") if i % 2 == 0 else ("per_call", "full"):
+            if which == "full":
+                seconds, _ = timed(full, pos_full, cache_full)
+                t_full.append(seconds)
+                pos_full += 1
+            else:
+                seconds, _ = timed(step, pos, cache)
+                t_dynamo.append(seconds)
+                pos += 1
+    # 2. each step's guard check after it ran; the per_call step's graph called directly after our own check
+    for _ in range(steps):
+        _, frame = timed(full, pos_full, cache_full)
+        pos_full += 1
         cold, warm, _ = cold_and_warm_check(entry_full.guard_manager, frame)
         f_cold.append(cold)
         f_warm.append(warm)
-
-    for i in range(steps):
-        if i % 2 == 0:    # the full-guard step goes first in even rounds, last in odd ones
-            run_full()
-        if evict is not None:
-            evict.sum()
-        t = time.perf_counter()
-        step._fn(ids, torch.full((1, 1), pos), cache, None)
-        t_dynamo.append(time.perf_counter() - t)
+        seconds, frame = timed(step, pos, cache)
+        t_check.append(seconds)
         pos += 1
-        if evict is not None:
-            evict.sum()
-        positions = torch.full((1, 1), pos)
-        frame = {"self": step, "ids": ids, "positions": positions, "cache": cache, "attention_mask": None}
         cold, warm, ok = cold_and_warm_check(entry.guard_manager, frame)
         if not ok:
             raise RuntimeError(f"the cached graph's guards fail at position {pos}: dynamo would recompile; "
                                "the direct measurement stops here")
         t = time.perf_counter()
-        direct(step, ids, positions, cache, None)
+        direct(step, ids, frame["positions"], cache, None)
         t_direct.append(time.perf_counter() - t + cold)   # the direct step pays one (cold) check
         g_cold.append(cold)
         g_warm.append(warm)
         pos += 1
-        if i % 2 == 1:
-            run_full()
     med = statistics.median
     return {"context": context, "steps": steps,
             "full_guards_ms": med(t_full) * 1e3, "dynamo_ms": med(t_dynamo) * 1e3, "direct_ms": med(t_direct) * 1e3,
             "per_call_saving_ms": med([a - b for a, b in zip(t_full, t_dynamo, strict=True)]) * 1e3,
-            "saving_ms": med([a - b for a, b in zip(t_dynamo, t_direct, strict=True)]) * 1e3,
+            "saving_ms": med([a - b for a, b in zip(t_check, t_direct, strict=True)]) * 1e3,
             "guard_cold_us": med(g_cold) * 1e6, "guard_warm_us": med(g_warm) * 1e6,
             "full_guard_cold_us": med(f_cold) * 1e6, "full_guard_warm_us": med(f_warm) * 1e6,
             "guards_per_step": step.step_code.guards.kept, "guards_per_call": len(step.step_code.guards.deferred),

@@ -177,5 +177,5 @@ def test_step_overhead_calls_the_cached_graph_only_after_its_guards_pass(bf16_di
             return False
 
     monkeypatch.setattr(step_overhead, "cached_entry", lambda step: Rejecting(real(step)))
-    with pytest.raises(RuntimeError, match="guards fail at position 12"):
+    with pytest.raises(RuntimeError, match="guards fail at position 15"):   # 8 + 3 warm-up + 3 in turn + 1
         step_overhead.main([str(bf16_dir), "--quantization", "int8", "--steps", "3", "--context", "8"])
