@@ -113,6 +113,9 @@ def test_taken_guards_fail_when_their_source_changes() -> None:
             ("DUPLICATE_INPUT", "L['self'].b")} <= taken, taken
     assert not any("L['x']" in name for _, name in taken) and code.guards.kept >= 2   # x's guard, global state
     assert code.guards.failure(toy) is None
+    x3 = torch.randn(3, 4)
+    assert torch.equal(fn(x3), toy.run(x3))        # a new shape: dynamo compiles again, the same guards handed over
+    assert len(code.guards.deferred) == len(taken), "a recompile's guards were taken over twice"
     toy.b = toy.a.clone()
     assert code.guards.failure(toy) == "DUPLICATE_INPUT on L['self'].b"
     toy.b, toy.k = toy.a, 4

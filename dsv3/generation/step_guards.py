@@ -83,7 +83,8 @@ class StepGuards:
     def __init__(self, fn_globals: dict[str, Any]) -> None:
         self.fn_globals = fn_globals
         self.deferred: list[_Deferred] = []
-        self.kept = 0               # guards left to dynamo, over all compilations of this code
+        self.kept = 0               # guards left to dynamo, in the last compilation of this code
+        self._seen: set[tuple[str, str]] = set()   # a recompile (new batch size) hands over the same guards again
 
     def _namespace(self, step: Any) -> dict[str, Any]:
         return {"L": {"self": step}, "G": self.fn_globals}
@@ -95,9 +96,10 @@ class StepGuards:
         for entry in entries:
             deferred = self._take(entry, namespace)
             keep.append(deferred is None)
-            if deferred is not None:
+            if deferred is not None and (deferred.kind, deferred.name) not in self._seen:
+                self._seen.add((deferred.kind, deferred.name))
                 self.deferred.append(deferred)
-        self.kept += sum(keep)
+        self.kept = sum(keep)
         logger.info("compiled decode step: %d of %d dynamo guards checked once per generate call, %d per step",
                     len(keep) - sum(keep), len(keep), sum(keep))
         return keep
