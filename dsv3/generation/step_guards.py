@@ -118,11 +118,8 @@ class StepGuards:
         spec = GUARD_VALUE_DISPATCH.get(kind) if GUARD_VALUE_DISPATCH is not None else None
         if source is None or not isinstance(spec, GuardCheckSpec) or not entry.has_value:
             return None
-        try:
-            value = eval(source, namespace)
-        except _UNRESOLVED:
-            return None
-        if not _same_value(value, entry.value):
+        value = _resolve(source, namespace)
+        if not _same_value(value, entry.value):     # (a source that does not resolve gives a fresh object)
             return None
         metadata = spec.get_metadata_fn(guard, value)
         if not spec.eval_fn(value, metadata):
