@@ -19,6 +19,9 @@ Block-FP8 weights (`Fp8Blocks`, fp8="keep") have their own kernels (cpu_fp8.cpp,
 directly (1 byte per weight, converted in registers), for at most `MAX_ROWS` rows (`MAX_EXPERT_ROWS` pairs);
 `CpuKernels.fp8_linear` / `fp8_expert_linear` return None elsewhere (e5m2, more rows, autograd, no AVX-512),
 and the format then dequantises per tile (`reference_fp8_linear` is the slow reference).
+On a CPU with AMX, expert products with more (token, expert) rows than `MAX_EXPERT_ROWS` (prefill) run the AMX
+expert GEMMs of dsv3/kernels/amx.py (cpu_amx.cpp) for bf16, int8, int4 ("rows") and FP8 weights read as stored
+(`CpuKernels(amx_prefill=False)` keeps PyTorch's grouped GEMMs; `calls` counts "amx_expert_gemm (kind)").
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsv3.kernels import int_kernels
+from dsv3.kernels import amx, int_kernels
 from dsv3.kernels.ops import kernel_op, register_fakes
 from dsv3.model.attention import use_attention_kernels
 from dsv3.model.weights import use_kernels
@@ -297,7 +300,7 @@ class CpuKernels:
     otherwise, so the format runs its stock PyTorch path. Build it only where `available()`."""
 
     def __init__(self, max_rows: int = MAX_ROWS, max_expert_rows: int = MAX_EXPERT_ROWS,
-                 int_isa: str | None = "auto") -> None:
+                 int_isa: str | None = "auto", amx_prefill: bool = True) -> None:
         self.int_isa = self._choose_int_isa(int_isa)
         self.bf16 = available() and torch.backends.cpu.get_cpu_capability() == "AVX512"
         if not self.bf16 and self.int_isa is None:
@@ -308,8 +311,10 @@ class CpuKernels:
         self._scratch = torch.empty(0, dtype=torch.bfloat16)   # reused by the *_dense methods
         # decided here, not per call: a compiled step cannot trace the check (it asks torch for the CPU's ISA)
         self.attention = attention_available()
-        logger.info("CPU kernels: bf16 %s, int8/int4 %s", "on" if self.bf16 else "off (needs AVX-512)",
-                    self.int_isa or "off (PyTorch ops)")
+        self.amx = amx.available() if amx_prefill else False
+        logger.info("CPU kernels: bf16 %s, int8/int4 %s, AMX expert GEMMs %s",
+                    "on" if self.bf16 else "off (needs AVX-512)", self.int_isa or "off (PyTorch ops)",
+                    "on" if self.amx else "off")
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
         if not (self.bf16 and _kernel_ok(x, weight, x.shape[0], self.max_rows)):
@@ -318,8 +323,22 @@ class CpuKernels:
 
     def expert_linear(self, x: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor | None:
         if not (self.bf16 and _kernel_ok(x, weight, x.shape[0], self.max_expert_rows)):
-            return None
+            return self._amx(x, weight, None, ids, "bf16") if weight.dtype == torch.bfloat16 else None
         return bf16_expert_linear(x, weight, ids)
+
+    def _amx(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, ids: torch.Tensor, kind: str,
+             **kw: Any) -> torch.Tensor | None:
+        """Expert products beyond the GEMV kernels' rows (prefill) on AMX (dsv3.kernels.amx), None where it does
+        not apply. Activations in fp32 (the product of two kernels' outputs) are rounded to bf16 first, as the stock
+        path's bf16 GEMM outputs are."""
+        if not (self.amx and x.dim() == 2 and x.shape[0] > self.max_expert_rows and weight.is_contiguous()
+                and x.dtype in (torch.bfloat16, torch.float32)):
+            return None
+        xb = x.to(torch.bfloat16)
+        if not amx.applies(xb, weight.shape[1], x.shape[1]):
+            return None
+        self._count(f"amx_expert_gemm ({kind})")
+        return amx.expert_gemm(xb, weight, scale, ids, kind, **kw)
 
     # -- int8 / int4 weights (int_kernels.py, cpu_int.cpp) --------------------------------------------------
     @staticmethod
@@ -355,7 +374,7 @@ class CpuKernels:
                            ids: torch.Tensor) -> torch.Tensor | None:
         """y[p] = x[p] @ W[ids[p]]ᵀ, ids sorted; q [E, N, K] int8, scale [E, N] -> [P, N] fp32."""
         if not self._int_ok(x, x.shape[0], self.max_expert_rows):
-            return None
+            return self._amx(x, q, scale, ids, "int8")
         self._count("int8_expert_linear")
         return int_kernels.int8_expert_linear(x, q, scale, ids, int_kernels.ISAS[self.int_isa])
 
@@ -378,7 +397,7 @@ class CpuKernels:
                            ids: torch.Tensor) -> torch.Tensor | None:
         """y[p] = x̂[p] @ Ŵ[ids[p]]ᵀ, ids sorted; packed [E, N, K/2], scale_zero [E, K/G, N, 2] -> [P, N] fp32."""
         if not self._int4_ok(x, group_size, self.max_expert_rows):
-            return None
+            return self._amx(x, packed, scale_zero, ids, "int4", group=group_size) if group_size % 32 == 0 else None
         self._count("int4_expert_linear")
         return int_kernels.int4_expert_linear(x, packed, scale_zero, group_size, ids, self._int4_isa(group_size))
     # -- block FP8 (Fp8Blocks): e4m3 bytes read as stored ------------------------------------------------------
@@ -391,7 +410,9 @@ class CpuKernels:
     def fp8_expert_linear(self, x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, ids: torch.Tensor,
                           block: tuple[int, int], parts: int) -> torch.Tensor | None:
         if not _fp8_kernel_ok(x, weight, x.shape[0], self.max_expert_rows):
-            return None
+            if weight.dtype != torch.float8_e4m3fn or block[1] % 16:
+                return None
+            return self._amx(x, weight, scale_inv.contiguous(), ids, "fp8", block=block, parts=parts)
         return fp8_expert_linear(x, weight, scale_inv, ids, block[0], block[1], parts)
 
     def fp8_expert_linear_t(self, x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, ids: torch.Tensor,
@@ -478,7 +499,8 @@ class CpuKernels:
         return mla_decode(query, latent, r, scale)
 
     def __repr__(self) -> str:
-        return f"CpuKernels(max_rows={self.max_rows}, max_expert_rows={self.max_expert_rows}, int_isa={self.int_isa!r})"
+        return (f"CpuKernels(max_rows={self.max_rows}, max_expert_rows={self.max_expert_rows}, "
+                f"int_isa={self.int_isa!r}, amx={self.amx})")
 
 
 def use_cpu_kernels(model: nn.Module) -> bool:

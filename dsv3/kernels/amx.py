@@ -1,0 +1,88 @@
+"""AMX expert GEMMs for prefill (cpu_amx.cpp): many (token, expert) rows against bf16, int8, int4 or FP8 weights.
+
+On a CPU with AMX (Intel Xeon 4th generation on), PyTorch's grouped_mm runs one oneDNN GEMM per expert, and at
+prefill's ~48 rows per expert oneDNN reaches about a third of its large-GEMM rate (it repacks each weight for its
+tiles on every call); quantised weights are first dequantised to a bf16 copy on top of that. `expert_gemm` reads the
+weights as stored (bf16 rows straight into the tiles; int8/int4/FP8 dequantised one 32-row panel at a time into L2,
+the same bits as the formats' dequantise path) and repacks only the activations.
+
+`available()` builds the extension on a CPU whose flags include amx_tile and amx_bf16 (Linux; ~1 min, once) and asks
+Linux for the tile registers; elsewhere it is False and nothing is built. `CpuKernels` (dsv3.kernels) calls
+`expert_gemm` for expert products with more rows than its GEMV kernels take. `reference_expert_gemm` is the slow
+reference the tests compare with: the dense weights in fp32, then one matmul per row.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+KINDS = {"bf16": 0, "int8": 1, "int4": 2, "fp8": 3}
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (Linux); empty elsewhere."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+@functools.cache
+def _extension() -> Any | None:
+    flags = cpu_flags()
+    if not {"amx_tile", "amx_bf16", "avx512_bf16"} <= flags:
+        logger.info("AMX expert GEMMs: this CPU has no AMX-BF16; prefill keeps PyTorch's grouped GEMMs")
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        ext = load(name="dsv3_cpu_amx", sources=[str(Path(__file__).with_name("cpu_amx.cpp"))],
+                   extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"],
+                   extra_ldflags=["-fopenmp"], verbose=False)
+    except Exception as e:  # noqa: BLE001 - no compiler, headers, ...: the stock grouped GEMMs
+        logger.warning("could not build the AMX expert GEMMs (%s); prefill keeps PyTorch's grouped GEMMs", e)
+        return None
+    if not ext.init():
+        logger.warning("AMX expert GEMMs: built, but AMX is not compiled in or Linux refused the tile registers; "
+                       "prefill keeps PyTorch's grouped GEMMs")
+        return None
+    logger.info("AMX expert GEMMs built: prefill's expert products read the weights as stored")
+    return ext
+
+
+def available() -> bool:
+    """Whether the AMX expert GEMMs run on this machine (AMX-BF16, Linux's permission, a C++ compiler)."""
+    return _extension() is not None
+
+
+def applies(x: torch.Tensor, n: int, k: int) -> bool:
+    """Whether `expert_gemm` takes these operands: bf16 activations on the CPU without autograd, K % 32 == 0,
+    N % 16 == 0 (every DeepSeek-V3 projection)."""
+    return (x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.dim() == 2 and k % 32 == 0 and n % 16 == 0
+            and not (torch.is_grad_enabled() and x.requires_grad) and not torch.compiler.is_compiling())
+
+
+def expert_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, ids: torch.Tensor, kind: str,
+                group: int = 0, block: tuple[int, int] = (0, 0), parts: int = 1) -> torch.Tensor:
+    """y[p] = x[p] @ W[ids[p]]ᵀ, ids sorted ascending; x [P, K] bf16, weight [E, N, K] (int4: [E, N, K/2]) held
+    as `kind` (KINDS; `scale` per the format: int8 [E, N] fp32, int4 [E, K/G, N, 2] bf16 with `group` G, fp8
+    [E, parts·ceil(N/parts/bo), ceil(K/bi)] fp32 with `block` (bo, bi)) -> [P, N] fp32."""
+    w = weight.view(torch.uint8) if kind == "fp8" else weight
+    s = torch.empty(0) if scale is None else scale
+    return _extension().expert_gemm(x, w, s, ids.to(torch.long), KINDS[kind], group, block[0], block[1], parts)
+
+
+def reference_expert_gemm(x: torch.Tensor, dense: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The slow reference: dense [E, N, K] (the format's dequantised weights) in fp32, one product per row."""
+    return torch.bmm(dense[ids].float(), x.float()[:, :, None]).squeeze(-1)

@@ -1,0 +1,332 @@
+// Expert GEMMs for prefill on AMX (Intel's bf16 tile unit): y[p] = x[p] · W[ids[p]]ᵀ for many rows per expert.
+//
+//   expert_gemm(x [P,K] bf16, w [E,N,K], scale, ids [P] sorted, kind, group, bo, bi, parts) -> y [P,N] fp32
+//
+// Weight kinds, each read as stored (no dense copy of a whole matrix):
+//   0 bf16   w bf16 [E,N,K]
+//   1 int8   w int8 [E,N,K] · scale fp32 [E,N]                       (Int8PerChannel)
+//   2 int4   w uint8 [E,N,K/2] "rows" packing, scale bf16 [E,K/G,N,2] (Int4Grouped: (code-8)·s + z)
+//   3 fp8    w e4m3 [E,N,K] · scale fp32 [E, parts·ceil(N/parts/bo), ceil(K/bi)]   (Fp8Blocks)
+// A quantised weight is dequantised to bf16 one panel of 16 or 32 output rows at a time (fp32 math, one
+// rounding: the same bits as the formats' dequantise-then-GEMM path), into a per-thread buffer that stays in L2
+// while every row block of the expert's activations passes over it.
+//
+// The product is computed transposed, yᵀ = W·xᵀ, because AMX's A operand is row-major (16 rows × 32 values,
+// read straight from W or the panel) while its B operand wants pairs of K values interleaved per column: the
+// activations are small and reused across all N rows, so they are repacked once per expert —
+// xpack[m-tile][k-chunk] = 16 rows kk × 16 columns m × (x[m][2kk], x[m][2kk+1]) — and W never is. Each work item
+// (expert, 32 output rows) keeps 2×2 fp32 accumulator tiles (2 row tiles of W × 2 tiles of 16 activation rows)
+// over K, in chunks of 32; the 16×16 results are transposed into y on the way out. Products of bf16 values are
+// exact in fp32 and the sums are fp32 (the order differs from oneDNN's).
+//
+// Needs K % 32 == 0 and N % 16 == 0 (every DeepSeek-V3 projection; the caller checks and otherwise keeps the
+// stock path), AMX-TILE + AMX-BF16 compiled in, and the kernel's permission to use the tile registers, which
+// Linux grants per process (arch_prctl ARCH_REQ_XCOMP_PERM); `init()` asks for it and says whether it got it.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#include <algorithm>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#include "expert_runs.h"
+#include "fp8_convert.h"
+
+namespace {
+
+enum Kind : int64_t { kBf16 = 0, kInt8 = 1, kInt4 = 2, kFp8 = 3 };
+
+constexpr int64_t kTileRows = 16;   // rows of every tile; A and B tiles are 64 bytes wide (32 bf16)
+constexpr int64_t kChunk = 32;      // K values per tile product
+constexpr int64_t kPanelRows = 32;  // output rows per work item (two A tiles)
+
+inline float bf16_value(uint16_t v) {
+  const uint32_t u = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#define DSV3_AMX 1
+
+struct alignas(64) TileConfig {
+  uint8_t palette_id;
+  uint8_t start_row;
+  uint8_t reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+void configure_tiles() {   // tiles 0-3 accumulators, 4-5 weights (A), 6-7 activations (B): all 16 × 64 bytes
+  TileConfig cfg{};
+  cfg.palette_id = 1;
+  for (int i = 0; i < 8; ++i) {
+    cfg.rows[i] = kTileRows;
+    cfg.colsb[i] = 64;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+// 32 fp32 -> 32 bf16 (round to nearest even), stored at dst
+inline void store_bf16x32(uint16_t* dst, __m512 lo, __m512 hi) {
+  _mm512_storeu_si512(dst, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+}
+
+// Panel of `rows` (16 or 32) weight rows n0.. of expert e as bf16 in tile order, [K/32][rows][32]: each A tile is
+// 1 KB contiguous (rows 4 KB apart in W would all fall into one L1 set and evict each other)
+struct Weights {
+  int64_t kind, N, K, group, bo, bi, parts, sc_rows, sc_cols;
+  const uint8_t* w;      // expert-stacked bytes (bf16: 2 per value; int4: half a byte)
+  const void* scale;
+
+  // the bytes of rows n0..n0+rows of expert e (one contiguous stretch; int4's group scales are not counted)
+  const char* span(int64_t e, int64_t n0, int64_t& bytes, int64_t rows) const {
+    const int64_t row = kind == kBf16 ? 2 * K : kind == kInt4 ? K / 2 : K;
+    bytes = rows * row;
+    return reinterpret_cast<const char*>(w) + (e * N + n0) * row;
+  }
+
+  void panel(int64_t e, int64_t n0, int64_t rows, uint16_t* out) const {
+    for (int64_t i = 0; i < rows; ++i) {
+      const int64_t n = n0 + i;
+      uint16_t* dst = out + i * kChunk;   // chunk c of this row at dst + c·rows·32
+      const int64_t ld = rows * kChunk;
+      if (kind == kBf16) {
+        const uint16_t* src = reinterpret_cast<const uint16_t*>(w) + (e * N + n) * K;
+        for (int64_t k = 0; k < K; k += kChunk) _mm512_storeu_si512(dst + k / kChunk * ld, _mm512_loadu_si512(src + k));
+      } else if (kind == kInt8) {
+        const int8_t* q = reinterpret_cast<const int8_t*>(w) + (e * N + n) * K;
+        const __m512 s = _mm512_set1_ps(static_cast<const float*>(scale)[e * N + n]);
+        for (int64_t k = 0; k < K; k += kChunk) {
+          const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k))));
+          const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k + 16))));
+          store_bf16x32(dst + k / kChunk * ld, _mm512_mul_ps(lo, s), _mm512_mul_ps(hi, s));
+        }
+      } else if (kind == kInt4) {
+        const uint8_t* pk = w + (e * N + n) * (K / 2);
+        const uint16_t* sz = static_cast<const uint16_t*>(scale) + e * (K / group) * N * 2;
+        for (int64_t k = 0; k < K; k += kChunk) {
+          const uint16_t* g = sz + ((k / group) * N + n) * 2;   // (scale, zero) of this row's group
+          const __m512 s = _mm512_set1_ps(bf16_value(g[0])), z = _mm512_set1_ps(bf16_value(g[1]));
+          // 16 bytes = 32 codes: byte j holds column 2j (low nibble) and 2j+1 (high)
+          const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pk + k / 2)));
+          const __m256i codes = _mm256_or_si256(_mm256_and_si256(b, _mm256_set1_epi16(0x0F)),
+                                                _mm256_slli_epi16(_mm256_srli_epi16(b, 4), 8));
+          const __m512 mid = _mm512_set1_ps(8.f);
+          const __m512 lo = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(codes))), mid);
+          const __m512 hi = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(codes, 1))), mid);
+          store_bf16x32(dst + k / kChunk * ld, _mm512_add_ps(_mm512_mul_ps(lo, s), z), _mm512_add_ps(_mm512_mul_ps(hi, s), z));
+        }
+      } else {   // kFp8
+        const uint8_t* q = w + (e * N + n) * K;
+        const int64_t part_rows = N / parts, per_part = (part_rows + bo - 1) / bo;
+        const int64_t rb = (n / part_rows) * per_part + (n % part_rows) / bo;
+        const float* srow = static_cast<const float*>(scale) + (e * sc_rows + rb) * sc_cols;
+        const __m512 up = _mm512_set1_ps(kHalfExp);
+        for (int64_t k = 0; k < K; k += kChunk) {
+          // (e4m3 · 2⁻¹²⁰) · 2⁶⁰ · 2⁶⁰ is the e4m3 value exactly; one rounding in the product with the scale
+          const __m512 s = _mm512_set1_ps(srow[k / bi]);
+          const __m512 s2 = _mm512_set1_ps(srow[(k + 16) / bi]);
+          const __m512 lo = _mm512_mul_ps(_mm512_mul_ps(_mm512_mul_ps(cvt16(q + k), up), up), s);
+          const __m512 hi = _mm512_mul_ps(_mm512_mul_ps(_mm512_mul_ps(cvt16(q + k + 16), up), up), s2);
+          store_bf16x32(dst + k / kChunk * ld, lo, hi);
+        }
+      }
+    }
+  }
+};
+
+// col[j][i] = r[i][j] for 16 rows of 16 32-bit values: unpack pairs, then 64-bit pairs, then 128-bit lanes twice
+inline void transpose16(const __m512 (&r)[16], __m512 (&col)[16]) {
+  __m512 a[16], b[16];
+  for (int i = 0; i < 8; ++i) {   // lane L of a[2i]: r2i[4L], r2i+1[4L], r2i[4L+1], r2i+1[4L+1]; a[2i+1]: 4L+2, 4L+3
+    a[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    a[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {   // lane L of b[4i+j]: column 4L+j of rows 4i..4i+3
+    b[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a[4 * i]), _mm512_castps_pd(a[4 * i + 2])));
+    b[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a[4 * i]), _mm512_castps_pd(a[4 * i + 2])));
+    b[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a[4 * i + 1]), _mm512_castps_pd(a[4 * i + 3])));
+    b[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a[4 * i + 1]), _mm512_castps_pd(a[4 * i + 3])));
+  }
+  for (int j = 0; j < 4; ++j) {   // gather lane L of b[j], b[4+j], b[8+j], b[12+j] into column 4L+j
+    const __m512 c0 = _mm512_shuffle_f32x4(b[j], b[4 + j], 0x88), c1 = _mm512_shuffle_f32x4(b[j], b[4 + j], 0xDD);
+    const __m512 d0 = _mm512_shuffle_f32x4(b[8 + j], b[12 + j], 0x88), d1 = _mm512_shuffle_f32x4(b[8 + j], b[12 + j], 0xDD);
+    col[j] = _mm512_shuffle_f32x4(c0, d0, 0x88);
+    col[8 + j] = _mm512_shuffle_f32x4(c0, d0, 0xDD);
+    col[4 + j] = _mm512_shuffle_f32x4(c1, d1, 0x88);
+    col[12 + j] = _mm512_shuffle_f32x4(c1, d1, 0xDD);
+  }
+}
+
+// y[m·ldy + n] = t[n][m] for n < 16, m < count: one 64-byte store per output row
+inline void transpose_store(const float (*t)[kTileRows], float* y, int64_t ldy, int64_t count) {
+  __m512 r[16], col[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_load_ps(t[i]);
+  transpose16(r, col);
+  for (int64_t m = 0; m < count; ++m) _mm512_storeu_ps(y + m * ldy, col[m]);
+}
+
+// Accumulate one work item's output: rows n0..n0+16·NT of W (A tiles from the panel `a`) against
+// activation tiles mt0..mt0+MT-1 of the expert (B tiles in `xp`), then transpose the results into y.
+template <int NT, int MT>
+void block(const uint16_t* a, int64_t cstep, int64_t rstep, int64_t lda, const uint16_t* xp, int64_t chunks, int64_t mt0, float* y, int64_t N,
+           int64_t n0, int64_t row0, int64_t mrows, const char* pf, int64_t pf_lines) {
+  // pf: the next work item's weight bytes, fetched into L2 while the tiles work (pf_lines cache lines)
+  const int64_t per = (pf_lines + chunks - 1) / chunks;
+  _tile_zero(0);
+  if (MT == 2) _tile_zero(1);
+  if (NT == 2) _tile_zero(2);
+  if (NT == 2 && MT == 2) _tile_zero(3);
+  const uint16_t* b0 = xp + mt0 * chunks * 512;
+  const uint16_t* b1 = b0 + chunks * 512;
+  for (int64_t c = 0; c < chunks; ++c) {
+    const uint16_t* ac = a + c * cstep;
+    if (pf != nullptr)
+      for (int64_t j = c * per; j < std::min(pf_lines, (c + 1) * per); ++j) _mm_prefetch(pf + j * 64, _MM_HINT_T1);
+    _tile_loadd(4, ac, lda);
+    _tile_loadd(6, b0 + c * 512, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    if (MT == 2) {
+      _tile_loadd(7, b1 + c * 512, 64);
+      _tile_dpbf16ps(1, 4, 7);
+    }
+    if (NT == 2) {
+      _tile_loadd(5, ac + rstep, lda);
+      _tile_dpbf16ps(2, 5, 6);
+      if (MT == 2) _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  alignas(64) float t[4][kTileRows][kTileRows];   // t[tile][n][m]
+  _tile_stored(0, t[0], 64);
+  if (MT == 2) _tile_stored(1, t[1], 64);
+  if (NT == 2) _tile_stored(2, t[2], 64);
+  if (NT == 2 && MT == 2) _tile_stored(3, t[3], 64);
+  for (int mt = 0; mt < MT; ++mt)
+    for (int nt = 0; nt < NT; ++nt)
+      transpose_store(t[nt * 2 + mt], y + (row0 + (mt0 + mt) * kTileRows) * N + n0 + nt * kTileRows, N,
+                      std::min<int64_t>(kTileRows, mrows - (mt0 + mt) * kTileRows));
+}
+#endif
+
+}  // namespace
+
+bool init() {
+#ifdef DSV3_AMX
+  // ARCH_REQ_XCOMP_PERM (0x1023) for XFEATURE_XTILEDATA (18): without it the first tile instruction faults
+  return syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+#else
+  return false;
+#endif
+}
+
+torch::Tensor expert_gemm(torch::Tensor x, torch::Tensor w, torch::Tensor scale, torch::Tensor ids, int64_t kind,
+                          int64_t group, int64_t bo, int64_t bi, int64_t parts) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2, "x must be bf16 [P, K]");
+  TORCH_CHECK(w.dim() == 3 && w.is_contiguous(), "w must be a contiguous [E, N, K] stack");
+  TORCH_CHECK(kind >= kBf16 && kind <= kFp8, "kind must be 0 (bf16), 1 (int8), 2 (int4) or 3 (fp8)");
+  const int64_t P = x.size(0), K = x.size(1), E = w.size(0), N = w.size(1);
+  TORCH_CHECK(w.size(2) == (kind == kInt4 ? K / 2 : K), "w's last dimension does not match x's K");
+  TORCH_CHECK(K % kChunk == 0 && N % kTileRows == 0, "K must be a multiple of 32 and N of 16");
+  TORCH_CHECK(ids.dim() == 1 && ids.size(0) == P && ids.scalar_type() == at::kLong, "ids must be int64 [P]");
+  if (kind == kInt4) TORCH_CHECK(group > 0 && group % kChunk == 0 && K % group == 0, "int4 group must divide K, multiple of 32");
+  if (kind == kFp8)
+    TORCH_CHECK(bo > 0 && bi > 0 && bi % 16 == 0 && parts > 0 && N % parts == 0 && scale.dim() == 3,
+                "FP8 blocks: bo > 0, bi a multiple of 16, parts dividing N, scale [E, rows, cols]");
+  auto y = torch::empty({P, N}, x.options().dtype(at::kFloat));
+#ifdef DSV3_AMX
+  auto xc = x.contiguous();
+  auto sc = scale.contiguous();
+  const std::vector<int64_t> runs = expert_runs(ids, E);   // (expert, first row, rows)
+  const int64_t R = static_cast<int64_t>(runs.size()) / 3, chunks = K / kChunk;
+  // activations repacked per expert: [m-tile][chunk][16 kk][16 m] 32-bit pairs
+  std::vector<int64_t> xoff(R + 1, 0);
+  for (int64_t r = 0; r < R; ++r) xoff[r + 1] = xoff[r] + (runs[3 * r + 2] + kTileRows - 1) / kTileRows * chunks * 256;
+  std::unique_ptr<uint32_t[]> xpack(new uint32_t[xoff[R]]);   // (every element is written below)
+  const uint32_t* xs = reinterpret_cast<const uint32_t*>(xc.data_ptr<at::BFloat16>());
+  const int64_t half = K / 2;
+  at::parallel_for(0, R, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t first = runs[3 * r + 1], rows = runs[3 * r + 2];
+      uint32_t* dst = xpack.get() + xoff[r];
+      const int64_t mts = (rows + kTileRows - 1) / kTileRows;
+      for (int64_t mt = 0; mt < mts; ++mt) {
+        const int64_t valid = std::min<int64_t>(kTileRows, rows - mt * kTileRows);
+        for (int64_t c = 0; c < chunks; ++c) {   // the 16 rows' pairs of chunk c, transposed: [kk][m]
+          __m512 in[16], out[16];
+          for (int64_t m = 0; m < kTileRows; ++m)
+            in[m] = m < valid ? _mm512_loadu_ps(reinterpret_cast<const float*>(xs + (first + mt * kTileRows + m) * half + c * 16))
+                              : _mm512_setzero_ps();
+          transpose16(in, out);
+          float* d = reinterpret_cast<float*>(dst + (mt * chunks + c) * 256);
+          for (int kk = 0; kk < 16; ++kk) _mm512_storeu_ps(d + kk * kTileRows, out[kk]);
+        }
+      }
+    }
+  });
+  // work items: (run, 32 output rows), the last one of a run 16 rows when N % 32 == 16
+  std::vector<int64_t> items;
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t n0 = 0; n0 < N; n0 += kPanelRows) items.insert(items.end(), {r, n0});
+  const int64_t I = static_cast<int64_t>(items.size()) / 2;
+  const Weights wt{kind, N, K, group, bo, bi, parts, kind == kFp8 ? scale.size(1) : 0, kind == kFp8 ? scale.size(2) : 0,
+                   static_cast<const uint8_t*>(w.data_ptr()), sc.data_ptr()};
+  float* yp = y.data_ptr<float>();
+  // contiguous ranges of items of about equal cost (weights + row tiles), so each thread knows its next item
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), I));
+  std::vector<int64_t> bounds(threads + 1, I);
+  {
+    auto cost = [&](int64_t i) { return 4 + (runs[3 * items[2 * i] + 2] + kTileRows - 1) / kTileRows; };
+    int64_t total = 0, acc = 0, t = 1;
+    for (int64_t i = 0; i < I; ++i) total += cost(i);
+    bounds[0] = 0;
+    for (int64_t i = 0; i < I && t < threads; ++i) {
+      acc += cost(i);
+      if (acc * threads >= total * t) bounds[t++] = i + 1;
+    }
+  }
+  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+    configure_tiles();
+    std::vector<uint16_t> panel(kPanelRows * K);
+    for (int64_t i = bounds[t0]; i < bounds[t1]; ++i) {
+      const int64_t r = items[2 * i], n0 = items[2 * i + 1];
+      const int64_t e = runs[3 * r], first = runs[3 * r + 1], rows = runs[3 * r + 2];
+      const int64_t nrows = std::min<int64_t>(kPanelRows, N - n0), mts = (rows + kTileRows - 1) / kTileRows;
+      // bf16 rows are read in place (strided tiles), other kinds from their dequantised panel (tile order)
+      const bool direct = kind == kBf16;
+      const uint16_t* a = direct ? static_cast<const uint16_t*>(w.data_ptr()) + (e * N + n0) * K : panel.data();
+      if (!direct) wt.panel(e, n0, nrows, panel.data());
+      const int64_t cstep = direct ? kChunk : nrows * kChunk, rstep = direct ? kTileRows * K : kTileRows * kChunk;
+      const int64_t lda = direct ? 2 * K : 64;
+      const uint16_t* xp = reinterpret_cast<const uint16_t*>(xpack.get() + xoff[r]);
+      int64_t pf_bytes = 0;
+      const char* pf = i + 1 < bounds[t1]
+          ? wt.span(runs[3 * items[2 * i + 2]], items[2 * i + 3], pf_bytes, std::min<int64_t>(kPanelRows, N - items[2 * i + 3]))
+          : nullptr;
+      for (int64_t mt = 0; mt < mts; mt += 2) {
+        const bool two_m = mt + 1 < mts;
+        if (nrows == kPanelRows) {
+          if (two_m) block<2, 2>(a, cstep, rstep, lda, xp, chunks, mt, yp, N, n0, first, rows, mt == 0 ? pf : nullptr, pf_bytes / 64);
+          else block<2, 1>(a, cstep, rstep, lda, xp, chunks, mt, yp, N, n0, first, rows, mt == 0 ? pf : nullptr, pf_bytes / 64);
+        } else {
+          if (two_m) block<1, 2>(a, cstep, rstep, lda, xp, chunks, mt, yp, N, n0, first, rows, mt == 0 ? pf : nullptr, pf_bytes / 64);
+          else block<1, 1>(a, cstep, rstep, lda, xp, chunks, mt, yp, N, n0, first, rows, mt == 0 ? pf : nullptr, pf_bytes / 64);
+        }
+      }
+    }
+    _tile_release();
+  });
+#else
+  TORCH_CHECK(false, "dsv3_cpu_amx was built without AMX (init() returned false; the caller should not get here)");
+#endif
+  return y;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("init", &init, "whether AMX was compiled in and Linux granted this process the tile registers");
+  m.def("expert_gemm", &expert_gemm, "y[p] = x[p] @ W[ids[p]]^T for sorted ids, AMX bf16 tiles (fp32 out)");
+}
