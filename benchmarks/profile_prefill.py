@@ -38,6 +38,7 @@ from probes import gemm_peaks  # noqa: E402
 
 from dsv3 import DeepseekV3Config, DeepseekV3ForCausalLM  # noqa: E402
 from dsv3.generation.generate import make_cache  # noqa: E402
+from dsv3.kernels import KERNEL_CHOICES, select_kernels  # noqa: E402
 from dsv3.model.attention import MultiHeadLatentAttention  # noqa: E402
 from dsv3.model.moe import MoE, RoutedExperts, Router, SwiGLU  # noqa: E402
 
@@ -140,6 +141,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--tiny", action="store_true", help="debug-size model (numbers meaningless)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's default)")
+    p.add_argument("--kernels", choices=KERNEL_CHOICES, default="auto",
+                   help="dsv3.kernels.select_kernels: the CPU kernels as from_pretrained picks them (auto; on a CPU "
+                        "with AMX the expert GEMMs run on AMX), required (on) or stock PyTorch ops (off)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -147,14 +151,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               else bench_config(num_nextn_predict_layers=0))
     peaks = gemm_peaks(config, repeats=7 if args.tiny else 15)
     model = random_model(config)
+    chosen = select_kernels(model, args.kernels)
     r = profile(model, args.tokens, args.reps)
+    r["kernels"] = repr(chosen) if chosen is not None else "stock PyTorch ops"
     flops = prefill_flops(config, 1, args.tokens)
     e_flops = expert_gemm_flops(config, args.tokens)
     peak = peaks["2048^3"]["best_gflops"]
     r.update(tokens=args.tokens, threads=torch.get_num_threads(), gemm_peaks=peaks,
              gflop_s=flops / r["total_s"] / 1e9, pct_peak=100 * flops / r["total_s"] / 1e9 / peak,
              expert_gemm_gflop_s=e_flops / r["parts"]["routed experts"] / 1e9)
-    print(f"\nprefill {args.tokens} tokens, batch 1, bf16, {r['threads']} threads: best of {args.reps} "
+    print(f"\nkernels: {r['kernels']}")
+    print(f"prefill {args.tokens} tokens, batch 1, bf16, {r['threads']} threads: best of {args.reps} "
           f"{r['total_s']:.3f} s ({args.tokens / r['total_s']:.0f} tok/s), {r['gflop_s']:.0f} GFLOP/s = "
           f"{r['pct_peak']:.1f} % of the bf16 GEMM peak {peak:.0f} GFLOP/s (2048^3, best of many)")
     print("bf16 GEMM peaks: " + ", ".join(f"{k} {v['best_gflops']:.0f} (median {v['median_gflops']:.0f})"

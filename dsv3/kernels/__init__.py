@@ -329,8 +329,9 @@ class CpuKernels:
     def _amx(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, ids: torch.Tensor, kind: str,
              **kw: Any) -> torch.Tensor | None:
         """Expert products beyond the GEMV kernels' rows (prefill) on AMX (dsv3.kernels.amx), None where it does
-        not apply. Activations in fp32 (the product of two kernels' outputs) are rounded to bf16 first, as the stock
-        path's bf16 GEMM outputs are."""
+        not apply. The output is bf16, as the stock path's bf16 GEMM gives (and half the bytes to write: prefill's
+        [rows, 2·intermediate] fp32 output would exceed malloc's reuse threshold and take fresh pages, ~6 ms per
+        call on the bench shape); fp32 activations are rounded to bf16 first."""
         if not (self.amx and x.dim() == 2 and x.shape[0] > self.max_expert_rows and weight.is_contiguous()
                 and x.dtype in (torch.bfloat16, torch.float32)):
             return None
@@ -338,7 +339,7 @@ class CpuKernels:
         if not amx.applies(xb, weight.shape[1], x.shape[1]):
             return None
         self._count(f"amx_expert_gemm ({kind})")
-        return amx.expert_gemm(xb, weight, scale, ids, kind, **kw)
+        return amx.expert_gemm(xb, weight, scale, ids, kind, out_dtype=torch.bfloat16, **kw)
 
     # -- int8 / int4 weights (int_kernels.py, cpu_int.cpp) --------------------------------------------------
     @staticmethod

@@ -74,13 +74,18 @@ def applies(x: torch.Tensor, n: int, k: int) -> bool:
 
 
 def expert_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, ids: torch.Tensor, kind: str,
-                group: int = 0, block: tuple[int, int] = (0, 0), parts: int = 1) -> torch.Tensor:
+                group: int = 0, block: tuple[int, int] = (0, 0), parts: int = 1,
+                out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """y[p] = x[p] @ W[ids[p]]ᵀ, ids sorted ascending; x [P, K] bf16, weight [E, N, K] (int4: [E, N, K/2]) held
     as `kind` (KINDS; `scale` per the format: int8 [E, N] fp32, int4 [E, K/G, N, 2] bf16 with `group` G, fp8
-    [E, parts·ceil(N/parts/bo), ceil(K/bi)] fp32 with `block` (bo, bi)) -> [P, N] fp32."""
+    [E, parts·ceil(N/parts/bo), ceil(K/bi)] fp32 with `block` (bo, bi)) -> [P, N] in `out_dtype` (fp32, or bf16:
+    the fp32 sums rounded once, as a bf16 GEMM's output is)."""
+    if out_dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"out_dtype={out_dtype}: expected torch.float32 or torch.bfloat16")
     w = weight.view(torch.uint8) if kind == "fp8" else weight
     s = torch.empty(0) if scale is None else scale
-    return _extension().expert_gemm(x, w, s, ids.to(torch.long), KINDS[kind], group, block[0], block[1], parts)
+    return _extension().expert_gemm(x, w, s, ids.to(torch.long), KINDS[kind], group, block[0], block[1], parts,
+                                    out_dtype == torch.bfloat16)
 
 
 def reference_expert_gemm(x: torch.Tensor, dense: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

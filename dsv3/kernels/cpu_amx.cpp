@@ -1,6 +1,7 @@
 // Expert GEMMs for prefill on AMX (Intel's bf16 tile unit): y[p] = x[p] · W[ids[p]]ᵀ for many rows per expert.
 //
-//   expert_gemm(x [P,K] bf16, w [E,N,K], scale, ids [P] sorted, kind, group, bo, bi, parts) -> y [P,N] fp32
+//   expert_gemm(x [P,K] bf16, w [E,N,K], scale, ids [P] sorted, kind, group, bo, bi, parts, bf16_out)
+//       -> y [P,N] fp32, or bf16 (rounded to nearest even) with bf16_out
 //
 // Weight kinds, each read as stored (no dense copy of a whole matrix):
 //   0 bf16   w bf16 [E,N,K]
@@ -163,18 +164,22 @@ inline void transpose16(const __m512 (&r)[16], __m512 (&col)[16]) {
   }
 }
 
-// y[m·ldy + n] = t[n][m] for n < 16, m < count: one 64-byte store per output row
-inline void transpose_store(const float (*t)[kTileRows], float* y, int64_t ldy, int64_t count) {
+// y[m·ldy + n] = t[n][m] for n < 16, m < count: one store per output row, fp32 or rounded to bf16 (nearest even)
+template <typename Out>
+inline void transpose_store(const float (*t)[kTileRows], Out* y, int64_t ldy, int64_t count) {
   __m512 r[16], col[16];
   for (int i = 0; i < 16; ++i) r[i] = _mm512_load_ps(t[i]);
   transpose16(r, col);
-  for (int64_t m = 0; m < count; ++m) _mm512_storeu_ps(y + m * ldy, col[m]);
+  for (int64_t m = 0; m < count; ++m) {
+    if constexpr (sizeof(Out) == 4) _mm512_storeu_ps(y + m * ldy, col[m]);
+    else _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + m * ldy), (__m256i)_mm512_cvtneps_pbh(col[m]));
+  }
 }
 
 // Accumulate one work item's output: rows n0..n0+16·NT of W (A tiles from the panel `a`) against
 // activation tiles mt0..mt0+MT-1 of the expert (B tiles in `xp`), then transpose the results into y.
-template <int NT, int MT>
-void block(const uint16_t* a, int64_t cstep, int64_t rstep, int64_t lda, const uint16_t* xp, int64_t chunks, int64_t mt0, float* y, int64_t N,
+template <int NT, int MT, typename Out>
+void block(const uint16_t* a, int64_t cstep, int64_t rstep, int64_t lda, const uint16_t* xp, int64_t chunks, int64_t mt0, Out* y, int64_t N,
            int64_t n0, int64_t row0, int64_t mrows, const char* pf, int64_t pf_lines) {
   // pf: the next work item's weight bytes, fetched into L2 while the tiles work (pf_lines cache lines)
   const int64_t per = (pf_lines + chunks - 1) / chunks;
@@ -187,7 +192,7 @@ void block(const uint16_t* a, int64_t cstep, int64_t rstep, int64_t lda, const u
   for (int64_t c = 0; c < chunks; ++c) {
     const uint16_t* ac = a + c * cstep;
     if (pf != nullptr)
-      for (int64_t j = c * per; j < std::min(pf_lines, (c + 1) * per); ++j) _mm_prefetch(pf + j * 64, _MM_HINT_T1);
+      for (int64_t j = c * per; j < std::min(pf_lines, (c + 1) * per); ++j) _mm_prefetch(pf + j * 64, _MM_HINT_T2);
     _tile_loadd(4, ac, lda);
     _tile_loadd(6, b0 + c * 512, 64);
     _tile_dpbf16ps(0, 4, 6);
@@ -225,7 +230,7 @@ bool init() {
 }
 
 torch::Tensor expert_gemm(torch::Tensor x, torch::Tensor w, torch::Tensor scale, torch::Tensor ids, int64_t kind,
-                          int64_t group, int64_t bo, int64_t bi, int64_t parts) {
+                          int64_t group, int64_t bo, int64_t bi, int64_t parts, bool bf16_out) {
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2, "x must be bf16 [P, K]");
   TORCH_CHECK(w.dim() == 3 && w.is_contiguous(), "w must be a contiguous [E, N, K] stack");
   TORCH_CHECK(kind >= kBf16 && kind <= kFp8, "kind must be 0 (bf16), 1 (int8), 2 (int4) or 3 (fp8)");
@@ -237,7 +242,7 @@ torch::Tensor expert_gemm(torch::Tensor x, torch::Tensor w, torch::Tensor scale,
   if (kind == kFp8)
     TORCH_CHECK(bo > 0 && bi > 0 && bi % 16 == 0 && parts > 0 && N % parts == 0 && scale.dim() == 3,
                 "FP8 blocks: bo > 0, bi a multiple of 16, parts dividing N, scale [E, rows, cols]");
-  auto y = torch::empty({P, N}, x.options().dtype(at::kFloat));
+  auto y = torch::empty({P, N}, x.options().dtype(bf16_out ? at::kBFloat16 : at::kFloat));
 #ifdef DSV3_AMX
   auto xc = x.contiguous();
   auto sc = scale.contiguous();
@@ -275,7 +280,6 @@ torch::Tensor expert_gemm(torch::Tensor x, torch::Tensor w, torch::Tensor scale,
   const int64_t I = static_cast<int64_t>(items.size()) / 2;
   const Weights wt{kind, N, K, group, bo, bi, parts, kind == kFp8 ? scale.size(1) : 0, kind == kFp8 ? scale.size(2) : 0,
                    static_cast<const uint8_t*>(w.data_ptr()), sc.data_ptr()};
-  float* yp = y.data_ptr<float>();
   // contiguous ranges of items of about equal cost (weights + row tiles), so each thread knows its next item
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), I));
   std::vector<int64_t> bounds(threads + 1, I);
@@ -307,16 +311,22 @@ torch::Tensor expert_gemm(torch::Tensor x, torch::Tensor w, torch::Tensor scale,
       const char* pf = i + 1 < bounds[t1]
           ? wt.span(runs[3 * items[2 * i + 2]], items[2 * i + 3], pf_bytes, std::min<int64_t>(kPanelRows, N - items[2 * i + 3]))
           : nullptr;
-      for (int64_t mt = 0; mt < mts; mt += 2) {
-        const bool two_m = mt + 1 < mts;
-        if (nrows == kPanelRows) {
-          if (two_m) block<2, 2>(a, cstep, rstep, lda, xp, chunks, mt, yp, N, n0, first, rows, mt == 0 ? pf : nullptr, pf_bytes / 64);
-          else block<2, 1>(a, cstep, rstep, lda, xp, chunks, mt, yp, N, n0, first, rows, mt == 0 ? pf : nullptr, pf_bytes / 64);
-        } else {
-          if (two_m) block<1, 2>(a, cstep, rstep, lda, xp, chunks, mt, yp, N, n0, first, rows, mt == 0 ? pf : nullptr, pf_bytes / 64);
-          else block<1, 1>(a, cstep, rstep, lda, xp, chunks, mt, yp, N, n0, first, rows, mt == 0 ? pf : nullptr, pf_bytes / 64);
+      const char* pf_now = pf;
+      auto blocks = [&](auto* out) {
+        for (int64_t mt = 0; mt < mts; mt += 2, pf_now = nullptr) {
+          const bool two_m = mt + 1 < mts;
+          if (nrows == kPanelRows && two_m)
+            block<2, 2>(a, cstep, rstep, lda, xp, chunks, mt, out, N, n0, first, rows, pf_now, pf_bytes / 64);
+          else if (nrows == kPanelRows)
+            block<2, 1>(a, cstep, rstep, lda, xp, chunks, mt, out, N, n0, first, rows, pf_now, pf_bytes / 64);
+          else if (two_m)
+            block<1, 2>(a, cstep, rstep, lda, xp, chunks, mt, out, N, n0, first, rows, pf_now, pf_bytes / 64);
+          else
+            block<1, 1>(a, cstep, rstep, lda, xp, chunks, mt, out, N, n0, first, rows, pf_now, pf_bytes / 64);
         }
-      }
+      };
+      if (bf16_out) blocks(reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>()));
+      else blocks(y.data_ptr<float>());
     }
     _tile_release();
   });
@@ -328,5 +338,5 @@ torch::Tensor expert_gemm(torch::Tensor x, torch::Tensor w, torch::Tensor scale,
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("init", &init, "whether AMX was compiled in and Linux granted this process the tile registers");
-  m.def("expert_gemm", &expert_gemm, "y[p] = x[p] @ W[ids[p]]^T for sorted ids, AMX bf16 tiles (fp32 out)");
+  m.def("expert_gemm", &expert_gemm, "y[p] = x[p] @ W[ids[p]]^T for sorted ids, AMX bf16 tiles (fp32 or bf16 out)");
 }

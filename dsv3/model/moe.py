@@ -204,7 +204,7 @@ class RoutedExperts(nn.Module):
         h = self.formats["gate_up_proj"].grouped(self, "gate_up_proj", xs, batch)   # [N*k, 2I]
         gate, up = h.split(self.intermediate, dim=-1)
         y = self.formats["down_proj"].grouped(self, "down_proj", F.silu(gate) * up, batch)   # [N*k, D]
-        y = y.float() * weights.reshape(-1)[order, None]
+        y = y.float().mul_(weights.reshape(-1)[order, None])   # in place: a copy (bf16), or a fresh fp32 output
         if owned is not None:   # rows past the owned segments hold whatever the format left there
             y = torch.where(owned[order, None], y, 0.0)
         return torch.zeros(n, x.shape[1], dtype=torch.float32, device=x.device).index_add_(0, token, y)
