@@ -115,10 +115,10 @@ def test_formats_take_the_amx_path_for_prefill(kind: str, fmt: object) -> None:
 
 
 def test_without_amx_prefill_keeps_the_stock_grouped_gemm() -> None:
-    """`amx_prefill=False` (and any CPU without AMX) leaves many-row expert products to the format's stock path."""
+    """`use_amx=False` (and any CPU without AMX) leaves many-row expert products to the format's stock path."""
     if not (kernels.available() or kernels.int_kernels.best_isa() is not None):
         pytest.skip("the dsv3 CPU kernels cannot be built here")
-    ks = kernels.CpuKernels(amx_prefill=False)
+    ks = kernels.CpuKernels(use_amx=False)
     assert ks.amx is False
     x = torch.randn(200, 64).to(torch.bfloat16)
     w = torch.randn(2, 32, 64).to(torch.bfloat16)

@@ -12,6 +12,7 @@ import torch
 
 from dsv3 import DeepseekV3Config, DeepseekV3ForCausalLM, kernels
 from dsv3.generation.generate import DecodeStep, make_cache
+from dsv3.kernels import amx
 from dsv3.model.attention import MultiHeadLatentAttention, use_attention_kernels
 from dsv3.model.weights import Linear
 from tests.oracle import assert_close, left_padded_batch
@@ -111,9 +112,21 @@ def test_cli_uses_the_library_default(monkeypatch: pytest.MonkeyPatch) -> None:
 
 # -- the MLA decode kernel ------------------------------------------------------------------------------------------
 @needs_attention
+@pytest.mark.parametrize("tiles", [False, pytest.param(True, marks=pytest.mark.skipif(
+    not amx.available(), reason="the MLA kernel's AMX path needs a CPU with AMX-BF16"))], ids=["vdpbf16ps", "amx"])
 @pytest.mark.parametrize("b, h, t", [(1, 16, 8192), (2, 5, 37), (1, 128, 300), (3, 16, 1), (1, 17, 9), (1, 16, 1100),
                                      (2, 16, 65)])
-def test_mla_decode_kernel_matches_fp32_reference(b: int, h: int, t: int) -> None:
+def test_mla_decode_kernel_matches_fp32_reference(b: int, h: int, t: int, tiles: bool) -> None:
+    """Both paths of the kernel (the switch is process-wide: restored after), strided latents, token tails."""
+    before = kernels.attention_amx()
+    assert kernels.set_attention_amx(tiles) is tiles
+    try:
+        _check_mla_decode(b, h, t)
+    finally:
+        kernels.set_attention_amx(before)
+
+
+def _check_mla_decode(b: int, h: int, t: int) -> None:
     g = torch.Generator().manual_seed(h + t)
     cache = torch.randn(b, t + 11, 576, generator=g).bfloat16()
     latent = cache[:, :t]                                              # a strided view, as a static cache returns

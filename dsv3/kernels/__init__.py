@@ -21,7 +21,9 @@ directly (1 byte per weight, converted in registers), for at most `MAX_ROWS` row
 and the format then dequantises per tile (`reference_fp8_linear` is the slow reference).
 On a CPU with AMX, expert products with more (token, expert) rows than `MAX_EXPERT_ROWS` (prefill) run the AMX
 expert GEMMs of dsv3/kernels/amx.py (cpu_amx.cpp) for bf16, int8, int4 ("rows") and FP8 weights read as stored
-(`CpuKernels(amx_prefill=False)` keeps PyTorch's grouped GEMMs; `calls` counts "amx_expert_gemm (kind)").
+and the MLA decode kernel's two products run on AMX tiles (`set_attention_amx`, a process-wide switch);
+`CpuKernels(use_amx=False)` keeps PyTorch's grouped GEMMs and the `vdpbf16ps` MLA kernel; `calls` counts
+"amx_expert_gemm (kind)".
 """
 
 from __future__ import annotations
@@ -245,6 +247,26 @@ def attention_available() -> bool:
     return _attention_extension() is not None
 
 
+def set_attention_amx(on: bool) -> bool:
+    """Run the MLA decode kernel's products on AMX tiles (on a CPU with AMX-BF16) or on `vdpbf16ps` — a process-wide
+    switch of the extension (the compiled steps call the same op); returns the new state (False where AMX is absent).
+    Same rounding either way (cpu_attention.cpp); the tile path needs r and D multiples of 32 (DeepSeek-V3: 512, 576)
+    and otherwise runs the `vdpbf16ps` one."""
+    global _ATTENTION_AMX
+    ext = _attention_extension()
+    _ATTENTION_AMX = bool(ext is not None and ext.set_amx(bool(on and amx.available())))
+    logger.info("MLA decode kernel: %s", "AMX tiles" if _ATTENTION_AMX else "AVX512-BF16 (vdpbf16ps)")
+    return _ATTENTION_AMX
+
+
+_ATTENTION_AMX = False   # the MLA decode kernel's switch, as set_attention_amx left it
+
+
+def attention_amx() -> bool:
+    """Whether the MLA decode kernel runs its products on AMX tiles now (set_attention_amx)."""
+    return _ATTENTION_AMX
+
+
 @kernel_op("dsv3::mla_decode", cpp=True)
 def mla_decode(query: torch.Tensor, latent: torch.Tensor, r: int, scale: float) -> torch.Tensor:
     """softmax(query·latentᵀ·scale)·latent[..., :r] for one new token: query [B, H, D], latent [B, T, D] (bf16)
@@ -300,7 +322,7 @@ class CpuKernels:
     otherwise, so the format runs its stock PyTorch path. Build it only where `available()`."""
 
     def __init__(self, max_rows: int = MAX_ROWS, max_expert_rows: int = MAX_EXPERT_ROWS,
-                 int_isa: str | None = "auto", amx_prefill: bool = True) -> None:
+                 int_isa: str | None = "auto", use_amx: bool = True) -> None:
         self.int_isa = self._choose_int_isa(int_isa)
         self.bf16 = available() and torch.backends.cpu.get_cpu_capability() == "AVX512"
         if not self.bf16 and self.int_isa is None:
@@ -311,7 +333,9 @@ class CpuKernels:
         self._scratch = torch.empty(0, dtype=torch.bfloat16)   # reused by the *_dense methods
         # decided here, not per call: a compiled step cannot trace the check (it asks torch for the CPU's ISA)
         self.attention = attention_available()
-        self.amx = amx.available() if amx_prefill else False
+        self.amx = amx.available() if use_amx else False
+        if self.attention:
+            set_attention_amx(self.amx)
         logger.info("CPU kernels: bf16 %s, int8/int4 %s, AMX expert GEMMs %s",
                     "on" if self.bf16 else "off (needs AVX-512)", self.int_isa or "off (PyTorch ops)",
                     "on" if self.amx else "off")

@@ -26,13 +26,12 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 #include <algorithm>
 #include <cstring>
 #include <memory>
 #include <vector>
 
+#include "amx_tiles.h"
 #include "expert_runs.h"
 #include "fp8_convert.h"
 
@@ -40,7 +39,6 @@ namespace {
 
 enum Kind : int64_t { kBf16 = 0, kInt8 = 1, kInt4 = 2, kFp8 = 3 };
 
-constexpr int64_t kTileRows = 16;   // rows of every tile; A and B tiles are 64 bytes wide (32 bf16)
 constexpr int64_t kChunk = 32;      // K values per tile product
 constexpr int64_t kPanelRows = 32;  // output rows per work item (two A tiles)
 
@@ -51,27 +49,7 @@ inline float bf16_value(uint16_t v) {
   return f;
 }
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
-#define DSV3_AMX 1
-
-struct alignas(64) TileConfig {
-  uint8_t palette_id;
-  uint8_t start_row;
-  uint8_t reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
-};
-
-void configure_tiles() {   // tiles 0-3 accumulators, 4-5 weights (A), 6-7 activations (B): all 16 × 64 bytes
-  TileConfig cfg{};
-  cfg.palette_id = 1;
-  for (int i = 0; i < 8; ++i) {
-    cfg.rows[i] = kTileRows;
-    cfg.colsb[i] = 64;
-  }
-  _tile_loadconfig(&cfg);
-}
-
+#ifdef DSV3_AMX
 // 32 fp32 -> 32 bf16 (round to nearest even), stored at dst
 inline void store_bf16x32(uint16_t* dst, __m512 lo, __m512 hi) {
   _mm512_storeu_si512(dst, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
@@ -141,29 +119,6 @@ struct Weights {
   }
 };
 
-// col[j][i] = r[i][j] for 16 rows of 16 32-bit values: unpack pairs, then 64-bit pairs, then 128-bit lanes twice
-inline void transpose16(const __m512 (&r)[16], __m512 (&col)[16]) {
-  __m512 a[16], b[16];
-  for (int i = 0; i < 8; ++i) {   // lane L of a[2i]: r2i[4L], r2i+1[4L], r2i[4L+1], r2i+1[4L+1]; a[2i+1]: 4L+2, 4L+3
-    a[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-    a[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-  }
-  for (int i = 0; i < 4; ++i) {   // lane L of b[4i+j]: column 4L+j of rows 4i..4i+3
-    b[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a[4 * i]), _mm512_castps_pd(a[4 * i + 2])));
-    b[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a[4 * i]), _mm512_castps_pd(a[4 * i + 2])));
-    b[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a[4 * i + 1]), _mm512_castps_pd(a[4 * i + 3])));
-    b[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a[4 * i + 1]), _mm512_castps_pd(a[4 * i + 3])));
-  }
-  for (int j = 0; j < 4; ++j) {   // gather lane L of b[j], b[4+j], b[8+j], b[12+j] into column 4L+j
-    const __m512 c0 = _mm512_shuffle_f32x4(b[j], b[4 + j], 0x88), c1 = _mm512_shuffle_f32x4(b[j], b[4 + j], 0xDD);
-    const __m512 d0 = _mm512_shuffle_f32x4(b[8 + j], b[12 + j], 0x88), d1 = _mm512_shuffle_f32x4(b[8 + j], b[12 + j], 0xDD);
-    col[j] = _mm512_shuffle_f32x4(c0, d0, 0x88);
-    col[8 + j] = _mm512_shuffle_f32x4(c0, d0, 0xDD);
-    col[4 + j] = _mm512_shuffle_f32x4(c1, d1, 0x88);
-    col[12 + j] = _mm512_shuffle_f32x4(c1, d1, 0xDD);
-  }
-}
-
 // y[m·ldy + n] = t[n][m] for n < 16, m < count: one store per output row, fp32 or rounded to bf16 (nearest even)
 template <typename Out>
 inline void transpose_store(const float (*t)[kTileRows], Out* y, int64_t ldy, int64_t count) {
@@ -216,14 +171,14 @@ void block(const uint16_t* a, int64_t cstep, int64_t rstep, int64_t lda, const u
       transpose_store(t[nt * 2 + mt], y + (row0 + (mt0 + mt) * kTileRows) * N + n0 + nt * kTileRows, N,
                       std::min<int64_t>(kTileRows, mrows - (mt0 + mt) * kTileRows));
 }
+
 #endif
 
 }  // namespace
 
 bool init() {
 #ifdef DSV3_AMX
-  // ARCH_REQ_XCOMP_PERM (0x1023) for XFEATURE_XTILEDATA (18): without it the first tile instruction faults
-  return syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+  return amx_permission();
 #else
   return false;
 #endif

@@ -30,6 +30,9 @@
 #include <limits>
 #include <vector>
 
+#include "amx_tiles.h"
+#include "vec_math.h"
+
 namespace {
 
 constexpr int64_t kLanes = 16;
@@ -49,32 +52,6 @@ inline uint16_t float_to_bf16(float f) {   // round to nearest even
   return static_cast<uint16_t>((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
 }
 
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
-// e^x for x ≤ 0 (scores minus their max): 2^(x·log2 e) as 2^n · 2^f, f in [-1/2, 1/2], degree-7 Taylor
-// polynomial of 2^f (truncation < 1e-8), scaled by vscalefps; very negative x underflows to 0.
-inline __m512 exp512(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-104.f));
-  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f));
-  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(t, n);
-  __m512 p = _mm512_set1_ps(1.525273380405984e-05f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.5403530393381606e-04f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-03f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618129107628477e-03f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550410866482158e-02f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.2402265069591007f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6931471805599453f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
-}
-
-// bf16 bits of 16 fp32 values (round to nearest even), in the low halves of the 32-bit lanes
-inline __m512i bf16_low(__m512 f) {
-  const __m512i u = _mm512_castps_si512(f);
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  return _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd)), 16);
-}
-#endif
 
 struct Partial {   // one job's running state, per head lane
   float max[kLanes], sum[kLanes];
@@ -187,6 +164,137 @@ void run_job(const uint32_t* pk, int64_t D2, const uint16_t* lb, int64_t st, int
 #endif
 }
 
+#ifdef DSV3_AMX
+// ---- the same job on AMX tiles (CPUs with AMX-BF16, once `set_amx(true)` is called) --------------------------------
+// Same contract and rounding as run_job (probabilities rounded to bf16 for the value sum, Σp
+// over the rounded values, fp32 sums), with both products on the tiles. Per job (batch row, 16 heads, stretch of
+// tokens), blocks of 64 tokens:
+//   scores  Sᵀ [16 tokens × 16 heads] = L·Qᵀ: A = 16 cached rows × 32 dims read in place, B = the query packed as
+//           (dim pair) × head — 18 tile products per 16 tokens for D = 576
+//   softmax online over the blocks (the running max rescales the accumulators when it grows), p rounded to bf16
+//   values  O [16 heads × r] += P·V: A = P [16 heads × 32 tokens] (the (p_t, p_t+1) pairs transposed), B = two
+//           latent rows interleaved per column — built per 32 tokens × 16 columns; the accumulators (r/16 tiles) live
+//           in memory in tile order and pass through one tile register each
+constexpr int64_t kBlockTokens = 64;   // tokens per block (two P tiles)
+constexpr int64_t kDims = 32;           // latent dims per score tile product
+
+struct MlaJob {
+  const uint32_t* qpack;   // [D/2][16] (q[h][2i], q[h][2i+1]) pairs
+  const uint16_t* lat;     // latent rows of this batch row, row stride st elements
+  int64_t st, D, r;
+  float scale;
+};
+
+// rows t..t+15 of the latent (n valid, the rest zero) as a tile source: in place when all 16 are valid
+inline const uint16_t* rows16(const MlaJob& j, int64_t t, int64_t n, uint16_t* buf, int64_t& stride_bytes) {
+  if (n == kTileRows) {
+    stride_bytes = j.st * 2;
+    return j.lat + t * j.st;
+  }
+  for (int64_t i = 0; i < kTileRows; ++i)
+    if (i < n) std::memcpy(buf + i * j.D, j.lat + (t + i) * j.st, j.D * 2);
+    else std::memset(buf + i * j.D, 0, j.D * 2);
+  stride_bytes = j.D * 2;
+  return buf;
+}
+
+// acc [r/16][16 heads][16] fp32 (tile order; zeroed by the caller) receives Σ p·v over tokens [t0, t1); max/sum per head
+void run_job_amx(const MlaJob& j, int64_t t0, int64_t t1, float* acc, Partial& part) {
+  const int64_t chunks = j.D / kDims, cblocks = j.r / kTileRows;
+  alignas(64) float s[kBlockTokens][kTileRows];
+  alignas(64) uint32_t pp[kBlockTokens / 2][kTileRows];   // (p_t, p_t+1) bf16 pairs per head
+  alignas(64) uint32_t ptile[2][kTileRows][kTileRows];    // A tiles: [head][token pair]
+  alignas(64) uint32_t btile[kTileRows][kTileRows];       // B tile: [token pair][column]
+  std::vector<uint16_t> pad(kTileRows * j.D);
+  __m512 vmax = _mm512_set1_ps(-std::numeric_limits<float>::infinity()), vsum = _mm512_setzero_ps();
+  const __m512 vscale = _mm512_set1_ps(j.scale);
+  const __m512i lo_idx = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
+                                          39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  for (int64_t a = t0; a < t1; a += kBlockTokens) {
+    const int64_t n = std::min(kBlockTokens, t1 - a);
+    // scores, 16 tokens per tile
+    for (int64_t sub = 0; sub < n; sub += kTileRows) {
+      int64_t stride = 0;
+      const uint16_t* src = rows16(j, a + sub, std::min(kTileRows, n - sub), pad.data(), stride);
+      _tile_zero(0);
+      for (int64_t c = 0; c < chunks; ++c) {
+        _tile_loadd(4, src + c * kDims, stride);
+        _tile_loadd(6, j.qpack + c * kTileRows * kTileRows, 64);
+        _tile_dpbf16ps(0, 4, 6);
+      }
+      _tile_stored(0, s[sub], 64);
+    }
+    for (int64_t t = 0; t < n; ++t) _mm512_store_ps(s[t], _mm512_mul_ps(_mm512_load_ps(s[t]), vscale));
+    // online softmax: a larger max rescales what was summed so far
+    __m512 tmax = vmax;
+    for (int64_t t = 0; t < n; ++t) tmax = _mm512_max_ps(tmax, _mm512_load_ps(s[t]));
+    if (_mm512_cmp_ps_mask(tmax, vmax, _CMP_GT_OQ)) {
+      const __m512 alpha = exp512(_mm512_sub_ps(vmax, tmax));   // 0 on the first block (max was -inf)
+      vsum = _mm512_mul_ps(vsum, alpha);
+      if (a > t0) {
+        alignas(64) float al[kTileRows];
+        _mm512_store_ps(al, alpha);
+        for (int64_t cb = 0; cb < cblocks; ++cb)
+          for (int64_t h = 0; h < kTileRows; ++h) {
+            float* row = acc + (cb * kTileRows + h) * kTileRows;
+            _mm512_store_ps(row, _mm512_mul_ps(_mm512_set1_ps(al[h]), _mm512_load_ps(row)));
+          }
+      }
+      vmax = tmax;
+    }
+    for (int64_t t = 0; t < kBlockTokens; t += 2) {   // tokens past n weigh 0
+      const __m512i lo = t < n ? bf16_low(exp512(_mm512_sub_ps(_mm512_load_ps(s[t]), vmax))) : _mm512_setzero_si512();
+      const __m512i hi = t + 1 < n ? bf16_low(exp512(_mm512_sub_ps(_mm512_load_ps(s[t + 1]), vmax)))
+                                   : _mm512_setzero_si512();
+      vsum = _mm512_add_ps(vsum, _mm512_castsi512_ps(_mm512_slli_epi32(lo, 16)));
+      vsum = _mm512_add_ps(vsum, _mm512_castsi512_ps(_mm512_slli_epi32(hi, 16)));
+      _mm512_store_si512(pp[t / 2], _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+    }
+    const int64_t ptiles = (n + 2 * kTileRows - 1) / (2 * kTileRows);   // 32 tokens per P tile
+    for (int64_t pt = 0; pt < ptiles; ++pt) {   // P tile pt: [head][pair] = pp[16·pt + pair][head]
+      __m512 in[16], outv[16];
+      for (int i = 0; i < 16; ++i) in[i] = _mm512_load_ps(reinterpret_cast<const float*>(pp[pt * kTileRows + i]));
+      transpose16(in, outv);
+      for (int i = 0; i < 16; ++i) _mm512_store_ps(reinterpret_cast<float*>(ptile[pt][i]), outv[i]);
+    }
+    _tile_loadd(4, ptile[0], 64);
+    if (ptiles == 2) _tile_loadd(5, ptile[1], 64);
+    // values: per 32 columns, B tiles of two interleaved latent rows per token pair (zero past n)
+    for (int64_t cb = 0; cb < cblocks; cb += 2) {
+      const bool two = cb + 1 < cblocks;
+      _tile_loadd(0, acc + cb * kTileRows * kTileRows, 64);
+      if (two) _tile_loadd(1, acc + (cb + 1) * kTileRows * kTileRows, 64);
+      for (int64_t pt = 0; pt < ptiles; ++pt) {
+        alignas(64) uint32_t bt2[kTileRows][kTileRows];   // the next 16 columns' B tile
+        for (int64_t kk = 0; kk < kTileRows; ++kk) {
+          const int64_t t = pt * 2 * kTileRows + 2 * kk;
+          const __m512i va = t < n ? _mm512_loadu_si512(j.lat + (a + t) * j.st + cb * kTileRows) : _mm512_setzero_si512();
+          const __m512i vb = t + 1 < n ? _mm512_loadu_si512(j.lat + (a + t + 1) * j.st + cb * kTileRows)
+                                       : _mm512_setzero_si512();
+          _mm512_store_si512(btile[kk], _mm512_permutex2var_epi16(va, lo_idx, vb));   // columns cb·16 .. +15
+          if (two)
+            _mm512_store_si512(bt2[kk], _mm512_permutex2var_epi16(va, _mm512_add_epi16(lo_idx, _mm512_set1_epi16(16)), vb));
+        }
+        _tile_loadd(6, btile, 64);
+        if (pt == 0) _tile_dpbf16ps(0, 4, 6);
+        else _tile_dpbf16ps(0, 5, 6);
+        if (two) {
+          _tile_loadd(7, bt2, 64);
+          if (pt == 0) _tile_dpbf16ps(1, 4, 7);
+          else _tile_dpbf16ps(1, 5, 7);
+        }
+      }
+      _tile_stored(0, acc + cb * kTileRows * kTileRows, 64);
+      if (two) _tile_stored(1, acc + (cb + 1) * kTileRows * kTileRows, 64);
+    }
+  }
+  _mm512_storeu_ps(part.max, vmax);
+  _mm512_storeu_ps(part.sum, vsum);
+}
+#endif
+
+bool g_amx = false;   // set_amx(): the AMX jobs replace run_job where r % 32 == 0 and D % 32 == 0
+
 }  // namespace
 
 bool fast_path() {
@@ -195,6 +303,16 @@ bool fast_path() {
 #else
   return false;
 #endif
+}
+
+// Use the AMX jobs from now on (true: only where compiled in and Linux grants the tile registers); the new state
+bool set_amx(bool on) {
+#ifdef DSV3_AMX
+  g_amx = on && amx_permission();
+#else
+  g_amx = false;
+#endif
+  return g_amx;
 }
 
 torch::Tensor decode(torch::Tensor q, torch::Tensor latent, int64_t r, double scale) {
@@ -228,7 +346,15 @@ torch::Tensor decode(torch::Tensor q, torch::Tensor latent, int64_t r, double sc
   const uint16_t* lp = reinterpret_cast<const uint16_t*>(latent.data_ptr<at::BFloat16>());
   const int64_t sb = latent.stride(0), st = latent.stride(1);
   const float fscale = static_cast<float>(scale);
+#ifdef DSV3_AMX
+  const bool amx = g_amx && D % 32 == 0 && r % 32 == 0;
+#else
+  const bool amx = false;
+#endif
   at::parallel_for(0, jobs, 1, [&](int64_t begin, int64_t end) {
+#ifdef DSV3_AMX
+    if (amx) configure_tiles();
+#endif
     for (int64_t j = begin; j < end; ++j) {
       const int64_t b = j / (G * S), g = (j / S) % G, s = j % S;
       const int64_t t0 = s * per, t1 = std::min(T, t0 + per);
@@ -239,9 +365,19 @@ torch::Tensor decode(torch::Tensor q, torch::Tensor latent, int64_t r, double sc
         }
         continue;
       }
+#ifdef DSV3_AMX
+      if (amx) {
+        run_job_amx(MlaJob{packed.data() + (b * G + g) * D2 * kLanes, lp + b * sb, st, D, r, fscale}, t0, t1,
+                    ap + j * acc_size, parts[j]);
+        continue;
+      }
+#endif
       run_job(packed.data() + (b * G + g) * D2 * kLanes, D2, lp + b * sb, st, t0, t1, r, fscale, ap + j * acc_size,
               parts[j]);
     }
+#ifdef DSV3_AMX
+    if (amx) _tile_release();
+#endif
   });
   // merge the stretches: o = Σ_s e^(max_s - M) acc_s / Σ_s e^(max_s - M) sum_s
   auto o = torch::empty({B, Hp, r}, q.options().dtype(at::kFloat));
@@ -261,7 +397,9 @@ torch::Tensor decode(torch::Tensor q, torch::Tensor latent, int64_t r, double sc
         float* out = op + (b * Hp + g * kLanes + h) * r;
         for (int64_t c = 0; c < r; ++c) {
           float v = 0.f;
-          for (int64_t s = 0; s < S; ++s) v += w[s] * ap[(j0 + s) * acc_size + h * chunks * kLanes + c];
+          // run_job keeps acc per head [16][r], run_job_amx in tile order [r/16][16 heads][16]
+          const int64_t at = amx ? ((c / kLanes) * kLanes + h) * kLanes + c % kLanes : h * chunks * kLanes + c;
+          for (int64_t s = 0; s < S; ++s) v += w[s] * ap[(j0 + s) * acc_size + at];
           out[c] = v / den;
         }
       }
@@ -283,6 +421,7 @@ TORCH_LIBRARY_IMPL(dsv3, CPU, m) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fast_path", &fast_path, "whether the AVX512-BF16 path was compiled in");
+  m.def("set_amx", &set_amx, "use the AMX jobs (where compiled in and granted); returns the new state");
   m.def("decode", &decode, "o[b,h] = softmax_t(scale q[b,h].latent[b,t]) . latent[b,t,:r] (fp32, heads padded to 16)");
   m.def("mla_decode", &mla_decode, "decode without the padded heads: [B, H, r]");
 }
