@@ -21,6 +21,9 @@
 // queries; the caller drops them). The latent may be a strided view (a slice of a preallocated cache):
 // rows need only unit stride inside. Without AVX512-BF16 the module is not built (`fast_path()` false is
 // never reached: the Python side checks the CPU first) — a scalar loop keeps it compiling anywhere.
+// On a CPU with AMX-BF16 (compiled in by -march=native there) `set_amx(true)` swaps each job for run_job_amx: the
+// same blocks, roundings and merge, with the scores and the value sums as tile products (8192 latents × 16 heads:
+// 1.75 → 0.42 ms on a 2-core Xeon, about the time to read the 9.4 MB of latents).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
