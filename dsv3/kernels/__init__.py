@@ -41,6 +41,7 @@ from torch import nn
 
 from dsv3.kernels import amx, int_kernels
 from dsv3.kernels.ops import kernel_op, register_fakes
+from dsv3.memory import keep_freed_memory
 from dsv3.model.attention import use_attention_kernels
 from dsv3.model.weights import use_kernels
 from dsv3.quant.formats import heads_as_experts
@@ -605,6 +606,7 @@ def select_kernels(model: nn.Module, choice: str = "auto") -> CpuKernels | None:
         kernels = CpuKernels()
         use_kernels(model, kernels)
         use_attention_kernels(model, kernels)
+        keep_freed_memory()   # CPU inference: prefill's temporaries reuse freed memory instead of fresh pages
         reason = f"kernels={choice!r}"
         if _holds_fp8(model):   # build the FP8 extension now (logged), not inside the first forward pass
             reason += ", FP8 weights read as stored" if fp8_available() else ", FP8 weights dequantised per tile"
