@@ -20,6 +20,7 @@ import ctypes
 import functools
 import logging
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -87,8 +88,6 @@ def keep_freed_memory() -> bool:
     prefill, 441–453 ms against 405–409 ms with freed memory kept (0 faults). The cost: the process keeps its peak
     heap (freed memory is reused, not returned to the OS). dsv3.kernels.select_kernels calls this when it picks the
     CPU kernels (inference on the CPU); `MALLOC_MMAP_THRESHOLD_` / `MALLOC_TRIM_THRESHOLD_` do the same by hand."""
-    import os
-
     if os.environ.get(KEEP_FREED_ENV, "1") == "0":
         logger.info("malloc: glibc defaults kept (%s=0)", KEEP_FREED_ENV)
         return False

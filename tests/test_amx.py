@@ -68,14 +68,20 @@ def test_int4_groups(group: int) -> None:
     assert_close(got, amx.reference_expert_gemm(x, deq, ids), _bound(x, deq, ids), f"AMX int4 G={group}")
 
 
+def _fp8_stack(dense: torch.Tensor, block: tuple[int, int], parts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """dense [E, N, K] as an FP8 expert stack with `parts` block grids per expert (weights, scale_inv)."""
+    pieces = [quantize_fp8_blocks(h, block) for e in range(dense.shape[0]) for h in dense[e].chunk(parts, 0)]
+    grouped = [pieces[e * parts:(e + 1) * parts] for e in range(dense.shape[0])]
+    return (torch.stack([torch.cat([p[0] for p in g]) for g in grouped]),
+            torch.stack([torch.cat([p[1] for p in g]) for g in grouped]))
+
+
 @needs_amx
 @pytest.mark.parametrize("parts, block", [(2, (32, 128)), (1, (128, 128)), (2, (48, 64))])
 def test_fp8_blocks(parts: int, block: tuple[int, int]) -> None:
     """Block grids per part (a gate_up stack from separate gate/up tensors) and ragged row blocks (48 of 40 rows)."""
     x, dense, ids = _case(80, 256, seed=parts)
-    pieces = [quantize_fp8_blocks(h, block) for e in range(dense.shape[0]) for h in dense[e].chunk(parts, 0)]
-    w = torch.stack([torch.cat([p[0] for p in pieces[e * parts:(e + 1) * parts]]) for e in range(dense.shape[0])])
-    s = torch.stack([torch.cat([p[1] for p in pieces[e * parts:(e + 1) * parts]]) for e in range(dense.shape[0])])
+    w, s = _fp8_stack(dense, block, parts)
     deq = dequantize_fp8_stacked(w, s, block, torch.bfloat16, parts)
     got = amx.expert_gemm(x, w, s, ids, "fp8", block=block, parts=parts)
     assert_close(got, amx.reference_expert_gemm(x, deq, ids), _bound(x, deq, ids), f"AMX fp8 {parts} {block}")
@@ -98,10 +104,9 @@ def test_formats_take_the_amx_path_for_prefill(kind: str, fmt: object) -> None:
     x = torch.randn(len(ids), 256, generator=g).to(torch.bfloat16)
     m = nn.Module()
     if kind == "fp8":
-        pieces = [quantize_fp8_blocks(h, (128, 128)) for e in range(len(counts)) for h in dense[e].chunk(2, 0)]
-        m.register_buffer("w", torch.stack([torch.cat([pieces[2 * e][0], pieces[2 * e + 1][0]]) for e in range(5)]))
-        m.register_buffer("w_scale_inv",
-                          torch.stack([torch.cat([pieces[2 * e][1], pieces[2 * e + 1][1]]) for e in range(5)]))
+        w, s = _fp8_stack(dense, (128, 128), 2)
+        m.register_buffer("w", w)
+        m.register_buffer("w_scale_inv", s)
     else:
         fmt.adopt(m, "w", dense.to(torch.bfloat16) if kind == "bf16" else dense)
     batch = ExpertBatch.from_sorted(ids, len(counts))

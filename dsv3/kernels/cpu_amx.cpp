@@ -34,6 +34,7 @@
 #include "amx_tiles.h"
 #include "expert_runs.h"
 #include "fp8_convert.h"
+#include "vec_math.h"
 
 namespace {
 
@@ -41,13 +42,6 @@ enum Kind : int64_t { kBf16 = 0, kInt8 = 1, kInt4 = 2, kFp8 = 3 };
 
 constexpr int64_t kChunk = 32;      // K values per tile product
 constexpr int64_t kPanelRows = 32;  // output rows per work item (two A tiles)
-
-inline float bf16_value(uint16_t v) {
-  const uint32_t u = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
 
 #ifdef DSV3_AMX
 // 32 fp32 -> 32 bf16 (round to nearest even), stored at dst
@@ -90,7 +84,7 @@ struct Weights {
         const uint16_t* sz = static_cast<const uint16_t*>(scale) + e * (K / group) * N * 2;
         for (int64_t k = 0; k < K; k += kChunk) {
           const uint16_t* g = sz + ((k / group) * N + n) * 2;   // (scale, zero) of this row's group
-          const __m512 s = _mm512_set1_ps(bf16_value(g[0])), z = _mm512_set1_ps(bf16_value(g[1]));
+          const __m512 s = _mm512_set1_ps(bf16_to_float(g[0])), z = _mm512_set1_ps(bf16_to_float(g[1]));
           // 16 bytes = 32 codes: byte j holds column 2j (low nibble) and 2j+1 (high)
           const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pk + k / 2)));
           const __m256i codes = _mm256_or_si256(_mm256_and_si256(b, _mm256_set1_epi16(0x0F)),

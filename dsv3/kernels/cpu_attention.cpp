@@ -42,13 +42,6 @@ constexpr int64_t kLanes = 16;
 constexpr int64_t kTile = 64;          // tokens per tile (scores and probabilities stay in L1)
 constexpr int64_t kMinStretch = 64;    // tokens per job at least, when T is split across threads
 
-inline float bf16_to_float(uint16_t v) {
-  uint32_t u = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
 inline uint16_t float_to_bf16(float f) {   // round to nearest even
   uint32_t u;
   std::memcpy(&u, &f, 4);

@@ -1,6 +1,15 @@
-// Vector math shared by the MLA decode kernel (cpu_attention.cpp); the JIT build's ninja tracks this header.
+// bf16 and vector math shared by cpu_attention.cpp and cpu_amx.cpp; the JIT build's ninja tracks this header.
 #pragma once
 #include <immintrin.h>
+#include <cstdint>
+#include <cstring>
+
+inline float bf16_to_float(uint16_t v) {
+  const uint32_t u = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
 
 #if defined(__AVX512F__)
 // e^x for x ≤ 0 (scores minus their max): 2^(x·log2 e) as 2^n · 2^f, f in [-1/2, 1/2], degree-7 Taylor
