@@ -49,8 +49,9 @@ inline void store_bf16x32(uint16_t* dst, __m512 lo, __m512 hi) {
   _mm512_storeu_si512(dst, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
 }
 
-// Panel of `rows` (16 or 32) weight rows n0.. of expert e as bf16 in tile order, [K/32][rows][32]: each A tile is
-// 1 KB contiguous (rows 4 KB apart in W would all fall into one L1 set and evict each other)
+// Panel of `rows` (16 or 32) dequantised weight rows n0.. of expert e (int8, int4, FP8) as bf16 in tile order,
+// [K/32][rows][32]: each A tile is 1 KB contiguous. bf16 weights are not copied: their tiles are read in place (a
+// tile-order copy of them measured slower on the bench shape).
 struct Weights {
   int64_t kind, N, K, group, bo, bi, parts, sc_rows, sc_cols;
   const uint8_t* w;      // expert-stacked bytes (bf16: 2 per value; int4: half a byte)
@@ -68,10 +69,7 @@ struct Weights {
       const int64_t n = n0 + i;
       uint16_t* dst = out + i * kChunk;   // chunk c of this row at dst + c·rows·32
       const int64_t ld = rows * kChunk;
-      if (kind == kBf16) {
-        const uint16_t* src = reinterpret_cast<const uint16_t*>(w) + (e * N + n) * K;
-        for (int64_t k = 0; k < K; k += kChunk) _mm512_storeu_si512(dst + k / kChunk * ld, _mm512_loadu_si512(src + k));
-      } else if (kind == kInt8) {
+      if (kind == kInt8) {
         const int8_t* q = reinterpret_cast<const int8_t*>(w) + (e * N + n) * K;
         const __m512 s = _mm512_set1_ps(static_cast<const float*>(scale)[e * N + n]);
         for (int64_t k = 0; k < K; k += kChunk) {
@@ -244,7 +242,7 @@ torch::Tensor expert_gemm(torch::Tensor x, torch::Tensor w, torch::Tensor scale,
   }
   at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
     configure_tiles();
-    std::vector<uint16_t> panel(kPanelRows * K);
+    std::vector<uint16_t> panel(kind == kBf16 ? 0 : kPanelRows * K);   // (bf16 is read in place)
     for (int64_t i = bounds[t0]; i < bounds[t1]; ++i) {
       const int64_t r = items[2 * i], n0 = items[2 * i + 1];
       const int64_t e = runs[3 * r], first = runs[3 * r + 1], rows = runs[3 * r + 2];
