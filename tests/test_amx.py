@@ -87,6 +87,31 @@ def test_fp8_blocks(parts: int, block: tuple[int, int]) -> None:
     assert_close(got, amx.reference_expert_gemm(x, deq, ids), _bound(x, deq, ids), f"AMX fp8 {parts} {block}")
 
 
+@needs_amx
+@pytest.mark.parametrize("kind", ["int8", "int4", "fp8", "fp8 (48, 48)"])
+def test_panels_hold_the_dequantised_bits(kind: str) -> None:
+    """Unit rows x = e_k read column k of each expert's weights back: every value the kernel multiplies is the
+    format's dequantised bf16 value, bit for bit (the panels, built chunk by chunk, for two experts with 80 rows
+    = a 16-row last panel, and FP8 blocks of 48 inputs, whose chunks straddle two scale blocks)."""
+    experts, n, k = 2, 80, 256
+    dense = torch.randn(experts, n, k, generator=torch.Generator().manual_seed(7)) * 0.05
+    if kind == "int8":
+        w, s = intq.quantize_int8(dense)
+        deq, extra = intq.dequantize_int8(w, s, torch.bfloat16), {}
+    elif kind == "int4":
+        m, fmt = nn.Module(), Int4Grouped(group_size=64)
+        fmt.adopt(m, "w", dense)
+        w, s, deq, extra = m.w_packed, m.w_scale_zero, fmt.matrix(m, "w", torch.bfloat16), {"group": 64}
+    else:
+        block = (48, 48) if "48" in kind else (128, 128)
+        w, s = _fp8_stack(dense, block, 2)
+        deq, extra = dequantize_fp8_stacked(w, s, block, torch.bfloat16, 2), {"block": block, "parts": 2}
+    x = torch.eye(k, dtype=torch.bfloat16).repeat(experts, 1)                    # [E·K, K]
+    ids = torch.arange(experts).repeat_interleave(k)
+    got = amx.expert_gemm(x, w, s, ids, kind.split()[0], **extra)               # [E·K, N]: row e·K + j = W_e[:, j]
+    assert torch.equal(got.view(experts, k, n).transpose(1, 2), deq.float()), f"AMX {kind}: panel bits differ"
+
+
 def _formats() -> list[tuple[str, object]]:
     return [("bf16", Plain()), ("int8", Int8PerChannel()), ("int4", Int4Grouped(group_size=64)),
             ("fp8", Fp8Blocks(block_size=(128, 128), parts=2))]
