@@ -9,8 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from dsv3 import kernels
+from dsv3 import DeepseekV3Config, kernels
 from dsv3.kernels import amx
+from dsv3.model.moe import RoutedExperts
 from dsv3.quant import intq
 from dsv3.quant.formats import ExpertBatch, Fp8Blocks, Plain
 from dsv3.quant.fp8 import dequantize_fp8_stacked, quantize_fp8_blocks
@@ -112,6 +113,47 @@ def test_panels_hold_the_dequantised_bits(kind: str) -> None:
     assert torch.equal(got.view(experts, k, n).transpose(1, 2), deq.float()), f"AMX {kind}: panel bits differ"
 
 
+def _stack(kind: str, dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+    """dense [E, N, K] held as `kind`: (weight, scale, expert_gemm keywords)."""
+    if kind == "bf16":
+        return dense.to(torch.bfloat16), None, {}
+    if kind == "int8":
+        return (*intq.quantize_int8(dense), {})
+    if kind == "int4":
+        m = nn.Module()
+        Int4Grouped(group_size=64).adopt(m, "w", dense)
+        return m.w_packed, m.w_scale_zero, {"group": 64}
+    return (*_fp8_stack(dense, (32, 128), 2), {"block": (32, 128), "parts": 2})
+
+
+@needs_amx
+@pytest.mark.parametrize("kind", ["bf16", "int8", "int4", "fp8"])
+def test_fused_gather_swiglu_and_row_scales(kind: str) -> None:
+    """The MoE layer's fusions against the same kernel unfused and PyTorch ops around it: rows gathered through
+    `src` (bit for bit), row scales on the fp32 sums (bit for bit), and silu(gate)·up of a gate_up stack [E, 2I, K]
+    (I = 48: the up rows of gate rows j are 48 + j; FP8 with separate gate/up block grids) against bf16 ops on the
+    unfused bf16 output: equal but where the kernel's e^x and PyTorch's round silu's fp32 value to different
+    sides of a bf16 rounding boundary (at most one bf16 step of the result, counted)."""
+    g = torch.Generator().manual_seed(11)
+    ids = _ids(COUNTS)
+    p, k, inter = len(ids), 128, 48
+    w, s, kw = _stack(kind, torch.randn(len(COUNTS), 2 * inter, k, generator=g) * 0.1)
+    x = torch.randn(p + 5, k, generator=g).to(torch.bfloat16)
+    src = torch.randperm(p + 5, generator=g)[:p]
+    plain = amx.expert_gemm(x[src], w, s, ids, kind, **kw)
+    assert torch.equal(amx.expert_gemm(x, w, s, ids, kind, src=src, **kw), plain), "gathered rows differ"
+    scale = torch.rand(p, generator=g)
+    assert torch.equal(amx.expert_gemm(x, w, s, ids, kind, src=src, row_scale=scale, **kw), plain * scale[:, None])
+    h = plain.to(torch.bfloat16)
+    want = torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]
+    got = amx.expert_gemm(x, w, s, ids, kind, src=src, swiglu=True, out_dtype=torch.bfloat16, **kw)
+    assert got.shape == want.shape and got.dtype == torch.bfloat16
+    differ = got != want
+    step = (want.float().abs() * 2.0**-7).clamp_min(1e-30)                     # one bf16 step of the result
+    assert ((got.float() - want.float()).abs() <= step).all(), f"AMX {kind} swiglu: off by more than a bf16 step"
+    assert differ.float().mean() < 0.01, f"AMX {kind} swiglu: {int(differ.sum())} of {differ.numel()} values differ"
+
+
 def _formats() -> list[tuple[str, object]]:
     return [("bf16", Plain()), ("int8", Int8PerChannel()), ("int4", Int4Grouped(group_size=64)),
             ("fp8", Fp8Blocks(block_size=(128, 128), parts=2))]
@@ -142,6 +184,53 @@ def test_formats_take_the_amx_path_for_prefill(kind: str, fmt: object) -> None:
     assert ks.calls[f"amx_expert_gemm ({kind})"] == 1
     assert got.dtype == want.dtype == torch.bfloat16    # both round the fp32 sums to bf16 once
     assert_close(got.float(), want.float(), 2 ** -7 * float(want.float().abs().max()), f"{kind}: AMX vs stock")
+
+
+def _experts(kind: str, fmt: object, cfg: DeepseekV3Config, g: torch.Generator) -> RoutedExperts:
+    e, i, d = cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.hidden_size
+    gate_up, down = torch.randn(e, 2 * i, d, generator=g) * 0.1, torch.randn(e, d, i, generator=g) * 0.1
+    if kind != "fp8":
+        experts = RoutedExperts(cfg)
+        experts.gate_up_proj = nn.Parameter(gate_up.to(torch.bfloat16))
+        experts.down_proj = nn.Parameter(down.to(torch.bfloat16))
+        if kind != "bf16":
+            experts.adopt_format("gate_up_proj", fmt)
+            experts.adopt_format("down_proj", fmt)
+        return experts
+    with torch.device("meta"):
+        experts = RoutedExperts(cfg, Fp8Blocks(block_size=(64, 64), parts=2), Fp8Blocks(block_size=(64, 64)))
+    for name, dense, parts in (("gate_up_proj", gate_up, 2), ("down_proj", down, 1)):
+        w, s = _fp8_stack(dense, (64, 64), parts)
+        setattr(experts, name, nn.Parameter(w, requires_grad=False))
+        setattr(experts, name + "_scale_inv", s)
+    return experts
+
+
+@needs_amx
+@pytest.mark.parametrize("kind, fmt", _formats(), ids=[k for k, _ in _formats()])
+def test_moe_layer_fuses_gather_swiglu_and_weights(kind: str, fmt: object) -> None:
+    """A routed-experts layer at prefill with `CpuKernels`: the fused pair of AMX calls (counted; nothing
+    dequantised, no per-weight call), equal to the same layer on the stock path (gather, per-weight grouped GEMMs
+    with bf16 outputs, silu, mul, weights, index_add) within the stock path's bf16 roundings."""
+    cfg = DeepseekV3Config.tiny(n_routed_experts=8, num_experts_per_tok=2, hidden_size=128, moe_intermediate_size=64,
+                                n_group=1, topk_group=1)
+    g = torch.Generator().manual_seed(9)
+    experts = _experts(kind, fmt, cfg, g)
+    n = 100                                                            # 200 (token, expert) pairs > max_expert_rows
+    x = torch.randn(n, 128, generator=g).to(torch.bfloat16)
+    weights = torch.rand(n, 2, generator=g)
+    indices = torch.stack([torch.randint(0, 4, (n,), generator=g), torch.randint(4, 7, (n,), generator=g)], -1)
+    stock = {k: f.with_kernels(None) for k, f in experts.formats.items()}
+    ks = kernels.CpuKernels(int_isa=None) if not kernels.available() else kernels.CpuKernels()
+    experts.set_formats(*(f.with_kernels(ks) for f in stock.values()))
+    with torch.no_grad():
+        got = experts(x, weights, indices, "grouped")
+        experts.set_formats(*stock.values())
+        want = experts(x, weights, indices, "grouped")
+    gk, dk = (experts.formats[k].expert_operands(experts, k).kind for k in ("gate_up_proj", "down_proj"))
+    assert ks.calls == {f"amx_moe_experts ({gk}, {dk})": 1}
+    assert got.dtype == want.dtype == torch.float32
+    assert_close(got, want, 2 ** -6 * float(want.abs().max()), f"{kind}: fused AMX experts vs stock")
 
 
 def test_without_amx_prefill_keeps_the_stock_grouped_gemm() -> None:

@@ -44,7 +44,7 @@ from dsv3.kernels.ops import kernel_op, register_fakes
 from dsv3.memory import keep_freed_memory
 from dsv3.model.attention import use_attention_kernels
 from dsv3.model.weights import use_kernels
-from dsv3.quant.formats import heads_as_experts
+from dsv3.quant.formats import ExpertOperands, heads_as_experts
 
 logger = logging.getLogger(__name__)
 
@@ -365,6 +365,30 @@ class CpuKernels:
             return None
         self._count(f"amx_expert_gemm ({kind})")
         return amx.expert_gemm(xb, weight, scale, ids, kind, out_dtype=torch.bfloat16, **kw)
+
+    def moe_experts(self, x: torch.Tensor, token: torch.Tensor, ids: torch.Tensor, row_weight: torch.Tensor,
+                    gate_up: ExpertOperands | None, down: ExpertOperands | None) -> torch.Tensor | None:
+        """A MoE layer's routed experts for prefill on AMX, in two fused calls: the activations gathered (x[token])
+        while they are repacked and silu(gate)·up computed on the gate_up sums, then the down products times the
+        routing weights (row_weight) on their fp32 sums -> [P, D] fp32, ready for the index_add over tokens. This
+        spares the stock path's gathered copy of x, its [P, 2I] output and the silu, mul, cast and scaling passes
+        over them. The down sums are not rounded to bf16 before the weights (the stock path's bf16 GEMM rounds
+        them): as the decode kernels compute it. None where it does not apply (no AMX, ≤ max_expert_rows pairs,
+        autograd, compile, a stack the kernel does not read, shapes): the caller runs the per-weight path."""
+        if not (self.amx and gate_up is not None and down is not None and x.dim() == 2
+                and ids.shape[0] > self.max_expert_rows and x.dtype in (torch.bfloat16, torch.float32)
+                and gate_up.weight.is_contiguous() and down.weight.is_contiguous()):
+            return None
+        xb = x.to(torch.bfloat16)
+        inter = gate_up.weight.shape[1] // 2
+        if not (inter % 32 == 0 and amx.applies(xb, gate_up.weight.shape[1], x.shape[1])
+                and amx.applies(xb, down.weight.shape[1], inter)):
+            return None
+        self._count(f"amx_moe_experts ({gate_up.kind}, {down.kind})")
+        h = amx.expert_gemm(xb, gate_up.weight, gate_up.scale, ids, gate_up.kind, gate_up.group, gate_up.block,
+                            gate_up.parts, out_dtype=torch.bfloat16, src=token, swiglu=True)     # [P, I]
+        return amx.expert_gemm(h, down.weight, down.scale, ids, down.kind, down.group, down.block, down.parts,
+                               row_scale=row_weight)                                             # [P, D] fp32
 
     # -- int8 / int4 weights (int_kernels.py, cpu_int.cpp) --------------------------------------------------
     @staticmethod

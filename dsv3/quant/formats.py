@@ -82,6 +82,12 @@ class Kernels(Protocol):
                            ids: torch.Tensor) -> torch.Tensor | None:
         """y[p] = x[p] @ W[ids[p]]ᵀ, ids sorted; packed [E, N, K/2], scale_zero [E, K/G, N, 2] -> [P, N] fp32."""
 
+    # optional (duck-typed): a MoE layer's routed experts in one go, both stacks as stored (ExpertOperands)
+    def moe_experts(self, x: torch.Tensor, token: torch.Tensor, ids: torch.Tensor, row_weight: torch.Tensor,
+                    gate_up: ExpertOperands | None, down: ExpertOperands | None) -> torch.Tensor | None:
+        """(token, expert) pairs sorted by expert (ids [P]; token [P]: the pair's row of x [N, D]; row_weight [P]:
+        its routing weight) -> row_weight · down(silu(gate)·up)(x[token]) [P, D] fp32."""
+
     # dequantising for prefill's GEMMs: rows [r0, r1) (of the `experts` of a stack, None for a matrix) as `dtype`
     def int8_dense(self, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, experts: torch.Tensor | None,
                    rows: tuple[int, int]) -> torch.Tensor | None:
@@ -144,6 +150,20 @@ class ExpertBatch:
         return cls(ids, counts, counts.cumsum(0).to(torch.int32))
 
 
+@dataclass(frozen=True)
+class ExpertOperands:
+    """An expert stack as stored, in the terms of the AMX expert GEMM (`dsv3.kernels.amx.expert_gemm`): the weight
+    tensor, its scales, the kind ("bf16", "int8", "int4", "fp8") and the kind's parameters. Kernels that fuse a
+    whole MoE layer (`moe_experts`) take both stacks of a layer this way."""
+
+    weight: torch.Tensor
+    scale: torch.Tensor | None
+    kind: str
+    group: int = 0
+    block: tuple[int, int] = (0, 0)
+    parts: int = 1
+
+
 class WeightFormat:
     """Base of the formats. `fixed_dtype`: `module.to(dtype)` moves this format's tensors but never casts them."""
 
@@ -176,6 +196,10 @@ class WeightFormat:
     def grouped(self, module: nn.Module, name: str, xs: torch.Tensor, batch: ExpertBatch) -> torch.Tensor:
         """xs [P, in] sorted by expert -> [P, out], row p times expert batch.ids[p] (x.dtype, or fp32 from kernels)."""
         raise NotImplementedError
+
+    def expert_operands(self, module: nn.Module, name: str) -> ExpertOperands | None:
+        """Expert stack `name` as stored, for kernels that read it directly (None: not a stack they read)."""
+        return None
 
     def with_kernels(self, kernels: Kernels | None) -> WeightFormat:
         return self
@@ -220,6 +244,10 @@ class Plain(WeightFormat):
             if y is not None:
                 return y
         return F.grouped_mm(xs, w.transpose(1, 2), offs=batch.offs)
+
+    def expert_operands(self, module: nn.Module, name: str) -> ExpertOperands | None:
+        w = getattr(module, name)
+        return ExpertOperands(w, None, "bf16") if w.dim() == 3 and w.dtype == torch.bfloat16 else None
 
     def with_kernels(self, kernels: Kernels | None) -> Plain:
         return self if kernels is self.kernels else replace(self, kernels=kernels)
@@ -379,6 +407,12 @@ class Fp8Blocks(WeightFormat):
             return None
         _log_path(self, h * p, "kernel (heads)")
         return y.view(h, p, -1).transpose(0, 1)                                        # [P, H, ...]
+
+    def expert_operands(self, module: nn.Module, name: str) -> ExpertOperands | None:
+        w = getattr(module, name)
+        if w.dim() != 3 or w.dtype != torch.float8_e4m3fn or self.block_size[1] % 16:
+            return None
+        return ExpertOperands(w, getattr(module, name + SCALE_INV), "fp8", block=self.block_size, parts=self.parts)
 
     def with_stats(self, stats: DequantStats | None) -> Fp8Blocks:
         return replace(self, stats=stats)

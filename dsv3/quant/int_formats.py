@@ -53,7 +53,7 @@ from torch import nn
 
 from dsv3.memory import weight_empty
 from dsv3.quant import intq
-from dsv3.quant.formats import DequantStats, ExpertBatch, Kernels, WeightFormat
+from dsv3.quant.formats import DequantStats, ExpertBatch, ExpertOperands, Kernels, WeightFormat
 from dsv3.quant.fp8 import CHUNK_ELEMENTS, TILE_ELEMENTS
 
 logger = logging.getLogger(__name__)
@@ -231,6 +231,10 @@ class Int8PerChannel(_IntFormat):
     def _kernel_grouped(self, module: nn.Module, name: str, xs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor | None:
         return self.kernels.int8_expert_linear(xs, getattr(module, name), getattr(module, name + "_scale"), ids)
 
+    def expert_operands(self, module: nn.Module, name: str) -> ExpertOperands | None:
+        q = getattr(module, name)
+        return ExpertOperands(q, getattr(module, name + "_scale"), "int8") if q.dim() == 3 else None
+
     def _pack_mm(self, module: nn.Module, name: str, x: torch.Tensor, expert: int | None) -> torch.Tensor | None:
         q, s = getattr(module, name), getattr(module, name + "_scale")
         if expert is not None:
@@ -326,6 +330,12 @@ class Int4Grouped(_IntFormat):
             return None
         return self.kernels.int4_expert_linear(xs, getattr(module, name + "_packed"),
                                                getattr(module, name + "_scale_zero"), self.group_size, ids)
+
+    def expert_operands(self, module: nn.Module, name: str) -> ExpertOperands | None:
+        packed = getattr(module, name + "_packed")
+        if self.layout != "rows" or packed.dim() != 3 or self.group_size % 32:
+            return None
+        return ExpertOperands(packed, getattr(module, name + "_scale_zero"), "int4", group=self.group_size)
 
     def _pack_mm(self, module: nn.Module, name: str, x: torch.Tensor, expert: int | None) -> torch.Tensor | None:
         if self.layout != "cpu" or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
