@@ -186,6 +186,33 @@ def test_formats_take_the_amx_path_for_prefill(kind: str, fmt: object) -> None:
     assert_close(got.float(), want.float(), 2 ** -7 * float(want.float().abs().max()), f"{kind}: AMX vs stock")
 
 
+@needs_amx
+@pytest.mark.parametrize("kind, fmt", _formats()[1:], ids=[k for k, _ in _formats()[1:]])
+def test_large_quantised_matrices_take_amx_for_many_rows(kind: str, fmt: object) -> None:
+    """A quantised matrix of at least `amx_dense_min` values times more rows than the GEMV kernels take runs as a
+    one-expert AMX GEMM (counted) and equals the format's stock path (dequantised tiles + oneDNN, bf16 outputs);
+    below the size, or with fp32 activations, the stock path runs."""
+    g = torch.Generator().manual_seed(4)
+    dense = torch.randn(96, 256, generator=g) * 0.05
+    m = nn.Module()
+    if kind == "fp8":
+        w, s = quantize_fp8_blocks(dense, (128, 128))
+        m.register_buffer("w", w)
+        m.register_buffer("w_scale_inv", s)
+        fmt = Fp8Blocks(block_size=(128, 128))
+    else:
+        fmt.adopt(m, "w", dense)
+    x = torch.randn(40, 256, generator=g).to(torch.bfloat16)
+    with torch.no_grad():
+        want = fmt.with_kernels(None).linear(m, "w", x, None)
+        for size, dtype, amx_calls in ((96 * 256, torch.bfloat16, 1), (96 * 256 + 1, torch.bfloat16, 0),
+                                       (96 * 256, torch.float32, 0)):
+            ks = kernels.CpuKernels(amx_dense_min=size) if kernels.available() else kernels.CpuKernels(int_isa=None)
+            got = fmt.with_kernels(ks).linear(m, "w", x.to(dtype), None)
+            assert ks.calls[f"amx_linear ({kind})"] == amx_calls, (size, dtype, dict(ks.calls))
+            assert_close(got.float(), want.float(), 2 ** -7 * float(want.float().abs().max()), f"{kind} linear")
+
+
 def _experts(kind: str, fmt: object, cfg: DeepseekV3Config, g: torch.Generator) -> RoutedExperts:
     e, i, d = cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.hidden_size
     gate_up, down = torch.randn(e, 2 * i, d, generator=g) * 0.1, torch.randn(e, d, i, generator=g) * 0.1
