@@ -130,7 +130,8 @@ def _stack(kind: str, dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor |
 @pytest.mark.parametrize("kind", ["bf16", "int8", "int4", "fp8"])
 def test_fused_gather_swiglu_and_row_scales(kind: str) -> None:
     """The MoE layer's fusions against the same kernel unfused and PyTorch ops around it: rows gathered through
-    `src` (bit for bit), row scales on the fp32 sums (bit for bit), and silu(gate)·up of a gate_up stack [E, 2I, K]
+    `src` (bit for bit), row scales on the fp32 sums (bit for bit), rows added into `dst` rows (the index_add over
+    tokens, two threads each owning a column range), and silu(gate)·up of a gate_up stack [E, 2I, K]
     (I = 48: the up rows of gate rows j are 48 + j; FP8 with separate gate/up block grids) against bf16 ops on the
     unfused bf16 output: equal but where the kernel's e^x and PyTorch's round silu's fp32 value to different
     sides of a bf16 rounding boundary (at most one bf16 step of the result, counted)."""
@@ -144,6 +145,10 @@ def test_fused_gather_swiglu_and_row_scales(kind: str) -> None:
     assert torch.equal(amx.expert_gemm(x, w, s, ids, kind, src=src, **kw), plain), "gathered rows differ"
     scale = torch.rand(p, generator=g)
     assert torch.equal(amx.expert_gemm(x, w, s, ids, kind, src=src, row_scale=scale, **kw), plain * scale[:, None])
+    dst = torch.randint(0, 7, (p,), generator=g)                               # rows added into 7 output rows
+    summed = torch.zeros(7, 2 * inter).index_add_(0, dst, plain * scale[:, None])
+    got = amx.expert_gemm(x, w, s, ids, kind, src=src, row_scale=scale, dst=dst, dst_rows=7, **kw)
+    assert_close(got, summed, 1e-6 * float(summed.abs().max()), f"AMX {kind}: rows added into their dst rows")
     h = plain.to(torch.bfloat16)
     want = torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]
     got = amx.expert_gemm(x, w, s, ids, kind, src=src, swiglu=True, out_dtype=torch.bfloat16, **kw)

@@ -387,11 +387,12 @@ class CpuKernels:
                     gate_up: ExpertOperands | None, down: ExpertOperands | None) -> torch.Tensor | None:
         """A MoE layer's routed experts for prefill on AMX, in two fused calls: the activations gathered (x[token])
         while they are repacked and silu(gate)·up computed on the gate_up sums, then the down products times the
-        routing weights (row_weight) on their fp32 sums -> [P, D] fp32, ready for the index_add over tokens. This
-        spares the stock path's gathered copy of x, its [P, 2I] output and the silu, mul, cast and scaling passes
-        over them. The down sums are not rounded to bf16 before the weights (the stock path's bf16 GEMM rounds
-        them): as the decode kernels compute it. None where it does not apply (no AMX, ≤ max_expert_rows pairs,
-        autograd, compile, a stack the kernel does not read, shapes): the caller runs the per-weight path."""
+        routing weights (row_weight) on their fp32 sums, each added into its token's row -> [N, D] fp32, the sum
+        over each token's experts. This spares the stock path's gathered copy of x, its [P, 2I] output, the silu,
+        mul, cast and scaling passes and the index_add. The down sums are not rounded to bf16 before the weights
+        (the stock path's bf16 GEMM rounds them): as the decode kernels compute it. None where it does not apply
+        (no AMX, ≤ max_expert_rows pairs, autograd, compile, a stack the kernel does not read, shapes): the caller
+        runs the per-weight path."""
         if not (self.amx and gate_up is not None and down is not None and x.dim() == 2
                 and ids.shape[0] > self.max_expert_rows and x.dtype in (torch.bfloat16, torch.float32)
                 and gate_up.weight.is_contiguous() and down.weight.is_contiguous()):
@@ -405,7 +406,7 @@ class CpuKernels:
         h = amx.expert_gemm(xb, gate_up.weight, gate_up.scale, ids, gate_up.kind, gate_up.group, gate_up.block,
                             gate_up.parts, out_dtype=torch.bfloat16, src=token, swiglu=True)     # [P, I]
         return amx.expert_gemm(h, down.weight, down.scale, ids, down.kind, down.group, down.block, down.parts,
-                               row_scale=row_weight)                                             # [P, D] fp32
+                               row_scale=row_weight, dst=token, dst_rows=x.shape[0])             # [N, D] fp32
 
     # -- int8 / int4 weights (int_kernels.py, cpu_int.cpp) --------------------------------------------------
     @staticmethod

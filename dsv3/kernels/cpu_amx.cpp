@@ -1,12 +1,14 @@
 // Expert GEMMs for prefill on AMX (Intel's bf16 tile unit): y[p] = x[p] · W[ids[p]]ᵀ for many rows per expert.
 //
 //   expert_gemm(x [rows,K] bf16, w [E,N,K], scale, ids [P] sorted, kind, group, bo, bi, parts, bf16_out,
-//               src, swiglu, row_scale) -> y [P,N] (swiglu: [P,N/2]) fp32, or bf16 (rounded to nearest even)
+//               src, swiglu, row_scale, dst, dst_rows) -> y [P,N] (swiglu: [P,N/2]) fp32, or bf16 (rounded to
+//               nearest even); with dst: [dst_rows,N] fp32, the sum over p of row p into row dst[p]
 //
 // Fused around the product, for the MoE layer (each optional): `src` [P] int64 gathers the activations (row p is
 // x[src[p]], read while they are repacked); `swiglu` makes W a gate_up stack [E, 2I, K] and y [P, I] = silu(gate)·up,
 // rounded as PyTorch's bf16 ops round it after a bf16 GEMM (gate and up to bf16, silu in fp32 to bf16, the product
-// to bf16); `row_scale` [P] fp32 multiplies output row p (the routing weights, on the fp32 sums).
+// to bf16); `row_scale` [P] fp32 multiplies output row p (the routing weights, on the fp32 sums); `dst` [P] int64
+// adds output row p into row dst[p] of a zeroed [dst_rows, N] fp32 result (the sum over a token's experts).
 //
 // Weight kinds, each read as stored (no dense copy of a whole matrix):
 //   0 bf16   w bf16 [E,N,K]
@@ -140,6 +142,7 @@ struct Epilogue {
   int64_t ldy;               // output row stride
   bool swiglu;               // an item's two row tiles are gate and up rows of the same 16 output columns: silu(g)·u
   const float* row_scale;    // output row p times row_scale[p], or null
+  const int64_t* dst;        // non-null: row p is added to output row dst[p] (fp32; each column has one writer)
 };
 
 // silu(g)·u as PyTorch's bf16 ops compute it after a bf16 GEMM: g and u rounded to bf16, silu in fp32 (g / (1 +
@@ -166,9 +169,9 @@ inline void store_tile(const float (*t)[kTileRows], const float (*u)[kTileRows],
   for (int64_t m = 0; m < count; ++m) {
     __m512 v = u != nullptr ? swiglu16(col[m], ucol[m]) : col[m];
     if (ep.row_scale != nullptr) v = _mm512_mul_ps(v, _mm512_set1_ps(ep.row_scale[row + m]));
-    Out* dst = y + (row + m) * ep.ldy;
-    if constexpr (sizeof(Out) == 4) _mm512_storeu_ps(dst, v);
-    else _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), (__m256i)_mm512_cvtneps_pbh(v));
+    Out* out = y + (ep.dst != nullptr ? ep.dst[row + m] : row + m) * ep.ldy;
+    if constexpr (sizeof(Out) == 4) _mm512_storeu_ps(out, ep.dst != nullptr ? _mm512_add_ps(_mm512_loadu_ps(out), v) : v);
+    else _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), (__m256i)_mm512_cvtneps_pbh(v));
   }
 }
 
@@ -249,7 +252,7 @@ bool init() {
 
 torch::Tensor expert_gemm(torch::Tensor x, torch::Tensor w, torch::Tensor scale, torch::Tensor ids, int64_t kind,
                           int64_t group, int64_t bo, int64_t bi, int64_t parts, bool bf16_out, torch::Tensor src,
-                          bool swiglu, torch::Tensor row_scale) {
+                          bool swiglu, torch::Tensor row_scale, torch::Tensor dst, int64_t dst_rows) {
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2, "x must be bf16 [rows, K]");
   TORCH_CHECK(w.dim() == 3 && w.is_contiguous(), "w must be a contiguous [E, N, K] stack");
   TORCH_CHECK(kind >= kBf16 && kind <= kFp8, "kind must be 0 (bf16), 1 (int8), 2 (int4) or 3 (fp8)");
@@ -271,15 +274,25 @@ torch::Tensor expert_gemm(torch::Tensor x, torch::Tensor w, torch::Tensor scale,
   if (kind == kFp8)
     TORCH_CHECK(bo > 0 && bi > 0 && bi % 16 == 0 && parts > 0 && N % parts == 0 && scale.dim() == 3,
                 "FP8 blocks: bo > 0, bi a multiple of 16, parts dividing N, scale [E, rows, cols]");
+  const bool scatter = dst.numel() > 0;
+  if (scatter) {
+    TORCH_CHECK(dst.dim() == 1 && dst.size(0) == P && dst.scalar_type() == at::kLong && !swiglu && !bf16_out,
+                "dst must be int64 [P] (row p added to output row dst[p]; fp32 output, no swiglu)");
+    TORCH_CHECK(P == 0 || (dst.min().item<int64_t>() >= 0 && dst.max().item<int64_t>() < dst_rows),
+                "dst holds a row outside [0, dst_rows)");
+  }
   const int64_t out_cols = swiglu ? N / 2 : N;
-  auto y = torch::empty({P, out_cols}, x.options().dtype(bf16_out ? at::kBFloat16 : at::kFloat));
+  auto y = scatter ? torch::zeros({dst_rows, N}, x.options().dtype(at::kFloat))
+                   : torch::empty({P, out_cols}, x.options().dtype(bf16_out ? at::kBFloat16 : at::kFloat));
 #ifdef DSV3_AMX
   auto xc = x.contiguous();
   auto sc = scale.contiguous();
   auto srcc = src.contiguous();
   auto rsc = row_scale.contiguous();
+  auto dstc = dst.contiguous();
   const int64_t* srcp = gather ? srcc.data_ptr<int64_t>() : nullptr;
-  const Epilogue ep{out_cols, swiglu, row_scale.numel() > 0 ? rsc.data_ptr<float>() : nullptr};
+  const Epilogue ep{out_cols, swiglu, row_scale.numel() > 0 ? rsc.data_ptr<float>() : nullptr,
+                    scatter ? dstc.data_ptr<int64_t>() : nullptr};
   const std::vector<int64_t> runs = expert_runs(ids, E);   // (expert, first row, rows)
   const int64_t R = static_cast<int64_t>(runs.size()) / 3, chunks = K / kChunk;
   // activations repacked per expert: [m-tile][chunk][16 kk][16 m] 32-bit pairs
@@ -313,21 +326,34 @@ torch::Tensor expert_gemm(torch::Tensor x, torch::Tensor w, torch::Tensor scale,
   });
   // work items (run, first row n_lo, second tile's first row n_hi, rows, output column): 32 consecutive rows of W,
   // the last one of a run 16 when N % 32 == 16; with swiglu 16 gate rows j.. and their 16 up rows I + j..
+  // Each thread takes a contiguous range of items of about equal cost (weights + row tiles), so it knows its next
+  // item; when rows are added into shared output rows (dst) the ranges are column ranges instead, all experts each,
+  // so that no two threads write the same output value.
   std::vector<int64_t> items;
-  for (int64_t r = 0; r < R; ++r) {
+  auto add_items = [&](int64_t r, int64_t c0, int64_t c1) {
     if (swiglu)
-      for (int64_t j = 0; j < N / 2; j += kTileRows) items.insert(items.end(), {r, j, N / 2 + j, kPanelRows, j});
+      for (int64_t j = c0; j < c1; j += kTileRows) items.insert(items.end(), {r, j, N / 2 + j, kPanelRows, j});
     else
-      for (int64_t n0 = 0; n0 < N; n0 += kPanelRows)
-        items.insert(items.end(), {r, n0, n0 + kTileRows, std::min<int64_t>(kPanelRows, N - n0), n0});
-  }
-  const int64_t I = static_cast<int64_t>(items.size()) / 5;
-  const Weights wt{kind, N, K, group, bo, bi, parts, kind == kFp8 ? scale.size(1) : 0, kind == kFp8 ? scale.size(2) : 0,
-                   static_cast<const uint8_t*>(w.data_ptr()), sc.data_ptr()};
-  // contiguous ranges of items of about equal cost (weights + row tiles), so each thread knows its next item
-  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), I));
-  std::vector<int64_t> bounds(threads + 1, I);
-  {
+      for (int64_t n0 = c0; n0 < c1; n0 += kPanelRows)
+        items.insert(items.end(), {r, n0, n0 + kTileRows, std::min<int64_t>(kPanelRows, c1 - n0), n0});
+  };
+  const int64_t want = std::max<int64_t>(1, at::get_num_threads());
+  int64_t threads = 1;
+  std::vector<int64_t> bounds;
+  if (scatter) {
+    threads = std::max<int64_t>(1, std::min<int64_t>(want, (N + kPanelRows - 1) / kPanelRows));
+    for (int64_t t = 0; t < threads; ++t) {
+      bounds.push_back(static_cast<int64_t>(items.size()) / 5);
+      const int64_t c0 = (N * t / threads + kPanelRows - 1) / kPanelRows * kPanelRows;
+      const int64_t c1 = t + 1 == threads ? N : (N * (t + 1) / threads + kPanelRows - 1) / kPanelRows * kPanelRows;
+      for (int64_t r = 0; r < R; ++r) add_items(r, c0, c1);
+    }
+    bounds.push_back(static_cast<int64_t>(items.size()) / 5);
+  } else {
+    for (int64_t r = 0; r < R; ++r) add_items(r, 0, swiglu ? N / 2 : N);
+    const int64_t I = static_cast<int64_t>(items.size()) / 5;
+    threads = std::max<int64_t>(1, std::min<int64_t>(want, I));
+    bounds.assign(threads + 1, I);
     auto cost = [&](int64_t i) { return 4 + (runs[3 * items[5 * i] + 2] + kTileRows - 1) / kTileRows; };
     int64_t total = 0, acc = 0, t = 1;
     for (int64_t i = 0; i < I; ++i) total += cost(i);
@@ -337,6 +363,8 @@ torch::Tensor expert_gemm(torch::Tensor x, torch::Tensor w, torch::Tensor scale,
       if (acc * threads >= total * t) bounds[t++] = i + 1;
     }
   }
+  const Weights wt{kind, N, K, group, bo, bi, parts, kind == kFp8 ? scale.size(1) : 0, kind == kFp8 ? scale.size(2) : 0,
+                   static_cast<const uint8_t*>(w.data_ptr()), sc.data_ptr()};
   at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
     configure_tiles();
     std::vector<uint16_t> panel(kind == kBf16 ? 0 : kPanelRows * K);   // (bf16 is read in place)

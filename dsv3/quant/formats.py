@@ -86,7 +86,7 @@ class Kernels(Protocol):
     def moe_experts(self, x: torch.Tensor, token: torch.Tensor, ids: torch.Tensor, row_weight: torch.Tensor,
                     gate_up: ExpertOperands | None, down: ExpertOperands | None) -> torch.Tensor | None:
         """(token, expert) pairs sorted by expert (ids [P]; token [P]: the pair's row of x [N, D]; row_weight [P]:
-        its routing weight) -> row_weight · down(silu(gate)·up)(x[token]) [P, D] fp32."""
+        its routing weight) -> Σ over each token's pairs of row_weight · down(silu(gate)·up)(x[token]), [N, D] fp32."""
 
     # dequantising for prefill's GEMMs: rows [r0, r1) (of the `experts` of a stack, None for a matrix) as `dtype`
     def int8_dense(self, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, experts: torch.Tensor | None,
