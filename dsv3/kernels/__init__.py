@@ -22,8 +22,10 @@ and the format then dequantises per tile (`reference_fp8_linear` is the slow ref
 On a CPU with AMX, expert products with more (token, expert) rows than `MAX_EXPERT_ROWS` (prefill) run the AMX
 expert GEMMs of dsv3/kernels/amx.py (cpu_amx.cpp) for bf16, int8, int4 ("rows") and FP8 weights read as stored
 and the MLA decode kernel's two products run on AMX tiles (`set_attention_amx`, a process-wide switch);
-`CpuKernels(use_amx=False)` keeps PyTorch's grouped GEMMs and the `vdpbf16ps` MLA kernel; `calls` counts
-"amx_expert_gemm (kind)".
+`CpuKernels.moe_experts` runs a MoE layer's routed experts as two fused AMX calls (gather, SwiGLU, routing weights and
+the sum over each token's experts around the products) and quantised matrices of `AMX_DENSE_MIN`+ values take a
+one-expert AMX GEMM for many rows; `CpuKernels(use_amx=False)` keeps PyTorch's grouped GEMMs and the `vdpbf16ps` MLA
+kernel; `calls` counts "amx_expert_gemm (kind)", "amx_moe_experts (kinds)" and "amx_linear (kind)".
 """
 
 from __future__ import annotations

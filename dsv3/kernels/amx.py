@@ -8,8 +8,10 @@ the same bits as the formats' dequantise path) and repacks only the activations.
 
 `available()` builds the extension on a CPU whose flags include amx_tile and amx_bf16 (Linux; ~1 min, once) and asks
 Linux for the tile registers; elsewhere it is False and nothing is built. `CpuKernels` (dsv3.kernels) calls
-`expert_gemm` for expert products with more rows than its GEMV kernels take. `reference_expert_gemm` is the slow
-reference the tests compare with: the dense weights in fp32, then one matmul per row.
+`expert_gemm` for expert products with more rows than its GEMV kernels take, twice per MoE layer with its fusions
+(gathered activations, SwiGLU, routing weights, the sum over a token's experts: `moe_experts`), and for large
+quantised matrices with many rows (one expert). `reference_expert_gemm` is the slow reference the tests compare
+with: the dense weights in fp32, then one matmul per row.
 """
 
 from __future__ import annotations

@@ -24,8 +24,9 @@
 // read straight from W or the panel) while its B operand wants pairs of K values interleaved per column: the
 // activations are small and reused across all N rows, so they are repacked once per expert —
 // xpack[m-tile][k-chunk] = 16 rows kk × 16 columns m × (x[m][2kk], x[m][2kk+1]) — and W never is. Each work item
-// (expert, 32 rows of W: consecutive, or 16 gate rows and their 16 up rows) keeps 2×2 fp32 accumulator tiles (2 row tiles of W × 2 tiles of 16 activation rows)
-// over K, in chunks of 32; the 16×16 results are transposed into y on the way out. Products of bf16 values are
+// (expert, 32 rows of W: consecutive, or 16 gate rows and their 16 up rows) keeps 2×2 fp32 accumulator tiles
+// (2 row tiles of W × 2 tiles of 16 activation rows) over K, in chunks of 32; the 16×16 results are transposed
+// into y on the way out. Products of bf16 values are
 // exact in fp32 and the sums are fp32 (the order differs from oneDNN's).
 //
 // Needs K % 32 == 0 and N % 16 == 0 (every DeepSeek-V3 projection; the caller checks and otherwise keeps the
