@@ -359,18 +359,18 @@ class CpuKernels:
         return bf16_expert_linear(x, weight, ids)
 
     def _amx(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, ids: torch.Tensor, kind: str,
-             rows: int | None = None, **kw: Any) -> torch.Tensor | None:
+             op: str = "expert_gemm", min_rows: int | None = None, **kw: Any) -> torch.Tensor | None:
         """Expert products beyond the GEMV kernels' rows (prefill) on AMX (dsv3.kernels.amx), None where it does
         not apply. The output is bf16, as the stock path's bf16 GEMM gives (and half the bytes to write: prefill's
         [rows, 2·intermediate] fp32 output would exceed malloc's reuse threshold and take fresh pages, ~6 ms per
         call on the bench shape); fp32 activations are rounded to bf16 first."""
-        if not (self.amx and x.dim() == 2 and x.shape[0] > (self.max_expert_rows if rows is None else rows)
+        if not (self.amx and x.dim() == 2 and x.shape[0] > (self.max_expert_rows if min_rows is None else min_rows)
                 and weight.is_contiguous() and x.dtype in (torch.bfloat16, torch.float32)):
             return None
         xb = x.to(torch.bfloat16)
         if not amx.applies(xb, weight.shape[1], x.shape[1]):
             return None
-        self._count(f"amx_{'expert_gemm' if rows is None else 'linear'} ({kind})")
+        self._count(f"amx_{op} ({kind})")
         return amx.expert_gemm(xb, weight, scale, ids, kind, out_dtype=torch.bfloat16, **kw)
 
     def _amx_dense(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, kind: str,
@@ -378,23 +378,24 @@ class CpuKernels:
         """A quantised matrix [N, K] times many rows (prefill) as a one-expert AMX GEMM (its panels dequantised in
         L2, reused by every row), for bf16 activations and matrices of at least `amx_dense_min` values; None
         otherwise (the format dequantises tiles for oneDNN, in the activations' dtype)."""
-        values = weight.numel() * (2 if kind == "int4" else 1)
-        if not (self.amx and x.dim() == 2 and x.dtype == torch.bfloat16 and x.shape[0] > self.max_rows
-                and values >= self.amx_dense_min):
+        if not (self.amx and x.dtype == torch.bfloat16
+                and weight.numel() * (2 if kind == "int4" else 1) >= self.amx_dense_min):
             return None
         ids = torch.zeros(x.shape[0], dtype=torch.long)
-        return self._amx(x, weight[None], None if scale is None else scale[None], ids, kind, rows=0, **kw)
+        return self._amx(x, weight[None], None if scale is None else scale[None], ids, kind, op="linear",
+                         min_rows=self.max_rows, **kw)
 
-    def moe_experts(self, x: torch.Tensor, token: torch.Tensor, ids: torch.Tensor, row_weight: torch.Tensor,
+    def moe_experts(self, x: torch.Tensor, weights: torch.Tensor, order: torch.Tensor, ids: torch.Tensor,
                     gate_up: ExpertOperands | None, down: ExpertOperands | None) -> torch.Tensor | None:
         """A MoE layer's routed experts for prefill on AMX, in two fused calls: the activations gathered (x[token])
         while they are repacked and silu(gate)·up computed on the gate_up sums, then the down products times the
-        routing weights (row_weight) on their fp32 sums, each added into its token's row -> [N, D] fp32, the sum
+        routing weights on their fp32 sums, each added into its token's row -> [N, D] fp32, the sum
         over each token's experts. This spares the stock path's gathered copy of x, its [P, 2I] output, the silu,
         mul, cast and scaling passes and the index_add. The down sums are not rounded to bf16 before the weights
         (the stock path's bf16 GEMM rounds them): as the decode kernels compute it. None where it does not apply
         (no AMX, ≤ max_expert_rows pairs, autograd, compile, a stack the kernel does not read, shapes): the caller
-        runs the per-weight path."""
+        runs the per-weight path. weights [N, k] are the routing weights; order [P] sorts the flat (token, slot)
+        pairs by expert (ids [P], the sorted experts)."""
         if not (self.amx and gate_up is not None and down is not None and x.dim() == 2
                 and ids.shape[0] > self.max_expert_rows and x.dtype in (torch.bfloat16, torch.float32)
                 and gate_up.weight.is_contiguous() and down.weight.is_contiguous()):
@@ -405,6 +406,7 @@ class CpuKernels:
                 and amx.applies(xb, down.weight.shape[1], inter)):
             return None
         self._count(f"amx_moe_experts ({gate_up.kind}, {down.kind})")
+        token, row_weight = order // weights.shape[1], weights.reshape(-1)[order]
         h = amx.expert_gemm(xb, gate_up.weight, gate_up.scale, ids, gate_up.kind, gate_up.group, gate_up.block,
                             gate_up.parts, out_dtype=torch.bfloat16, src=token, swiglu=True)     # [P, I]
         return amx.expert_gemm(h, down.weight, down.scale, ids, down.kind, down.group, down.block, down.parts,

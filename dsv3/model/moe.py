@@ -200,7 +200,7 @@ class RoutedExperts(nn.Module):
         else:   # the trailing rows keep a valid id (the last expert) for formats that index by row
             counts = torch.bincount(ids, minlength=local + 1)[:local]
             batch = ExpertBatch(ids.clamp(max=local - 1), counts, counts.cumsum(0).to(torch.int32))
-        if owned is None and (out := self._fused(x, token, batch.ids, weights.reshape(-1)[order])) is not None:
+        if owned is None and (out := self._fused(x, weights, order, batch.ids)) is not None:
             return out
         xs = x[token]                                                      # [N*k, D] sorted by expert
         h = self.formats["gate_up_proj"].grouped(self, "gate_up_proj", xs, batch)   # [N*k, 2I]
@@ -211,15 +211,15 @@ class RoutedExperts(nn.Module):
             y = torch.where(owned[order, None], y, 0.0)
         return torch.zeros(n, x.shape[1], dtype=torch.float32, device=x.device).index_add_(0, token, y)
 
-    def _fused(self, x: torch.Tensor, token: torch.Tensor, ids: torch.Tensor,
-               row_weight: torch.Tensor) -> torch.Tensor | None:
+    def _fused(self, x: torch.Tensor, weights: torch.Tensor, order: torch.Tensor,
+               ids: torch.Tensor) -> torch.Tensor | None:
         """Σ_k w_k·E_k(x) [N, D] fp32 from kernels that fuse the layer (`moe_experts`: gather, SwiGLU, weights
         and the sum over each token's experts around the two products), or None: the per-weight path below."""
         gate_up, down = self.formats["gate_up_proj"], self.formats["down_proj"]
         kernels = getattr(gate_up, "kernels", None)
         if kernels is None or not hasattr(kernels, "moe_experts"):
             return None
-        return kernels.moe_experts(x, token, ids, row_weight, gate_up.expert_operands(self, "gate_up_proj"),
+        return kernels.moe_experts(x, weights, order, ids, gate_up.expert_operands(self, "gate_up_proj"),
                                    down.expert_operands(self, "down_proj"))
 
     def _gather(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:

@@ -83,10 +83,10 @@ class Kernels(Protocol):
         """y[p] = x[p] @ W[ids[p]]ᵀ, ids sorted; packed [E, N, K/2], scale_zero [E, K/G, N, 2] -> [P, N] fp32."""
 
     # optional (duck-typed): a MoE layer's routed experts in one go, both stacks as stored (ExpertOperands)
-    def moe_experts(self, x: torch.Tensor, token: torch.Tensor, ids: torch.Tensor, row_weight: torch.Tensor,
+    def moe_experts(self, x: torch.Tensor, weights: torch.Tensor, order: torch.Tensor, ids: torch.Tensor,
                     gate_up: ExpertOperands | None, down: ExpertOperands | None) -> torch.Tensor | None:
-        """(token, expert) pairs sorted by expert (ids [P]; token [P]: the pair's row of x [N, D]; row_weight [P]:
-        its routing weight) -> Σ over each token's pairs of row_weight · down(silu(gate)·up)(x[token]), [N, D] fp32."""
+        """x [N, D], routing weights [N, k]; order [P = N·k] sorts the flat (token, slot) pairs by expert, ids [P]
+        their experts -> Σ_k weights[n, k] · down(silu(gate)·up)(x[n]) [N, D] fp32."""
 
     # dequantising for prefill's GEMMs: rows [r0, r1) (of the `experts` of a stack, None for a matrix) as `dtype`
     def int8_dense(self, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, experts: torch.Tensor | None,
