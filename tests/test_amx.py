@@ -88,6 +88,24 @@ def test_fp8_blocks(parts: int, block: tuple[int, int]) -> None:
     assert_close(got, amx.reference_expert_gemm(x, deq, ids), _bound(x, deq, ids), f"AMX fp8 {parts} {block}")
 
 
+def _stack(kind: str, dense: torch.Tensor,
+           block: tuple[int, int] = (32, 128)) -> tuple[torch.Tensor, torch.Tensor | None, dict, torch.Tensor]:
+    """dense [E, N, K] held as `kind` (FP8: `block`, separate gate/up grids): (weight, scale, expert_gemm keywords,
+    the format's dequantised bf16 weights)."""
+    if kind == "bf16":
+        w = dense.to(torch.bfloat16)
+        return w, None, {}, w
+    if kind == "int8":
+        q, sc = intq.quantize_int8(dense)
+        return q, sc, {}, intq.dequantize_int8(q, sc, torch.bfloat16)
+    if kind == "int4":
+        m, fmt = nn.Module(), Int4Grouped(group_size=64)
+        fmt.adopt(m, "w", dense)
+        return m.w_packed, m.w_scale_zero, {"group": 64}, fmt.matrix(m, "w", torch.bfloat16)
+    w, sc = _fp8_stack(dense, block, 2)
+    return w, sc, {"block": block, "parts": 2}, dequantize_fp8_stacked(w, sc, block, torch.bfloat16, 2)
+
+
 @needs_amx
 @pytest.mark.parametrize("kind", ["int8", "int4", "fp8", "fp8 (48, 48)"])
 def test_panels_hold_the_dequantised_bits(kind: str) -> None:
@@ -96,34 +114,11 @@ def test_panels_hold_the_dequantised_bits(kind: str) -> None:
     = a 16-row last panel, and FP8 blocks of 48 inputs, whose chunks straddle two scale blocks)."""
     experts, n, k = 2, 80, 256
     dense = torch.randn(experts, n, k, generator=torch.Generator().manual_seed(7)) * 0.05
-    if kind == "int8":
-        w, s = intq.quantize_int8(dense)
-        deq, extra = intq.dequantize_int8(w, s, torch.bfloat16), {}
-    elif kind == "int4":
-        m, fmt = nn.Module(), Int4Grouped(group_size=64)
-        fmt.adopt(m, "w", dense)
-        w, s, deq, extra = m.w_packed, m.w_scale_zero, fmt.matrix(m, "w", torch.bfloat16), {"group": 64}
-    else:
-        block = (48, 48) if "48" in kind else (128, 128)
-        w, s = _fp8_stack(dense, block, 2)
-        deq, extra = dequantize_fp8_stacked(w, s, block, torch.bfloat16, 2), {"block": block, "parts": 2}
+    w, s, extra, deq = _stack(kind.split()[0], dense, (48, 48) if "48" in kind else (128, 128))
     x = torch.eye(k, dtype=torch.bfloat16).repeat(experts, 1)                    # [E·K, K]
     ids = torch.arange(experts).repeat_interleave(k)
     got = amx.expert_gemm(x, w, s, ids, kind.split()[0], **extra)               # [E·K, N]: row e·K + j = W_e[:, j]
     assert torch.equal(got.view(experts, k, n).transpose(1, 2), deq.float()), f"AMX {kind}: panel bits differ"
-
-
-def _stack(kind: str, dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
-    """dense [E, N, K] held as `kind`: (weight, scale, expert_gemm keywords)."""
-    if kind == "bf16":
-        return dense.to(torch.bfloat16), None, {}
-    if kind == "int8":
-        return (*intq.quantize_int8(dense), {})
-    if kind == "int4":
-        m = nn.Module()
-        Int4Grouped(group_size=64).adopt(m, "w", dense)
-        return m.w_packed, m.w_scale_zero, {"group": 64}
-    return (*_fp8_stack(dense, (32, 128), 2), {"block": (32, 128), "parts": 2})
 
 
 @needs_amx
@@ -138,7 +133,7 @@ def test_fused_gather_swiglu_and_row_scales(kind: str) -> None:
     g = torch.Generator().manual_seed(11)
     ids = _ids(COUNTS)
     p, k, inter = len(ids), 128, 48
-    w, s, kw = _stack(kind, torch.randn(len(COUNTS), 2 * inter, k, generator=g) * 0.1)
+    w, s, kw, _ = _stack(kind, torch.randn(len(COUNTS), 2 * inter, k, generator=g) * 0.1)
     x = torch.randn(p + 5, k, generator=g).to(torch.bfloat16)
     src = torch.randperm(p + 5, generator=g)[:p]
     plain = amx.expert_gemm(x[src], w, s, ids, kind, **kw)
