@@ -154,6 +154,42 @@ def test_fused_gather_swiglu_and_row_scales(kind: str) -> None:
     assert differ.float().mean() < 0.01, f"AMX {kind} swiglu: {int(differ.sum())} of {differ.numel()} values differ"
 
 
+@needs_amx
+def test_swiglu_with_the_up_rows_apart() -> None:
+    """`w_up`: a dense MLP's gate and up weights as two tensors give the same bits as their concatenated stack (E =
+    1, row tails of 16 and 32 tiles); and through `SwiGLU` with `CpuKernels`: one counted call for more rows than
+    the GEMV kernels take, up to AMX_SWIGLU_MAX_ROWS, the two linears elsewhere, within a bf16 step of them."""
+    from dsv3.model.moe import SwiGLU
+    from dsv3.model.weights import use_kernels
+
+    g = torch.Generator().manual_seed(5)
+    inter, k = 80, 96
+    gate, up = (torch.randn(2, inter, k, generator=g) * 0.1).to(torch.bfloat16)
+    x = torch.randn(37, k, generator=g).to(torch.bfloat16)
+    ids = torch.zeros(37, dtype=torch.long)
+    stacked = amx.expert_gemm(x, torch.cat([gate, up])[None], None, ids, "bf16", swiglu=True, out_dtype=torch.bfloat16)
+    split = amx.expert_gemm(x, gate[None], None, ids, "bf16", swiglu=True, out_dtype=torch.bfloat16, up=up[None])
+    assert torch.equal(split, stacked)
+    with pytest.raises(RuntimeError, match="w_up"):
+        amx.expert_gemm(x, gate[None], None, ids, "bf16", up=up[None])                       # no swiglu
+
+    mlp = SwiGLU(k, inter).to(torch.bfloat16)
+    with torch.no_grad():
+        mlp.gate_proj.weight.copy_(gate)
+        mlp.up_proj.weight.copy_(up)
+    ks = kernels.CpuKernels()
+    use_kernels(mlp, ks)
+    for rows, fused in ((ks.max_rows, False), (ks.max_rows + 1, True), (kernels.AMX_SWIGLU_MAX_ROWS, True),
+                        (kernels.AMX_SWIGLU_MAX_ROWS + 1, False)):
+        xs = torch.randn(1, rows, k, generator=g).to(torch.bfloat16)
+        ks.calls.clear()
+        with torch.no_grad():
+            got = mlp.partial(xs)
+            want = mlp.down_proj(torch.nn.functional.silu(xs @ gate.T) * (xs @ up.T))
+        assert ks.calls["amx_swiglu"] == int(fused), (rows, dict(ks.calls))
+        assert_close(got, want, 2 ** -7 * float(want.abs().max()), f"SwiGLU, {rows} rows")
+
+
 def _formats() -> list[tuple[str, object]]:
     return [("bf16", Plain()), ("int8", Int8PerChannel()), ("int4", Int4Grouped(group_size=64)),
             ("fp8", Fp8Blocks(block_size=(128, 128), parts=2))]

@@ -23,9 +23,13 @@ On a CPU with AMX, expert products with more (token, expert) rows than `MAX_EXPE
 expert GEMMs of dsv3/kernels/amx.py (cpu_amx.cpp) for bf16, int8, int4 ("rows") and FP8 weights read as stored
 and the MLA decode kernel's two products run on AMX tiles (`set_attention_amx`, a process-wide switch);
 `CpuKernels.moe_experts` runs a MoE layer's routed experts as two fused AMX calls (gather, SwiGLU, routing weights and
-the sum over each token's experts around the products) and quantised matrices of `AMX_DENSE_MIN`+ values take a
-one-expert AMX GEMM for many rows; `CpuKernels(use_amx=False)` keeps PyTorch's grouped GEMMs and the `vdpbf16ps` MLA
-kernel; `calls` counts "amx_expert_gemm (kind)", "amx_moe_experts (kinds)" and "amx_linear (kind)".
+the sum over each token's experts around the products), a dense MLP's bf16 gate and up products run as one AMX
+SwiGLU call (`CpuKernels.swiglu`) and quantised matrices of `AMX_DENSE_MIN`+ values take a one-expert AMX GEMM for
+many rows; `CpuKernels(use_amx=False)` keeps PyTorch's grouped GEMMs and the `vdpbf16ps` MLA kernel; `calls` counts
+"amx_expert_gemm (kind)", "amx_moe_experts (kinds)", "amx_swiglu" and "amx_linear (kind)".
+The RMSNorms of a bf16 model (dsv3/model/norm.py, `use_norm_kernels`) run `CpuKernels.rms_norm` (cpu_gemv.cpp): two
+passes over each row instead of PyTorch's eight, with the residual add before the post-attention norm fused in;
+counted as "rms_norm" and "add_rms_norm".
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from dsv3.kernels import amx, int_kernels
 from dsv3.kernels.ops import kernel_op, register_fakes
 from dsv3.memory import keep_freed_memory
 from dsv3.model.attention import use_attention_kernels
+from dsv3.model.norm import use_norm_kernels
 from dsv3.model.weights import use_kernels
 from dsv3.quant.formats import ExpertOperands, heads_as_experts
 
@@ -57,6 +62,11 @@ MAX_EXPERT_ROWS = 128  # (token, expert) pairs up to which the expert kernel is 
 # and 2048x10944 18.5-19.4 vs 24.5-25.2; at 2-6 M values level (2.9-4.4 ms either way); below, oneDNN's (q_b int4
 # 1.7 vs 2.6 ms)
 AMX_DENSE_MIN = 16 * 2**20
+# rows up to which a dense MLP's gate and up products run as one AMX SwiGLU call (`CpuKernels.swiglu`): measured on
+# the bench shape (2-core Xeon, weights out of cache), 10944x2048 and 2816x2048 win from 32 to 512 rows (10944: 4.1
+# vs 6.1 ms at 32, 27.8 vs 30.4 at 512); at 768+ rows the 2816-wide one lost (13.0 vs 11.3 ms: the packed
+# activations no longer stay in L2 across the weight rows)
+AMX_SWIGLU_MAX_ROWS = 512
 
 
 @functools.cache
@@ -412,6 +422,25 @@ class CpuKernels:
         return amx.expert_gemm(h, down.weight, down.scale, ids, down.kind, down.group, down.block, down.parts,
                                row_scale=row_weight, dst=token, dst_rows=x.shape[0])             # [N, D] fp32
 
+    def swiglu(self, x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:
+        """silu(x·gateᵀ)·(x·upᵀ) for a dense MLP's bf16 gate_proj and up_proj weights [I, K] and `max_rows` <
+        rows ≤ AMX_SWIGLU_MAX_ROWS of bf16 x (prefill, MTP verification, wide batches), in one AMX call: both
+        products and the SwiGLU, rounded as PyTorch's bf16 ops round it after a bf16 GEMM, with neither product's
+        output written -> [..., I] bf16. The down projection stays oneDNN's (at 512 rows 13.6 vs 17.1 ms for
+        2048×10944). None where it does not apply: the caller's ops."""
+        rows = math.prod(x.shape[:-1])
+        if not (self.amx and self.max_rows < rows <= AMX_SWIGLU_MAX_ROWS and x.dtype == torch.bfloat16
+                and gate.dtype == up.dtype == torch.bfloat16 and gate.dim() == 2 and gate.shape == up.shape
+                and gate.shape[0] % 16 == 0 and gate.is_contiguous() and up.is_contiguous()):
+            return None
+        x2 = x.reshape(rows, x.shape[-1])
+        if not amx.applies(x2, 2 * gate.shape[0], gate.shape[1]):
+            return None
+        self._count("amx_swiglu")
+        ids = torch.zeros(rows, dtype=torch.long)
+        y = amx.expert_gemm(x2, gate[None], None, ids, "bf16", out_dtype=torch.bfloat16, swiglu=True, up=up[None])
+        return y.view(*x.shape[:-1], gate.shape[0])
+
     # -- int8 / int4 weights (int_kernels.py, cpu_int.cpp) --------------------------------------------------
     @staticmethod
     def _choose_int_isa(int_isa: str | None) -> str | None:
@@ -572,6 +601,25 @@ class CpuKernels:
             return None
         return mla_decode(query, latent, r, scale)
 
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float,
+                 delta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor | None:
+        """dsv3.model.norm's RMSNorm of bf16 rows in two passes (cpu_gemv.cpp), with delta the residual add before
+        it ((h, norm(h)) for h = x + delta); None (the norm's PyTorch ops) for other dtypes, autograd, shapes."""
+        if (not self.bf16 or x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or x.device.type != "cpu"
+                or x.dim() < 1 or x.shape[-1] != weight.shape[0] or x.stride(-1) != 1
+                or (delta is not None and (delta.shape != x.shape or delta.dtype != x.dtype or delta.stride(-1) != 1))
+                or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                                 or (delta is not None and delta.requires_grad)))):
+            return None
+        d = x.shape[-1]
+        empty = x.new_empty(0)
+        if delta is None:
+            self._count("rms_norm")
+            return _extension().rms_norm(x.reshape(-1, d), weight.contiguous(), eps, empty)[0].view(x.shape)
+        self._count("add_rms_norm")
+        h, y = _extension().rms_norm(x.reshape(-1, d), weight.contiguous(), eps, delta.reshape(-1, d))
+        return h.view(x.shape), y.view(x.shape)
+
     def __repr__(self) -> str:
         return (f"CpuKernels(max_rows={self.max_rows}, max_expert_rows={self.max_expert_rows}, "
                 f"int_isa={self.int_isa!r}, amx={self.amx})")
@@ -586,6 +634,7 @@ def use_cpu_kernels(model: nn.Module) -> bool:
     kernels = CpuKernels()
     use_kernels(model, kernels)
     use_attention_kernels(model, kernels)
+    use_norm_kernels(model, kernels)
     return True
 
 
@@ -654,6 +703,7 @@ def select_kernels(model: nn.Module, choice: str = "auto") -> CpuKernels | None:
         kernels = CpuKernels()
         use_kernels(model, kernels)
         use_attention_kernels(model, kernels)
+        use_norm_kernels(model, kernels)
         keep_freed_memory()   # CPU inference: prefill's temporaries reuse freed memory instead of fresh pages
         reason = f"kernels={choice!r}"
         if _holds_fp8(model):   # build the FP8 extension now (logged), not inside the first forward pass

@@ -79,14 +79,16 @@ def expert_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | Non
                 group: int = 0, block: tuple[int, int] = (0, 0), parts: int = 1,
                 out_dtype: torch.dtype = torch.float32, src: torch.Tensor | None = None, swiglu: bool = False,
                 row_scale: torch.Tensor | None = None, dst: torch.Tensor | None = None,
-                dst_rows: int = 0) -> torch.Tensor:
+                dst_rows: int = 0, up: torch.Tensor | None = None) -> torch.Tensor:
     """y[p] = x[p] @ W[ids[p]]ᵀ, ids sorted ascending; x [P, K] bf16, weight [E, N, K] (int4: [E, N, K/2]) held
     as `kind` (KINDS; `scale` per the format: int8 [E, N] fp32, int4 [E, K/G, N, 2] bf16 with `group` G, fp8
     [E, parts·ceil(N/parts/bo), ceil(K/bi)] fp32 with `block` (bo, bi)) -> [P, N] in `out_dtype` (fp32, or bf16:
     the fp32 sums rounded once, as a bf16 GEMM's output is). Fused, each optional: `src` [P] — row p reads
     x[src[p]] (x [rows, K]); `swiglu` — weight is a gate_up stack [E, 2I, K] and the result [P, I] is
     silu(gate)·up, rounded as bf16 ops round it after a bf16 GEMM; `row_scale` [P] fp32 — row p times it;
-    `dst` [P] — row p added into row dst[p] of a zeroed [dst_rows, N] fp32 result (the index_add over tokens)."""
+    `dst` [P] — row p added into row dst[p] of a zeroed [dst_rows, N] fp32 result (the index_add over tokens);
+    `up` (bf16, with swiglu) — the up rows in a stack of their own, [E, I, K] like `weight`, which then holds the
+    gate rows only (a dense MLP's gate_proj and up_proj, two tensors)."""
     if out_dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"out_dtype={out_dtype}: expected torch.float32 or torch.bfloat16")
     w = weight.view(torch.uint8) if kind == "fp8" else weight
@@ -95,7 +97,8 @@ def expert_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | Non
                                     block[0], block[1], parts, out_dtype == torch.bfloat16,
                                     empty if src is None else src.to(torch.long), swiglu,
                                     empty if row_scale is None else row_scale.float(),
-                                    empty if dst is None else dst.to(torch.long), dst_rows)
+                                    empty if dst is None else dst.to(torch.long), dst_rows,
+                                    empty if up is None else up)
 
 
 def reference_expert_gemm(x: torch.Tensor, dense: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

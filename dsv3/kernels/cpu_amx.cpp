@@ -1,14 +1,16 @@
 // Expert GEMMs for prefill on AMX (Intel's bf16 tile unit): y[p] = x[p] · W[ids[p]]ᵀ for many rows per expert.
 //
 //   expert_gemm(x [rows,K] bf16, w [E,N,K], scale, ids [P] sorted, kind, group, bo, bi, parts, bf16_out,
-//               src, swiglu, row_scale, dst, dst_rows) -> y [P,N] (swiglu: [P,N/2]) fp32, or bf16 (rounded to
-//               nearest even); with dst: [dst_rows,N] fp32, the sum over p of row p into row dst[p]
+//               src, swiglu, row_scale, dst, dst_rows, w_up) -> y [P,N] (swiglu: [P,N/2]) fp32, or bf16 (rounded
+//               to nearest even); with dst: [dst_rows,N] fp32, the sum over p of row p into row dst[p]
 //
 // Fused around the product, for the MoE layer (each optional): `src` [P] int64 gathers the activations (row p is
 // x[src[p]], read while they are repacked); `swiglu` makes W a gate_up stack [E, 2I, K] and y [P, I] = silu(gate)·up,
 // rounded as PyTorch's bf16 ops round it after a bf16 GEMM (gate and up to bf16, silu in fp32 to bf16, the product
 // to bf16); `row_scale` [P] fp32 multiplies output row p (the routing weights, on the fp32 sums); `dst` [P] int64
 // adds output row p into row dst[p] of a zeroed [dst_rows, N] fp32 result (the sum over a token's experts).
+// `w_up` (bf16 with swiglu; empty otherwise) holds the up rows [E, I, K] apart from the gate rows, w then [E, I, K]
+// (a dense MLP's gate_proj and up_proj weights, two tensors).
 //
 // Weight kinds, each read as stored (no dense copy of a whole matrix):
 //   0 bf16   w bf16 [E,N,K]
@@ -178,8 +180,8 @@ inline void store_tile(const float (*t)[kTileRows], const float (*u)[kTileRows],
 
 // One work item: 16 or 32 rows of W (one or two row tiles) against all activation rows of its expert.
 struct Item {
-  const uint16_t* a;             // A tiles: chunk c of row tile j at a + c·cstep + j·rstep, rows lda elements apart
-  int64_t cstep, rstep, lda;
+  const uint16_t* a[2];          // A tiles: chunk c of row tile j at a[j] + c·cstep, rows lda bytes apart
+  int64_t cstep, lda;
   const uint16_t* xp;            // the expert's packed activations (B tiles)
   int64_t chunks, col, row0, mrows;   // output columns col.., rows row0..row0+mrows-1
   const char* pf[2];             // the next item's weight rows (each tile's 16 rows contiguous), fetched into L2
@@ -205,7 +207,7 @@ void block(const Item& it, int64_t mt0, Out* y, bool first, const Epilogue& ep) 
   if (build != nullptr)
     for (int64_t c = 0; c < std::min<int64_t>(2, chunks); ++c) build->panel_chunk(c, it.panel);
   for (int64_t c = 0; c < chunks; ++c) {
-    const uint16_t* ac = it.a + c * it.cstep;
+    const uint16_t* ac = it.a[0] + c * it.cstep;
     if (pf) {   // lines [lo, hi) of the next item's first stretch, then of its second
       const int64_t lo = c * per, hi = std::min(lines, lo + per), split = it.pf_lines;
       for (int64_t j = lo; j < std::min(hi, split); ++j) _mm_prefetch(it.pf[0] + j * 64, _MM_HINT_T2);
@@ -219,7 +221,7 @@ void block(const Item& it, int64_t mt0, Out* y, bool first, const Epilogue& ep) 
       _tile_dpbf16ps(1, 4, 7);
     }
     if (NT == 2) {
-      _tile_loadd(5, ac + it.rstep, it.lda);
+      _tile_loadd(5, it.a[1] + c * it.cstep, it.lda);
       _tile_dpbf16ps(2, 5, 6);
       if (MT == 2) _tile_dpbf16ps(3, 5, 7);
     }
@@ -253,11 +255,16 @@ bool init() {
 
 torch::Tensor expert_gemm(torch::Tensor x, torch::Tensor w, torch::Tensor scale, torch::Tensor ids, int64_t kind,
                           int64_t group, int64_t bo, int64_t bi, int64_t parts, bool bf16_out, torch::Tensor src,
-                          bool swiglu, torch::Tensor row_scale, torch::Tensor dst, int64_t dst_rows) {
+                          bool swiglu, torch::Tensor row_scale, torch::Tensor dst, int64_t dst_rows,
+                          torch::Tensor w_up) {
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2, "x must be bf16 [rows, K]");
   TORCH_CHECK(w.dim() == 3 && w.is_contiguous(), "w must be a contiguous [E, N, K] stack");
   TORCH_CHECK(kind >= kBf16 && kind <= kFp8, "kind must be 0 (bf16), 1 (int8), 2 (int4) or 3 (fp8)");
-  const int64_t P = ids.size(0), K = x.size(1), E = w.size(0), N = w.size(1);
+  const bool split_up = w_up.numel() > 0;
+  TORCH_CHECK(!split_up || (swiglu && kind == kBf16 && w_up.scalar_type() == at::kBFloat16 && w_up.is_contiguous() &&
+                            w_up.sizes() == w.sizes()),
+              "w_up (the up rows apart) needs swiglu, bf16 weights and a contiguous stack shaped like w");
+  const int64_t P = ids.size(0), K = x.size(1), E = w.size(0), N = split_up ? 2 * w.size(1) : w.size(1);
   TORCH_CHECK(w.size(2) == (kind == kInt4 ? K / 2 : K), "w's last dimension does not match x's K");
   TORCH_CHECK(K % kChunk == 0 && N % kTileRows == 0, "K must be a multiple of 32 and N of 16");
   TORCH_CHECK(ids.dim() == 1 && ids.scalar_type() == at::kLong, "ids must be int64 [P]");
@@ -364,6 +371,13 @@ torch::Tensor expert_gemm(torch::Tensor x, torch::Tensor w, torch::Tensor scale,
       if (acc * threads >= total * t) bounds[t++] = i + 1;
     }
   }
+  const uint16_t* wb = kind == kBf16 ? static_cast<const uint16_t*>(w.data_ptr()) : nullptr;
+  const uint16_t* wu = split_up ? static_cast<const uint16_t*>(w_up.data_ptr()) : nullptr;
+  auto bf16_row = [&](int64_t e, int64_t n) -> const uint16_t* {   // row n of expert e's N rows (up rows: w_up)
+    const int64_t I = N / 2;
+    if (split_up) return n < I ? wb + (e * I + n) * K : wu + (e * I + n - I) * K;
+    return wb + (e * N + n) * K;
+  };
   const Weights wt{kind, N, K, group, bo, bi, parts, kind == kFp8 ? scale.size(1) : 0, kind == kFp8 ? scale.size(2) : 0,
                    static_cast<const uint8_t*>(w.data_ptr()), sc.data_ptr()};
   at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
@@ -382,11 +396,12 @@ torch::Tensor expert_gemm(torch::Tensor x, torch::Tensor w, torch::Tensor scale,
       // read in place stream well without (measured: gate_up 40 vs 44 ms, down 23 vs 26 on the bench shape)
       const int64_t* next = i + 1 < bounds[t1] ? item + 5 : nullptr;
       const int64_t ne = next != nullptr ? runs[3 * next[0]] : 0;
-      const Item it{direct ? static_cast<const uint16_t*>(w.data_ptr()) + (e * N + n_lo) * K : panel.data(),
-                    direct ? kChunk : nrows * kChunk, direct ? (n_hi - n_lo) * K : kTileRows * kChunk, direct ? 2 * K : 64,
+      const Item it{{direct ? bf16_row(e, n_lo) : panel.data(),
+                     direct ? bf16_row(e, n_hi) : panel.data() + kTileRows * kChunk},
+                    direct ? kChunk : nrows * kChunk, direct ? 2 * K : 64,
                     reinterpret_cast<const uint16_t*>(xpack.get() + xoff[r]), chunks, item[4], first, rows,
                     {next != nullptr && !direct ? wt.row_at(ne, next[1]) : nullptr,
-                     next != nullptr && next[3] > kTileRows ? wt.row_at(ne, next[2]) : nullptr},
+                     next != nullptr && !direct && next[3] > kTileRows ? wt.row_at(ne, next[2]) : nullptr},
                     kTileRows * wt.row_bytes() / 64, direct ? nullptr : &tw, panel.data()};
       auto blocks = [&](auto* out) {
         for (int64_t mt = 0; mt < mts; mt += 2) {

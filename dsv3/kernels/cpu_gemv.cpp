@@ -14,12 +14,20 @@
 //
 // x is converted to fp32 once; y is fp32 (the caller casts). Work is split over output rows with
 // at::parallel_for, so torch's thread settings apply.
+//
+// Also here, because it runs wherever these kernels do: RMSNorm of bf16 rows in two passes over each row
+// (dsv3/model/norm.py's numerics, which its PyTorch ops take eight passes for):
+//   rms_norm(x [R,D] bf16, w [D] bf16, eps, delta)  -> y [R,D] bf16:  y = w · bf16(x · rsqrt(mean(x²) + eps))
+//       with delta [R,D] (not empty): x is first replaced by bf16(x + delta), written to h [R,D], and the result
+//       is (h, y) — the residual add before a norm, as PyTorch's bf16 add rounds it
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <cmath>
 #include <vector>
 
 #include "expert_runs.h"
+#include "vec_math.h"
 
 namespace {
 
@@ -260,6 +268,88 @@ torch::Tensor expert_linear_t(torch::Tensor x, torch::Tensor w, torch::Tensor id
   return y;
 }
 
+// ---- RMSNorm ----------------------------------------------------------------------------------------------------
+// Row r of x at x + r·sx (unit column stride). Squares are rounded to fp32 before they are summed (PyTorch's pow,
+// then mean); the sum's order differs from PyTorch's reduction (16 lanes, then across them), so the mean may
+// differ in its last bit and, rarely, an output by one bf16 step. x · rsqrt is rounded to bf16 before the weight
+// multiplies it, and that product is rounded again — the two roundings of DeepSeek's RMSNorm in bf16.
+template <bool kAdd>
+void norm_rows(const uint16_t* x, int64_t sx, const uint16_t* delta, int64_t sd, uint16_t* h, const uint16_t* w,
+               uint16_t* y, int64_t r0, int64_t r1, int64_t D, float eps) {
+  const float inv_d = 1.f / static_cast<float>(D);
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint16_t* xr = x + r * sx;
+    uint16_t* yr = y + r * D;
+#if defined(__AVX512F__)
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t c = 0; c < D; c += 16) {
+      const __mmask16 m = D - c >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (D - c)) - 1);
+      __m512 v = load_bf16_masked(reinterpret_cast<const at::BFloat16*>(xr + c), m);
+      if constexpr (kAdd) {
+        v = _mm512_add_ps(v, load_bf16_masked(reinterpret_cast<const at::BFloat16*>(delta + r * sd + c), m));
+        const __m512i bits = bf16_low(v);
+        _mm256_mask_storeu_epi16(h + r * D + c, m, _mm512_cvtepi32_epi16(bits));
+        v = _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16));
+      }
+      acc = _mm512_add_ps(acc, _mm512_mul_ps(v, v));
+    }
+    const float rs = 1.f / std::sqrt(_mm512_reduce_add_ps(acc) * inv_d + eps);
+    const uint16_t* src = kAdd ? h + r * D : xr;
+    const __m512 vrs = _mm512_set1_ps(rs);
+    for (int64_t c = 0; c < D; c += 16) {
+      const __mmask16 m = D - c >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (D - c)) - 1);
+      const __m512 v = load_bf16_masked(reinterpret_cast<const at::BFloat16*>(src + c), m);
+      const __m512 n = _mm512_castsi512_ps(_mm512_slli_epi32(bf16_low(_mm512_mul_ps(v, vrs)), 16));
+      const __m512 o = _mm512_mul_ps(load_bf16_masked(reinterpret_cast<const at::BFloat16*>(w + c), m), n);
+      _mm256_mask_storeu_epi16(yr + c, m, _mm512_cvtepi32_epi16(bf16_low(o)));
+    }
+#else
+    auto round = [](float f) {
+      uint32_t u;
+      std::memcpy(&u, &f, 4);
+      return static_cast<uint16_t>((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+    };
+    float sum = 0.f;
+    for (int64_t c = 0; c < D; ++c) {
+      float v = bf16_to_float(xr[c]);
+      if constexpr (kAdd) {
+        h[r * D + c] = round(v + bf16_to_float(delta[r * sd + c]));
+        v = bf16_to_float(h[r * D + c]);
+      }
+      sum += v * v;
+    }
+    const float rs = 1.f / std::sqrt(sum * inv_d + eps);
+    const uint16_t* src = kAdd ? h + r * D : xr;
+    for (int64_t c = 0; c < D; ++c)
+      yr[c] = round(bf16_to_float(w[c]) * bf16_to_float(round(bf16_to_float(src[c]) * rs)));
+#endif
+  }
+}
+
+std::vector<torch::Tensor> rms_norm(torch::Tensor x, torch::Tensor w, double eps, torch::Tensor delta) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16, "x and w must be bf16");
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && w.dim() == 1 && w.size(0) == x.size(1) && w.is_contiguous(),
+              "x must be [R, D] with unit column stride and w [D] contiguous");
+  const bool add = delta.numel() > 0;
+  TORCH_CHECK(!add || (delta.scalar_type() == at::kBFloat16 && delta.sizes() == x.sizes() && delta.stride(1) == 1),
+              "delta must be bf16 [R, D] with unit column stride, or empty");
+  const int64_t R = x.size(0), D = x.size(1);
+  auto y = torch::empty({R, D}, x.options());
+  auto h = add ? torch::empty({R, D}, x.options()) : torch::empty({0}, x.options());
+  auto ptr = [](const torch::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>()); };
+  const uint16_t* xp = ptr(x);
+  const uint16_t* dp = add ? ptr(delta) : nullptr;
+  uint16_t* hp = add ? reinterpret_cast<uint16_t*>(h.data_ptr<at::BFloat16>()) : nullptr;
+  uint16_t* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
+  const int64_t sd = add ? delta.stride(0) : 0, grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1));
+  at::parallel_for(0, R, grain, [&](int64_t r0, int64_t r1) {
+    if (add) norm_rows<true>(xp, x.stride(0), dp, sd, hp, ptr(w), yp, r0, r1, D, static_cast<float>(eps));
+    else norm_rows<false>(xp, x.stride(0), nullptr, 0, nullptr, ptr(w), yp, r0, r1, D, static_cast<float>(eps));
+  });
+  if (add) return {h, y};
+  return {y};
+}
+
 // The same functions as dispatcher ops (dsv3/kernels/ops.py: a compiled graph calls them without Python).
 TORCH_LIBRARY_FRAGMENT(dsv3, m) {
   m.def("bf16_linear(Tensor x, Tensor weight) -> Tensor");
@@ -277,4 +367,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &linear, "y = x @ w.T for a bf16 weight and a few rows of x (fp32 out)");
   m.def("expert_linear", &expert_linear, "y[p] = x[p] @ w[ids[p]][n0:n1].T with ids sorted (fp32 out)");
   m.def("expert_linear_t", &expert_linear_t, "y[p] = x[p] @ w[ids[p]][n0:n1] with ids sorted (fp32 out)");
+  m.def("rms_norm", &rms_norm, "RMSNorm of bf16 rows (DeepSeek's roundings); with delta, of bf16(x + delta): [h, y]");
 }

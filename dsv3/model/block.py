@@ -64,9 +64,9 @@ class DecoderLayer(nn.Module):
                 sinks: RunSinks | None = None) -> torch.Tensor:
         """h [B, S, D] -> [B, S, D]; the attention reads and writes this layer's slot of `cache`."""
         sinks = sinks or RunSinks()
-        h = h + self.self_attn(self.input_layernorm(h), freqs_cis, mask, cache, options.mla_path, sinks.attentions,
-                               options.unpadded)
-        x = self.post_attention_layernorm(h)
+        a = self.self_attn(self.input_layernorm(h), freqs_cis, mask, cache, options.mla_path, sinks.attentions,
+                           options.unpadded)
+        h, x = self.post_attention_layernorm.residual(h, a)   # h + a and its norm (one pass with norm kernels)
         if isinstance(self.mlp, MoE):
             return h + self.mlp(x, options.moe_dispatch, sinks.routers)
         return h + self.mlp(x)

@@ -31,7 +31,7 @@ from torch import nn
 
 from dsv3.config import DeepseekV3Config
 from dsv3.parallel.context import SINGLE, ParallelContext
-from dsv3.quant.formats import PLAIN, ExpertBatch, WeightFormat, keep_fixed_dtypes
+from dsv3.quant.formats import PLAIN, ExpertBatch, Plain, WeightFormat, keep_fixed_dtypes
 
 MOE_DISPATCHES = ("auto", "grouped", "gather")
 
@@ -56,7 +56,18 @@ class SwiGLU(nn.Module):
         self.parallel: ParallelContext = SINGLE
 
     def partial(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        h = self._fused_gate_up(x)
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x) if h is None else h)
+
+    def _fused_gate_up(self, x: torch.Tensor) -> torch.Tensor | None:
+        """silu(gate(x))·up(x) from kernels that take both plain weights in one pass (`swiglu`: prefill on AMX),
+        or None: the two linears above."""
+        gate, up = getattr(self.gate_proj, "format", None), getattr(self.up_proj, "format", None)
+        kernels = getattr(gate, "kernels", None)
+        if not (isinstance(gate, Plain) and isinstance(up, Plain) and hasattr(kernels, "swiglu")
+                and self.gate_proj.bias is None and self.up_proj.bias is None):
+            return None
+        return kernels.swiglu(x, self.gate_proj.weight, self.up_proj.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.parallel.all_reduce(self.partial(x))
