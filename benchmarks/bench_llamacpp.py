@@ -432,7 +432,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=16, help="timed dsv3 decode steps per context")
     p.add_argument("--budget-s", type=float, default=10.0, help="stop a dsv3 decode measurement after this long "
                    "once 3 steps ran")
-    p.add_argument("--prefill-reps", type=int, default=2, help="timed dsv3 prefills (after an untimed one)")
+    p.add_argument("--prefill-reps", type=int, default=5, help="timed dsv3 prefills (after an untimed one)")
     p.add_argument("--no-repack", action="store_true", help="llama.cpp with its default repack setting only")
     p.add_argument("--no-kernels", action="store_true", help="no dsv3 'kernels' rows")
     p.add_argument("--no-compiled", action="store_true",

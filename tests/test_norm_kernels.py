@@ -1,5 +1,6 @@
 """The RMSNorm kernel (cpu_gemv.cpp, `CpuKernels.rms_norm`) against the norm's PyTorch ops, alone and fused with
-the residual add, and the paths it declines. Skipped (with the reason) where the kernels cannot be built."""
+the residual add, and the paths it declines; the MoE layer's end in one pass (`CpuKernels.moe_residual`) against the
+ops it replaces. Skipped (with the reason) where the kernels cannot be built."""
 
 from __future__ import annotations
 
@@ -97,3 +98,39 @@ def test_model_norms_run_the_kernel_and_match_the_ops() -> None:
     assert ck.calls["add_rms_norm"] == layers                       # post-attention norms, with the residual add
     assert ck.calls["rms_norm"] == layers + 2 * layers + 1          # input, q_a and kv_a norms, the final norm
     assert_close(fused, stock, 2e-2, "logits with the RMSNorm kernel vs PyTorch's ops")
+
+
+@pytest.mark.parametrize("rows, d, shared", [(512, 2048, True), (3, 100, True), (5, 64, False)])
+def test_moe_residual_kernel_gives_the_ops_bits(rows: int, d: int, shared: bool) -> None:
+    """bf16(h + bf16(routed + shared)) in one pass: bit for bit what `(routed + shared.float()).to(bf16)` and the
+    bf16 residual add give (no reduction, the same roundings); a 16-wide tail; no shared experts."""
+    g = torch.Generator().manual_seed(rows + d)
+    h = (torch.randn(rows, d, generator=g) * 4).bfloat16()
+    routed = torch.randn(rows, d, generator=g) * 3
+    sh = (torch.randn(rows, d, generator=g) * 2).bfloat16() if shared else None
+    ck = kernels.CpuKernels()
+    with torch.no_grad():
+        got = ck.moe_residual(h, routed, sh)
+    want = h + (routed + (sh.float() if shared else 0.0)).to(torch.bfloat16)
+    assert ck.calls["moe_residual"] == 1 and torch.equal(got, want)
+    assert ck.moe_residual(h.float(), routed, sh) is None                           # fp32 stream: the ops
+    assert ck.moe_residual(h, routed.bfloat16(), sh) is None                        # a bf16 routed sum: the ops
+
+
+def test_moe_layer_adds_the_residual_in_one_pass() -> None:
+    """MoE(x, residual=h) with the CPU kernels: one counted moe_residual call and the same bits as h + MoE(x)."""
+    from dsv3.model.moe import MoE
+    from dsv3.model.weights import use_kernels
+
+    config = DeepseekV3Config.tiny()
+    torch.manual_seed(3)
+    moe = MoE(config).to(torch.bfloat16).eval()
+    ck = kernels.CpuKernels()
+    use_kernels(moe, ck)
+    g = torch.Generator().manual_seed(4)
+    x, h = torch.randn(2, 1, 9, config.hidden_size, generator=g).bfloat16()
+    with torch.no_grad():
+        want = h + moe(x)
+        assert ck.calls["moe_residual"] == 0
+        got = moe(x, residual=h)
+    assert ck.calls["moe_residual"] == 1 and torch.equal(got, want)

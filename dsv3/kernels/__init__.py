@@ -620,6 +620,21 @@ class CpuKernels:
         h, y = _extension().rms_norm(x.reshape(-1, d), weight.contiguous(), eps, delta.reshape(-1, d))
         return h.view(x.shape), y.view(x.shape)
 
+    def moe_residual(self, h: torch.Tensor, routed: torch.Tensor, shared: torch.Tensor | None) -> torch.Tensor | None:
+        """h + (routed + shared).to(bf16) for a MoE layer's fp32 routed sum and bf16 shared-expert output [N, D]
+        with the bf16 residual stream h [N, D], in one pass (cpu_gemv.cpp) where PyTorch's ops take four — the same
+        bits. None (the caller's ops) for other dtypes, autograd, non-contiguous tensors, compiled graphs."""
+        if (not self.bf16 or torch.compiler.is_compiling() or h.dtype != torch.bfloat16
+                or routed.dtype != torch.float32 or h.dim() != 2 or routed.shape != h.shape
+                or not (h.is_contiguous() and routed.is_contiguous())
+                or (shared is not None and (shared.dtype != torch.bfloat16 or shared.shape != h.shape
+                                            or not shared.is_contiguous()))
+                or (torch.is_grad_enabled() and (h.requires_grad or routed.requires_grad
+                                                 or (shared is not None and shared.requires_grad)))):
+            return None
+        self._count("moe_residual")
+        return _extension().moe_residual(h, routed, h.new_empty(0) if shared is None else shared)
+
     def __repr__(self) -> str:
         return (f"CpuKernels(max_rows={self.max_rows}, max_expert_rows={self.max_expert_rows}, "
                 f"int_isa={self.int_isa!r}, amx={self.amx})")

@@ -20,6 +20,8 @@
 //   rms_norm(x [R,D] bf16, w [D] bf16, eps, delta)  -> y [R,D] bf16:  y = w · bf16(x · rsqrt(mean(x²) + eps))
 //       with delta [R,D] (not empty): x is first replaced by bf16(x + delta), written to h [R,D], and the result
 //       is (h, y) — the residual add before a norm, as PyTorch's bf16 add rounds it
+//   moe_residual(h [R,D] bf16, routed [R,D] fp32, shared [R,D] bf16 or empty) -> bf16(h + bf16(routed + shared)):
+//       a MoE layer's end (routed sum + shared experts, cast, residual add) in one pass, the same bits as the ops
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -350,6 +352,40 @@ std::vector<torch::Tensor> rms_norm(torch::Tensor x, torch::Tensor w, double eps
   return {y};
 }
 
+torch::Tensor moe_residual(torch::Tensor h, torch::Tensor routed, torch::Tensor shared) {
+  TORCH_CHECK(h.scalar_type() == at::kBFloat16 && h.dim() == 2 && h.is_contiguous(), "h must be contiguous bf16 [R, D]");
+  TORCH_CHECK(routed.scalar_type() == at::kFloat && routed.sizes() == h.sizes() && routed.is_contiguous(),
+              "routed must be contiguous fp32 [R, D]");
+  const bool with_shared = shared.numel() > 0;
+  TORCH_CHECK(!with_shared || (shared.scalar_type() == at::kBFloat16 && shared.sizes() == h.sizes() &&
+                               shared.is_contiguous()),
+              "shared must be contiguous bf16 [R, D], or empty");
+  auto out = torch::empty_like(h);
+  const uint16_t* hp = reinterpret_cast<const uint16_t*>(h.data_ptr<at::BFloat16>());
+  const float* rp = routed.data_ptr<float>();
+  const uint16_t* sp = with_shared ? reinterpret_cast<const uint16_t*>(shared.data_ptr<at::BFloat16>()) : nullptr;
+  uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  const int64_t n = h.numel();
+  at::parallel_for(0, (n + 15) / 16, 2048, [&](int64_t v0, int64_t v1) {
+    for (int64_t i = v0 * 16; i < std::min(n, v1 * 16); i += 16) {
+#if defined(__AVX512F__)
+      const __mmask16 m = n - i >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - i)) - 1);
+      __m512 t = _mm512_maskz_loadu_ps(m, rp + i);
+      if (with_shared) t = _mm512_add_ps(t, load_bf16_masked(reinterpret_cast<const at::BFloat16*>(sp + i), m));
+      const __m512 y = _mm512_castsi512_ps(_mm512_slli_epi32(bf16_low(t), 16));
+      const __m512 o = _mm512_add_ps(load_bf16_masked(reinterpret_cast<const at::BFloat16*>(hp + i), m), y);
+      _mm256_mask_storeu_epi16(op + i, m, _mm512_cvtepi32_epi16(bf16_low(o)));
+#else
+      for (int64_t j = i; j < std::min(n, i + 16); ++j) {
+        const float t = rp[j] + (with_shared ? bf16_to_float(sp[j]) : 0.f);
+        op[j] = c10::BFloat16(bf16_to_float(hp[j]) + static_cast<float>(c10::BFloat16(t))).x;
+      }
+#endif
+    }
+  });
+  return out;
+}
+
 // The same functions as dispatcher ops (dsv3/kernels/ops.py: a compiled graph calls them without Python).
 TORCH_LIBRARY_FRAGMENT(dsv3, m) {
   m.def("bf16_linear(Tensor x, Tensor weight) -> Tensor");
@@ -367,5 +403,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &linear, "y = x @ w.T for a bf16 weight and a few rows of x (fp32 out)");
   m.def("expert_linear", &expert_linear, "y[p] = x[p] @ w[ids[p]][n0:n1].T with ids sorted (fp32 out)");
   m.def("expert_linear_t", &expert_linear_t, "y[p] = x[p] @ w[ids[p]][n0:n1] with ids sorted (fp32 out)");
+  m.def("moe_residual", &moe_residual, "bf16(h + bf16(routed + shared)): a MoE layer's end in one pass");
   m.def("rms_norm", &rms_norm, "RMSNorm of bf16 rows (DeepSeek's roundings); with delta, of bf16(x + delta): [h, y]");
 }

@@ -68,7 +68,7 @@ class DecoderLayer(nn.Module):
                            options.unpadded)
         h, x = self.post_attention_layernorm.residual(h, a)   # h + a and its norm (one pass with norm kernels)
         if isinstance(self.mlp, MoE):
-            return h + self.mlp(x, options.moe_dispatch, sinks.routers)
+            return self.mlp(x, options.moe_dispatch, sinks.routers, residual=h)   # h + MoE(x)
         return h + self.mlp(x)
 
 

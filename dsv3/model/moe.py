@@ -266,15 +266,26 @@ class MoE(nn.Module):
         )
         self.parallel: ParallelContext = SINGLE   # sharded: routed and shared partial sums, one all-reduce
 
-    def forward(self, x: torch.Tensor, dispatch: str = "auto",
-                router_sink: list[RouterOutput] | None = None) -> torch.Tensor:
-        """router_sink, when given, receives this layer's RouterOutput (training statistics)."""
+    def forward(self, x: torch.Tensor, dispatch: str = "auto", router_sink: list[RouterOutput] | None = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        """router_sink, when given, receives this layer's RouterOutput (training statistics); residual (the block's
+        residual stream, shaped like x), when given, is added to the output: residual + MoE(x)."""
         shape = x.shape
         flat = x.reshape(-1, shape[-1])                                    # [N, D]
         route = self.gate(flat)
         if router_sink is not None:
             router_sink.append(route)
         out = self.experts(flat, route.weights, route.indices, dispatch)   # fp32
-        if self.shared_experts is not None:
-            out = out + self.shared_experts.partial(flat).float()
-        return self.parallel.all_reduce(out).to(x.dtype).view(shape)   # sharded: summed over the ranks in fp32
+        shared = self.shared_experts.partial(flat) if self.shared_experts is not None else None
+        if residual is not None and not self.parallel.is_parallel and not torch.compiler.is_compiling():
+            # the sum, the cast and the residual add in one pass where the kernels take it (the same bits; a
+            # compiled graph fuses the ops itself)
+            kernels = getattr(self.experts.formats["gate_up_proj"], "kernels", None)
+            if hasattr(kernels, "moe_residual"):
+                fused = kernels.moe_residual(residual.reshape(flat.shape), out, shared)
+                if fused is not None:
+                    return fused.view(shape)
+        if shared is not None:
+            out = out + shared.float()
+        y = self.parallel.all_reduce(out).to(x.dtype).view(shape)   # sharded: summed over the ranks in fp32
+        return y if residual is None else residual + y
