@@ -63,15 +63,32 @@ def part_of(model: DeepseekV3ForCausalLM) -> dict[torch.nn.Module, str]:
 
 
 class PartTimer:
-    """Wall seconds inside each part's forward (none of the timed parts nest in another)."""
+    """Wall seconds inside each part's forward (none of the timed parts nest in another). The shared experts run
+    through `SwiGLU.partial` (MoE adds their share before its one all-reduce), which the timer wraps per instance."""
 
     def __init__(self, parts: dict[torch.nn.Module, str]) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
         self._start: dict[torch.nn.Module, float] = {}
         self.handles = []
+        self.wrapped: list[torch.nn.Module] = []
         for module, name in parts.items():
+            if name == "shared experts":
+                self._wrap_partial(module, name)
+                continue
             self.handles.append(module.register_forward_pre_hook(self._pre))
             self.handles.append(module.register_forward_hook(lambda m, a, o, name=name: self._post(m, name)))
+
+    def _wrap_partial(self, module: torch.nn.Module, name: str) -> None:
+        partial = module.partial
+
+        def timed(x: torch.Tensor) -> torch.Tensor:
+            t = time.perf_counter()
+            y = partial(x)
+            self.seconds[name] += time.perf_counter() - t
+            return y
+
+        module.partial = timed
+        self.wrapped.append(module)
 
     def _pre(self, module: torch.nn.Module, args: Any) -> None:
         self._start[module] = time.perf_counter()
@@ -85,6 +102,8 @@ class PartTimer:
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
+        for module in self.wrapped:
+            del module.partial   # the class's method again
 
 
 def expert_gemm_flops(config: DeepseekV3Config, tokens: int) -> int:
