@@ -31,7 +31,6 @@ T·r·(dn+dv) + S·T·(dn+dr+dv) multiply-adds and the absorbed one S·r·(dn+dv
 
 from __future__ import annotations
 
-import logging
 from typing import Protocol
 
 import torch
@@ -42,11 +41,9 @@ from dsv3.cache import LatentCacheView
 from dsv3.config import DeepseekV3Config
 from dsv3.model.norm import RMSNorm
 from dsv3.model.rope import apply_rope
-from dsv3.model.weights import weight_matrix
+from dsv3.model.weights import hand_kernels, weight_matrix
 from dsv3.parallel.context import SINGLE, ParallelContext
 from dsv3.quant.formats import Fp8Blocks, Plain
-
-logger = logging.getLogger(__name__)
 
 MLA_PATHS = ("auto", "naive", "absorbed")
 KERNEL_MAX_POSITIONS = 8   # causal steps up to this many tokens run the decode kernel per position
@@ -308,8 +305,4 @@ class MultiHeadLatentAttention(nn.Module):
 
 def use_attention_kernels(model: nn.Module, kernels: AttentionKernels | None) -> int:
     """Hand `kernels` to every MLA layer of `model` (None: the matmul path). Returns the number of layers."""
-    layers = [m for m in model.modules() if isinstance(m, MultiHeadLatentAttention)]
-    for layer in layers:
-        layer.kernels = kernels
-    logger.info("MLA decode: %s for %d layers", type(kernels).__name__ if kernels else "matmuls", len(layers))
-    return len(layers)
+    return hand_kernels(model, MultiHeadLatentAttention, kernels, "MLA decode")

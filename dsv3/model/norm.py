@@ -7,13 +7,12 @@ they do not take, and the PyTorch ops below run — also inside a compiled graph
 
 from __future__ import annotations
 
-import logging
 from typing import Protocol
 
 import torch
 from torch import nn
 
-logger = logging.getLogger(__name__)
+from dsv3.model.weights import hand_kernels
 
 
 class NormKernels(Protocol):
@@ -54,8 +53,4 @@ class RMSNorm(nn.Module):
 
 def use_norm_kernels(model: nn.Module, kernels: NormKernels | None) -> int:
     """Hand `kernels` to every RMSNorm of `model` (None: PyTorch's ops). Returns the number of norms."""
-    norms = [m for m in model.modules() if isinstance(m, RMSNorm)]
-    for norm in norms:
-        norm.kernels = kernels
-    logger.info("RMSNorm: %s for %d norms", type(kernels).__name__ if kernels else "PyTorch ops", len(norms))
-    return len(norms)
+    return hand_kernels(model, RMSNorm, kernels, "RMSNorm")

@@ -142,6 +142,17 @@ def _check_same_storage(name: str, old: WeightFormat, new: WeightFormat) -> None
                          "how a format computes (kernels, stats, tiles), not how weights are stored")
 
 
+def hand_kernels(model: nn.Module, kind: type[nn.Module], kernels: object | None, what: str) -> int:
+    """Set `kernels` as the `kernels` attribute of every `kind` module of `model` (None: their PyTorch path) —
+    for the modules that ask kernels directly rather than through a weight format (MLA decode, RMSNorm). Logged;
+    returns the number of modules."""
+    modules = [m for m in model.modules() if isinstance(m, kind)]
+    for module in modules:
+        module.kernels = kernels
+    logger.info("%s: %s for %d modules", what, type(kernels).__name__ if kernels else "PyTorch ops", len(modules))
+    return len(modules)
+
+
 def use_kernels(model: nn.Module, kernels: Kernels | None) -> int:
     """Hand `kernels` to every layer's format (formats without matching kernels keep their PyTorch path);
     `kernels=None` returns to stock PyTorch ops. Returns the number of layers changed."""
