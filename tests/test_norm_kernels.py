@@ -123,11 +123,13 @@ def test_moe_layer_adds_the_residual_in_one_pass() -> None:
     from dsv3.model.weights import use_kernels
 
     config = DeepseekV3Config.tiny()
-    torch.manual_seed(3)
     moe = MoE(config).to(torch.bfloat16).eval()
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for p in moe.parameters():   # (a bare module's stacks are allocated, not initialised)
+            p.normal_(0.0, 0.05, generator=g)
     ck = kernels.CpuKernels()
     use_kernels(moe, ck)
-    g = torch.Generator().manual_seed(4)
     x, h = torch.randn(2, 1, 9, config.hidden_size, generator=g).bfloat16()
     with torch.no_grad():
         want = h + moe(x)

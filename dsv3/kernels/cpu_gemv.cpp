@@ -44,6 +44,11 @@ inline __m512 load_bf16_masked(const at::BFloat16* p, __mmask16 m) {
   __m256i raw = _mm256_maskz_loadu_epi16(m, p);
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
 }
+// the lanes of a 16-wide step with `left` values left: all 16, the first `left`, or none
+inline __mmask16 tail_mask(int64_t left) {
+  return left >= 16 ? static_cast<__mmask16>(0xFFFF)
+                    : left <= 0 ? static_cast<__mmask16>(0) : static_cast<__mmask16>((1u << left) - 1);
+}
 #endif
 
 // y[r*ldy + n] = dot(x[r], w[n]) for r < rows, n in [n0, n1)
@@ -68,7 +73,7 @@ void rows_kernel(const float* x, int64_t K, const at::BFloat16* w, int64_t n0, i
       }
     }
     for (; k < K; k += 16) {
-      __mmask16 m = (K - k) >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
+      __mmask16 m = tail_mask(K - k);
       __m512 w0 = load_bf16_masked(wr + k, m);
       for (int64_t r = 0; r < R; ++r)
         acc0[r] = _mm512_fmadd_ps(w0, _mm512_maskz_loadu_ps(m, x + r * K + k), acc0[r]);
@@ -106,7 +111,7 @@ void rows_kernel_pairs(const float* x, int64_t K, const at::BFloat16* w, int64_t
       }
     }
     if (k < K) {
-      __mmask16 m = (__mmask16)((1u << (K - k)) - 1);
+      __mmask16 m = tail_mask(K - k);
       __m512 va = load_bf16_masked(wa + k, m), vb = load_bf16_masked(wb + k, m);
       for (int64_t r = 0; r < R; ++r) {
         __m512 xv = _mm512_maskz_loadu_ps(m, x + r * K + k);
@@ -241,11 +246,7 @@ torch::Tensor expert_linear_t(torch::Tensor x, torch::Tensor w, torch::Tensor id
 #if defined(__AVX512F__)
         constexpr int kVec = kColumns / 16;
         __mmask16 m[kVec];
-        for (int v = 0; v < kVec; ++v) {
-          const int64_t left = k1 - k0 - 16 * v;
-          m[v] = left >= 16 ? static_cast<__mmask16>(0xFFFF)
-                            : left <= 0 ? static_cast<__mmask16>(0) : static_cast<__mmask16>((1u << left) - 1);
-        }
+        for (int v = 0; v < kVec; ++v) m[v] = tail_mask(k1 - k0 - 16 * v);
         __m512 acc[kVec];
         for (int v = 0; v < kVec; ++v) acc[v] = _mm512_setzero_ps();
         for (int64_t j = 0; j < J; ++j) {
@@ -285,7 +286,7 @@ void norm_rows(const uint16_t* x, int64_t sx, const uint16_t* delta, int64_t sd,
 #if defined(__AVX512F__)
     __m512 acc = _mm512_setzero_ps();
     for (int64_t c = 0; c < D; c += 16) {
-      const __mmask16 m = D - c >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (D - c)) - 1);
+      const __mmask16 m = tail_mask(D - c);
       __m512 v = load_bf16_masked(reinterpret_cast<const at::BFloat16*>(xr + c), m);
       if constexpr (kAdd) {
         v = _mm512_add_ps(v, load_bf16_masked(reinterpret_cast<const at::BFloat16*>(delta + r * sd + c), m));
@@ -299,18 +300,14 @@ void norm_rows(const uint16_t* x, int64_t sx, const uint16_t* delta, int64_t sd,
     const uint16_t* src = kAdd ? h + r * D : xr;
     const __m512 vrs = _mm512_set1_ps(rs);
     for (int64_t c = 0; c < D; c += 16) {
-      const __mmask16 m = D - c >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (D - c)) - 1);
+      const __mmask16 m = tail_mask(D - c);
       const __m512 v = load_bf16_masked(reinterpret_cast<const at::BFloat16*>(src + c), m);
       const __m512 n = _mm512_castsi512_ps(_mm512_slli_epi32(bf16_low(_mm512_mul_ps(v, vrs)), 16));
       const __m512 o = _mm512_mul_ps(load_bf16_masked(reinterpret_cast<const at::BFloat16*>(w + c), m), n);
       _mm256_mask_storeu_epi16(yr + c, m, _mm512_cvtepi32_epi16(bf16_low(o)));
     }
 #else
-    auto round = [](float f) {
-      uint32_t u;
-      std::memcpy(&u, &f, 4);
-      return static_cast<uint16_t>((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
-    };
+    auto round = [](float f) { return c10::BFloat16(f).x; };   // nearest even
     float sum = 0.f;
     for (int64_t c = 0; c < D; ++c) {
       float v = bf16_to_float(xr[c]);
@@ -369,7 +366,7 @@ torch::Tensor moe_residual(torch::Tensor h, torch::Tensor routed, torch::Tensor 
   at::parallel_for(0, (n + 15) / 16, 2048, [&](int64_t v0, int64_t v1) {
     for (int64_t i = v0 * 16; i < std::min(n, v1 * 16); i += 16) {
 #if defined(__AVX512F__)
-      const __mmask16 m = n - i >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - i)) - 1);
+      const __mmask16 m = tail_mask(n - i);
       __m512 t = _mm512_maskz_loadu_ps(m, rp + i);
       if (with_shared) t = _mm512_add_ps(t, load_bf16_masked(reinterpret_cast<const at::BFloat16*>(sp + i), m));
       const __m512 y = _mm512_castsi512_ps(_mm512_slli_epi32(bf16_low(t), 16));
